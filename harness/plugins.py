@@ -1,0 +1,35 @@
+"""The built-in plugin registries. Entries are lazy ("module:attr"), so listing them imports nothing heavy.
+
+Third-party packages add their own through entry points:
+
+    [project.entry-points."qvlm_harness.methods"]
+    mymethod = "mypkg.quant:MyMethod"
+"""
+
+from __future__ import annotations
+
+from harness.registry import Registry
+
+methods: Registry = Registry("method", "qvlm_harness.methods")
+tasks: Registry = Registry("task", "qvlm_harness.tasks")
+models: Registry = Registry("model", "qvlm_harness.models")
+
+# -- methods -------------------------------------------------------------------------------------------------------
+methods.register("fp32", "methods.fp:FP32", "unquantized baseline in float32")
+methods.register("fp16", "methods.fp:FP16", "unquantized baseline stored and computed in float16")
+methods.register("bf16", "methods.fp:BF16", "unquantized baseline stored and computed in bfloat16")
+methods.register("rtn", "methods.rtn:RTN", "round-to-nearest weights + uniform activations (the floor)")
+
+# -- tasks ---------------------------------------------------------------------------------------------------------
+tasks.register("sqa", "tasks.sqa:ScienceQA", "ScienceQA multiple choice with category breakdown",
+               aliases=("scienceqa",))
+tasks.register("vqav2", "tasks.vqav2:VQAv2", "VQAv2 open-ended, official VQA accuracy", aliases=("vqa",))
+tasks.register("vizwiz", "tasks.vizwiz:VizWiz", "VizWiz VQA with unanswerable questions")
+tasks.register("hm", "tasks.hateful_memes:HatefulMemes", "Hateful Memes few-shot, ROC AUC",
+               aliases=("hateful_memes", "hatefulmemes"))
+
+# -- models --------------------------------------------------------------------------------------------------------
+models.register("default", "harness.models.default:default_model_path",
+                "embedded real-weights Llava: DINOv2-S/14 + SmolLM2-135M-Instruct + trained projector/LoRA")
+models.register("tiny", "harness.models.tiny:tiny_model_path",
+                "tiny random-weight Llava (LLaVA-1.5 chat template) for tests and smoke runs")
