@@ -1,0 +1,312 @@
+"""`QLinear`: the simulated ("fake-quant") replacement of `nn.Linear`.
+
+The weight is quantized once, at construction: the integer codes and their QParams are kept (a packed-kernel
+converter reads them) together with the dequantized float weight that the forward pass multiplies with, so
+the per-call cost is only the activation quantizer. The activation quantizer acts on the layer input and is
+one of: none (``a_bits == 16``), dynamic per token (one range per row of the flattened ``[..., in]`` input),
+dynamic per tensor, or static per tensor with a calibrated range (`act_qparams`,
+see `harness.quant.apply.calibrate_static_activations`).
+
+Buffers (all move with ``.to(device)``): ``codes`` (int8 for symmetric, uint8 for asymmetric weights, values
+in the integer range of ``w_bits``; ``None`` for float weights), ``w_scale`` (float32) / ``w_zero`` (int32) in
+the `weight_qparams` layout, ``weight`` (dequantized float weight, dtype of the original layer), ``bias``,
+and ``a_scale`` / ``a_zero`` (static activation range, scalars, or ``None``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.config import FLOAT_BITS, QuantSpec
+from harness.errors import HarnessError
+from harness.quant.quantizer import (
+    QParams,
+    codes_dtype,
+    dequantize,
+    fake_quantize,
+    fake_quantize_per_token,
+    per_tensor_qparams,
+    quantize_weight,
+)
+
+
+class QLinear(nn.Module):
+    """Fake-quantized linear layer: ``y = x_q @ dequant(codes).T + bias`` computed in the input's dtype."""
+
+    codes: Tensor | None
+    w_scale: Tensor | None
+    w_zero: Tensor | None
+    weight: Tensor
+    bias: Tensor | None
+    a_scale: Tensor | None
+    a_zero: Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        *,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        codes: Tensor | None = None,
+        w_qparams: QParams | None = None,
+        act_qparams: QParams | None = None,
+        name: str = "",
+    ):
+        """Low-level constructor; use `from_linear` or `from_codes`.
+
+        `weight` is the float weight the forward uses (already dequantized when `codes` is given).
+        """
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.spec = spec
+        self.name = name
+        self.w_bits = spec.w_bits
+        self.w_symmetric = spec.w_symmetric
+        self.w_group_size = spec.w_group_size
+        self.a_bits = spec.a_bits
+        self.a_symmetric = spec.a_symmetric
+        self.a_granularity = spec.a_granularity
+        self.a_dynamic = spec.a_dynamic
+        # While True the input passes unquantized: static calibration observes the float-activation inputs.
+        self.calibrating = False
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(weight.shape)} != ({out_features}, {in_features})")
+        if spec.quantizes_weights:
+            if codes is None or w_qparams is None:
+                raise ValueError("a weight-quantized QLinear needs codes and w_qparams")
+            if tuple(codes.shape) != tuple(weight.shape):
+                raise ValueError(f"codes shape {tuple(codes.shape)} != weight shape {tuple(weight.shape)}")
+            if w_qparams.bits != spec.w_bits or w_qparams.symmetric != spec.w_symmetric:
+                raise ValueError(
+                    f"w_qparams (bits={w_qparams.bits}, symmetric={w_qparams.symmetric}) do not match "
+                    f"spec {spec.tag}"
+                )
+            self.register_buffer("codes", codes.detach().to(codes_dtype(w_qparams.symmetric)).clone())
+            self.register_buffer("w_scale", w_qparams.scale.detach().float().clone())
+            self.register_buffer("w_zero", w_qparams.zero_point.detach().to(torch.int32).clone())
+            self.w_qgroup = w_qparams.group_size
+        else:
+            self.register_buffer("codes", None)
+            self.register_buffer("w_scale", None)
+            self.register_buffer("w_zero", None)
+            self.w_qgroup = None
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("a_scale", None)
+        self.register_buffer("a_zero", None)
+        self.act_qparams = act_qparams
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> QLinear:
+        """Keep scales in float32 through ``model.to(dtype)`` / ``.half()`` (only their device follows).
+
+        The dequantized `weight` follows the model dtype, as the layer it replaces would; the scales are
+        quantization metadata a packed-kernel converter must read exactly, so casting them to bf16 would lose
+        bits for nothing.
+        """
+        keep = {n: getattr(self, n) for n in ("w_scale", "a_scale")}
+        out = super()._apply(fn, recurse)
+        for n, old in keep.items():
+            new = getattr(self, n)
+            if old is not None and new is not None and new.dtype != old.dtype:
+                setattr(self, n, old.to(new.device))
+        return out
+
+    # -- constructors -------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        spec: QuantSpec,
+        weight: Tensor | None = None,
+        act_qparams: QParams | None = None,
+        *,
+        name: str = "",
+        mse: bool = False,
+    ) -> QLinear:
+        """Quantize `linear` (round-to-nearest) according to `spec`.
+
+        `weight` replaces ``linear.weight`` as the float weight to round (e.g. AWQ-scaled or
+        SmoothQuant-migrated); `mse=True` clips the weight ranges by MSE search. The stored float weight keeps
+        ``linear.weight``'s dtype and device.
+        """
+        w = linear.weight if weight is None else weight
+        if tuple(w.shape) != tuple(linear.weight.shape):
+            raise ValueError(f"replacement weight shape {tuple(w.shape)} != {tuple(linear.weight.shape)}")
+        dtype, device = linear.weight.dtype, linear.weight.device
+        w = w.detach().to(device)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        if not spec.quantizes_weights:
+            return cls(
+                linear.in_features,
+                linear.out_features,
+                spec,
+                weight=w.to(dtype),
+                bias=bias,
+                act_qparams=act_qparams,
+                name=name,
+            )
+        codes, qp = quantize_weight(w, spec.w_bits, spec.w_symmetric, spec.w_group_size, mse=mse, name=name)
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            spec,
+            weight=dequantize(codes, qp, dtype),
+            bias=bias,
+            codes=codes,
+            w_qparams=qp,
+            act_qparams=act_qparams,
+            name=name,
+        )
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: Tensor,
+        qparams: QParams,
+        bias: Tensor | None,
+        spec: QuantSpec,
+        act_qparams: QParams | None = None,
+        in_features: int | None = None,
+        out_features: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        name: str = "",
+    ) -> QLinear:
+        """Build from integer codes ``[out, in]`` a method produced itself (e.g. GPTQ) and their QParams."""
+        if codes.dim() != 2:
+            raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
+        out_f, in_f = codes.shape
+        if (in_features is not None and in_features != in_f) or (
+            out_features is not None and out_features != out_f
+        ):
+            raise ValueError(f"codes shape {tuple(codes.shape)} != ({out_features}, {in_features})")
+        if codes.is_floating_point() and not torch.equal(codes, codes.round()):
+            raise ValueError("codes must be integers")
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < qparams.qmin or hi > qparams.qmax:
+            raise ValueError(f"codes span [{lo}, {hi}], outside [{qparams.qmin}, {qparams.qmax}]")
+        return cls(
+            in_f,
+            out_f,
+            spec,
+            weight=dequantize(codes, qparams, dtype),
+            bias=bias,
+            codes=codes,
+            w_qparams=qparams,
+            act_qparams=act_qparams,
+            name=name,
+        )
+
+    # -- quantization parameters --------------------------------------------------------------------------
+    @property
+    def w_qparams(self) -> QParams | None:
+        """Weight QParams (``None`` for float weights); views of the buffers."""
+        if self.w_scale is None or self.w_zero is None:
+            return None
+        return QParams(self.w_scale, self.w_zero, self.w_bits, self.w_symmetric, self.w_qgroup)
+
+    @property
+    def act_qparams(self) -> QParams | None:
+        """Calibrated static per-tensor activation QParams (``None`` if not set)."""
+        if self.a_scale is None or self.a_zero is None:
+            return None
+        return QParams(self.a_scale, self.a_zero, self.a_bits, self.a_symmetric)
+
+    @act_qparams.setter
+    def act_qparams(self, qp: QParams | None) -> None:
+        if qp is None:
+            self.a_scale = None
+            self.a_zero = None
+            return
+        if qp.scale.numel() != 1 or qp.group_size is not None:
+            raise ValueError(f"static activation QParams must be per tensor, got {tuple(qp.scale.shape)}")
+        if self.a_bits != FLOAT_BITS and (qp.bits != self.a_bits or qp.symmetric != self.a_symmetric):
+            raise ValueError(
+                f"act_qparams (bits={qp.bits}, symmetric={qp.symmetric}) do not match spec {self.spec.tag}"
+            )
+        device = self.weight.device
+        self.a_scale = qp.scale.detach().float().reshape(()).to(device)
+        self.a_zero = qp.zero_point.detach().to(torch.int32).reshape(()).to(device)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True for static per-tensor activation quantization, which needs `act_qparams` before use."""
+        return self.a_bits < FLOAT_BITS and not self.a_dynamic
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The activation fake-quantizer applied to the layer input (same shape and dtype as `x`)."""
+        if self.a_bits >= FLOAT_BITS or self.calibrating:
+            return x
+        what = f"the input activations of layer {self.name}" if self.name else "the input activations"
+        if self.a_granularity == "token":
+            return fake_quantize_per_token(x, self.a_bits, self.a_symmetric, what=what)
+        if self.a_dynamic:
+            return fake_quantize(x, per_tensor_qparams(x, self.a_bits, self.a_symmetric, what=what))
+        qp = self.act_qparams
+        if qp is None:
+            layer = f"layer {self.name}" if self.name else "a QLinear layer"
+            raise HarnessError(
+                f"{layer} uses static per-tensor activation quantization but has no calibrated range; "
+                "run calibrate_static_activations() first or use a dynamic activation spec"
+            )
+        return fake_quantize(x, qp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        xq = self.quantize_input(x)
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        b = self.bias
+        if b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        return F.linear(xq, w, b)
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    @property
+    def w_granularity(self) -> str:
+        return self.spec.w_granularity
+
+    def weight_storage_bytes(self, packed: bool) -> int:
+        """Bytes the weight takes (bias excluded).
+
+        ``packed=True``: what a real low-bit kernel would store: ``ceil(w_bits * numel / 8)`` for the codes,
+        plus fp16 scales (2 bytes each) and, for asymmetric weights, zero points packed at ``w_bits`` each.
+        Float weights (w16) count 2 bytes per element. ``packed=False``: what this simulated module holds now
+        (codes, dequantized float weight, scales and zero points buffers).
+        """
+        numel = self.out_features * self.in_features
+        if packed:
+            if self.codes is None:
+                return numel * FLOAT_BITS // 8
+            assert self.w_scale is not None and self.w_zero is not None
+            total = math.ceil(self.w_bits * numel / 8) + 2 * self.w_scale.numel()
+            if not self.w_symmetric:
+                total += math.ceil(self.w_bits * self.w_zero.numel() / 8)
+            return total
+        bufs = [self.weight, self.codes, self.w_scale, self.w_zero]
+        return sum(t.numel() * t.element_size() for t in bufs if t is not None)
+
+    def extra_repr(self) -> str:
+        if self.w_bits < FLOAT_BITS:
+            sym = "sym" if self.w_symmetric else "asym"
+            gran = f"group{self.w_group_size}" if self.w_group_size else "channel"
+            w = f"w{self.w_bits} {sym} per-{gran}"
+        else:
+            w = "w16 float"
+        if self.a_bits < FLOAT_BITS:
+            sym = "sym" if self.a_symmetric else "asym"
+            kind = "dynamic" if self.a_dynamic else "static" if self.act_qparams is not None else "static-uncalibrated"
+            a = f"a{self.a_bits} {sym} per-{self.a_granularity} {kind}"
+        else:
+            a = "a16 float"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {w}, {a}, simulated"
+        )
