@@ -1,0 +1,43 @@
+"""Task metrics: official VQA accuracy, ScienceQA parsing/breakdown, ROC AUC and bootstrap intervals.
+
+Pure Python + numpy (no torch), so results can be re-scored from saved predictions anywhere.
+Conventions: per-sample / primitive functions (`vqa_accuracy`, `roc_auc`, `binary_accuracy`) return
+fractions in [0, 1]; the `aggregate_*` reports and `unanswerable_precision_recall` return percentages, with
+`n_<key>` counts next to each value and NaN (never 0) for a group without samples.
+"""
+
+from harness.metrics.classification import (
+    ConfidenceInterval,
+    UndefinedMetricWarning,
+    binary_accuracy,
+    bootstrap_ci,
+    paired_bootstrap_ci,
+    roc_auc,
+)
+from harness.metrics.sqa import SQA_KEYS, aggregate_sqa, parse_answer, parse_option_letter, sqa_categories
+from harness.metrics.vqa import (
+    aggregate_vqa,
+    normalize_answer,
+    said_unanswerable,
+    unanswerable_precision_recall,
+    vqa_accuracy,
+)
+
+__all__ = [
+    "SQA_KEYS",
+    "ConfidenceInterval",
+    "UndefinedMetricWarning",
+    "aggregate_sqa",
+    "aggregate_vqa",
+    "binary_accuracy",
+    "bootstrap_ci",
+    "normalize_answer",
+    "paired_bootstrap_ci",
+    "parse_answer",
+    "parse_option_letter",
+    "roc_auc",
+    "said_unanswerable",
+    "sqa_categories",
+    "unanswerable_precision_recall",
+    "vqa_accuracy",
+]
