@@ -1,0 +1,1 @@
+"""Task plugins (benchmarks) for qvlm-harness, each registered in `harness.plugins`."""
