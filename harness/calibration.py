@@ -1,0 +1,45 @@
+"""Calibration data: seeded samples from a task's train split, turned into model requests (+ target answers).
+
+Methods that only need activations run `CalibrationSet.run(adapter)` under their own hooks; methods with
+output-guided losses (Q-VLM's auto-regressive term) also read the targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from harness.task import Request, Task
+
+if TYPE_CHECKING:
+    from harness.models.llava import LlavaAdapter
+
+
+@dataclass
+class CalibrationSet:
+    task: str
+    requests: list[Request]
+    targets: list[str]
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @classmethod
+    def from_task(cls, task: Task, n: int, seed: int, data_dir: Path | None = None) -> CalibrationSet:
+        samples = task.calibration_samples(n, seed, data_dir)
+        requests = [task.request(s, scoring="generate") for s in samples]
+        for r in requests:  # calibration feeds prompts, never option-scoring batches
+            r.kind = "generate"
+        return cls(task.name, requests, [task.target(s) for s in samples], seed)
+
+    def run(self, adapter: LlavaAdapter, *, with_targets: bool = True, batch_size: int = 8) -> None:
+        """Forward every calibration request through the model (prompt + target answer when asked)."""
+        targets: Sequence[str] | None = self.targets if with_targets else None
+        with torch.no_grad():
+            for _ in adapter.forward_requests(self.requests, with_targets=targets, batch_size=batch_size):
+                pass

@@ -1,0 +1,1 @@
+"""Quantization method plugins for qvlm-harness, each registered in `harness.plugins`."""
