@@ -1,0 +1,146 @@
+"""Tables from result rows: CSV, LaTeX (booktabs) and Markdown, with columns as in the paper's tables.
+
+Two kinds of table:
+- the main table: method x bits, each task's primary metric, latency and memory, and the execution label
+  ("float", "simulated", "real") so fake quantization is never mistaken for a measured deployment;
+- one table per task with every sub-metric (ScienceQA: NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from harness.config import QuantSpec
+from harness.store import ResultRow
+
+TASK_LABELS = {"sqa": "ScienceQA", "vqav2": "VQAv2", "vizwiz": "VizWiz", "hm": "HM"}
+METRIC_LABELS = {"parse_fail": "Parse fail %", "auroc": "AUROC", "unans_precision": "Unans P",
+                 "unans_recall": "Unans R"}
+# Sub-metric order per task (paper order for ScienceQA).
+TASK_COLUMNS = {
+    "sqa": ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "acc", "parse_fail"],
+    "vqav2": ["acc", "yes/no", "number", "other"],
+    "vizwiz": ["acc", "yes/no", "number", "other", "unanswerable", "unans_precision", "unans_recall"],
+    "hm": ["auroc", "acc"],
+}
+SIMULATED_NOTE = ("simulated = fake quantization in floating point: accuracy is real, latency and memory are those "
+                  "of the float model (packed MB is what a packed format would take).")
+
+
+def _method_sort_key(row: ResultRow) -> tuple:
+    """FP baselines first, then higher precision before lower, methods in a stable order."""
+    order = {"fp32": 0, "bf16": 1, "fp16": 2}
+    if row.bits == "fp":
+        return (0, 0, 0, order.get(row.method, 10), row.method, row.shots)
+    spec = QuantSpec.parse(row.bits)
+    return (1, -spec.w_bits, -spec.a_bits, 10, row.method, row.shots)
+
+
+def _metric_label(task: str, key: str) -> str:
+    if key == "acc":
+        return "Avg" if task == "sqa" else "Acc"
+    return METRIC_LABELS.get(key, key)
+
+
+def _shot_label(row: ResultRow) -> str:
+    return f"{TASK_LABELS.get(row.task, row.task)}{f' {row.shots}-shot' if row.shots else ''}"
+
+
+def main_table(rows: Sequence[ResultRow], primary: dict[str, str] | None = None) -> pd.DataFrame:
+    """Method x bits with each task's primary metric, latency and memory."""
+    primary = primary or {}
+    groups: dict[tuple[str, str], list[ResultRow]] = {}
+    for r in sorted(rows, key=_method_sort_key):
+        groups.setdefault((r.method, r.bits), []).append(r)
+    records = []
+    for (method, bits), rs in groups.items():
+        rec = {"Method": method, "Bits": "FP" if bits == "fp" else bits.upper(), "Exec": rs[0].execution}
+        for r in rs:
+            metric = primary.get(r.task, "auroc" if r.task == "hm" else "acc")
+            rec[_shot_label(r)] = r.metrics.get(metric, math.nan)
+        prefill = [r.measurements.get("prefill_ms_per_sample") for r in rs]
+        prefill = [p for p in prefill if p is not None]
+        decode = [r.measurements.get("decode_tokens_per_s") for r in rs]
+        decode = [d for d in decode if d is not None]
+        rec["Prefill ms"] = sum(prefill) / len(prefill) if prefill else math.nan
+        rec["Decode tok/s"] = sum(decode) / len(decode) if decode else math.nan
+        rec["Weights MB"] = rs[0].measurements.get("weight_mb_stored", math.nan)
+        rec["Packed MB"] = rs[0].measurements.get("weight_mb_packed", math.nan)
+        rec["Peak RSS MB"] = max(r.measurements.get("peak_rss_mb", 0.0) for r in rs)
+        rec["Search s"] = rs[0].search_cost.get("seconds", 0.0)
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def task_table(rows: Sequence[ResultRow], task: str) -> pd.DataFrame:
+    """Every sub-metric of one task, method x bits (x shots)."""
+    cols = TASK_COLUMNS.get(task)
+    records = []
+    for r in sorted((r for r in rows if r.task == task), key=_method_sort_key):
+        rec = {"Method": r.method, "Bits": "FP" if r.bits == "fp" else r.bits.upper(), "Exec": r.execution}
+        if r.shots or task == "hm":
+            rec["Shots"] = r.shots
+        keys = cols or [k for k in r.metrics if not k.startswith("n_")]
+        for k in keys:
+            rec[_metric_label(task, k)] = r.metrics.get(k, math.nan)
+            if f"{k}_std" in r.metrics:
+                rec[f"{_metric_label(task, k)} ±"] = r.metrics[f"{k}_std"]
+        rec["N"] = r.n_samples
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: str = ".2f") -> str:
+    return df.to_markdown(index=False, floatfmt=floatfmt, missingval="-")
+
+
+def to_latex(df: pd.DataFrame, caption: str = "", bold_best: Sequence[str] = ()) -> str:
+    """booktabs LaTeX; the best value of each column in `bold_best` is set in bold."""
+    body = df.copy()
+    for col in body.columns:
+        if pd.api.types.is_float_dtype(body[col]):
+            best = body[col].max() if col in bold_best else None
+            body[col] = [("-" if (v is None or (isinstance(v, float) and math.isnan(v))) else
+                          (f"\\textbf{{{v:.2f}}}" if best is not None and v == best else f"{v:.2f}"))
+                         for v in body[col]]
+        else:
+            body[col] = [_latex_escape(str(v)) for v in body[col]]
+    header = " & ".join(_latex_escape(str(c)) for c in body.columns) + r" \\"
+    lines = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{'l' * 3 + 'r' * (len(body.columns) - 3)}}}",
+             r"\toprule", header, r"\midrule"]
+    lines += [" & ".join(map(str, row)) + r" \\" for row in body.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(rf"\caption{{{_latex_escape(caption)}}}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 ("±", r"$\pm$")):
+        text = text.replace(a, b)
+    return text
+
+
+def write_tables(rows: Sequence[ResultRow], folder: Path, *, caveat: str | None = None) -> dict[str, Path]:
+    """Write main and per-task tables as CSV, LaTeX and Markdown; returns {name: markdown path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    tables = {"main": main_table(rows)}
+    for task in dict.fromkeys(r.task for r in rows):
+        tables[task] = task_table(rows, task)
+    notes = SIMULATED_NOTE + (f" {caveat}" if caveat else "")
+    for name, df in tables.items():
+        metric_cols = [c for c in df.columns if c not in ("Method", "Bits", "Exec", "Shots", "N", "Prefill ms",
+                                                          "Weights MB", "Packed MB", "Peak RSS MB", "Search s",
+                                                          "Parse fail %") and not c.endswith("±")]
+        df.to_csv(folder / f"{name}.csv", index=False)
+        (folder / f"{name}.tex").write_text(to_latex(df, caption=notes, bold_best=metric_cols))
+        (folder / f"{name}.md").write_text(to_markdown(df) + f"\n\n{notes}\n")
+        written[name] = folder / f"{name}.md"
+    return written
