@@ -1,0 +1,102 @@
+"""Argument helpers shared by subcommands (comma lists, shot counts, scopes, method options)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness import plugins
+from harness.config import ALL_SCOPES, QuantSpec, RunSpec
+from harness.errors import HarnessError
+
+DEFAULT_MODEL_CAVEAT = ("Model: the embedded default (DINOv2-S/14 + SmolLM2-135M-Instruct, trained projector/LoRA); "
+                        "its LM weights come from a Q4_1 GGUF, so weight-only 4-bit results are optimistic; "
+                        "the embedded data sets are derived from easy-VQA and packaged photos, not the official "
+                        "benchmarks.")
+
+
+def csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in csv_list(text))
+    except ValueError:
+        raise HarnessError(f"expected comma-separated integers, got {text!r} (e.g. --shots 0,4,32)") from None
+
+
+def scope_list(text: str) -> tuple[str, ...]:
+    parts = tuple(csv_list(text))
+    bad = [p for p in parts if p not in ALL_SCOPES]
+    if bad or not parts:
+        raise HarnessError(f"--quantize takes a comma list of {', '.join(ALL_SCOPES)}; got {text!r}")
+    return parts
+
+
+def method_options(pairs: Sequence[str]) -> dict[str, dict]:
+    """--method-option awq.duo_scaling=true -> {"awq": {"duo_scaling": True}}."""
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        method, dot, option = key.partition(".")
+        if not sep or not dot:
+            raise HarnessError(f"--method-option takes METHOD.OPTION=VALUE, got {pair!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(plugins.methods.resolve_name(method), {})[option] = parsed
+    return out
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = True) -> None:
+    """The options shared by `run` and other grid-running commands."""
+    p.add_argument("--methods", required=methods_required, help="comma list, e.g. fp16,rtn (`harness ls methods`)")
+    p.add_argument("--tasks", required=True, help="comma list, e.g. sqa,vqav2 (see `harness ls tasks`)")
+    p.add_argument("--bits", default="w8a8,w4a4", help="comma list of WxAy[gG][-tensor][-static][-sym]")
+    p.add_argument("--model", default="default", help="'default', a local Llava checkpoint folder or a hub id")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N samples per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", type=Path, default=Path("results"), help="folder for tables, samples, store")
+    p.add_argument("--store", type=Path, default=None, help="SQLite store (default: <output>/harness.db)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="official data: one task's folder, or a folder with one sub-folder per task")
+    p.add_argument("--split", default="test", help="'test' means each task's evaluation split")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-task", default=None, help="calibrate every cell on this task (default: its own)")
+    p.add_argument("--quantize", type=scope_list, default=ALL_SCOPES, dest="scope",
+                   help="parts to quantize: vision,projector,lm (default all)")
+    p.add_argument("--scoring", choices=["generate", "loglik"], default="generate")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--shots", type=int_list, default=(0,), help="few-shot counts for tasks that take them (hm)")
+    p.add_argument("--trials", type=int, default=1, help="seeded few-shot trials averaged per shot count")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
+    p.add_argument("--no-log-samples", action="store_true", help="do not keep prompts in the per-sample logs")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
+    spec = RunSpec(
+        methods=csv_list(args.methods), tasks=csv_list(args.tasks), bits=QuantSpec.parse_list(args.bits),
+        model=args.model, limit=args.limit, seed=args.seed, batch_size=args.batch_size, output=args.output,
+        store=args.store, data_dir=args.data_dir, split=args.split, calib_samples=args.calib_samples,
+        calib_task=args.calib_task, scope=tuple(args.scope), scoring=args.scoring,
+        max_new_tokens=args.max_new_tokens, shots=args.shots, trials=args.trials, device=args.device,
+        threads=args.threads, log_samples=not args.no_log_samples,
+        method_options=method_options(args.method_option),
+    )
+    if spec.limit is not None and spec.limit <= 0:
+        raise HarnessError("--limit must be a positive number of samples")
+    if spec.trials < 1:
+        raise HarnessError("--trials must be at least 1")
+    return spec
+
+
+def run_folder(output: Path, model_id: str, run_id: str) -> Path:
+    return output / model_id.replace("/", "_") / run_id

@@ -1,0 +1,40 @@
+"""`harness run`: evaluate methods x bits x tasks; every finished cell goes to the store at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from harness.commands.common import DEFAULT_MODEL_CAVEAT, add_run_arguments, run_folder, run_spec_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="evaluate methods x bits x tasks; results go to the store and tables")
+    add_run_arguments(p)
+
+
+def execute(args: argparse.Namespace) -> int:
+    from harness.report import SIMULATED_NOTE, main_table, task_table, to_markdown, write_tables
+    from harness.runner import Runner
+
+    spec = run_spec_from_args(args)
+    t0 = time.time()
+    result = Runner(spec, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress).run()
+    folder = run_folder(spec.output, result.rows[0].model, result.run_id) if result.rows else spec.output
+    caveat = DEFAULT_MODEL_CAVEAT if spec.model == "default" else None
+    write_tables(result.rows, folder, caveat=caveat)
+    payload = {"run_id": result.run_id, "spec": {k: str(v) for k, v in vars(spec).items()},
+               "rows": [r.__dict__ for r in result.rows]}
+    (folder / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(to_markdown(main_table(result.rows)))
+    for task in dict.fromkeys(r.task for r in result.rows):
+        print(f"\n{task}:\n" + to_markdown(task_table(result.rows, task)))
+    print(f"\n{SIMULATED_NOTE}")
+    if caveat:
+        print(caveat)
+    print(f"\n{result.computed} cells computed, {result.reused} reused from the store; {time.time() - t0:.0f}s. "
+          f"Tables: {folder}/ (main and per task, as .csv/.tex/.md); per-sample logs: "
+          f"{spec.output}/<model>/samples/; store: {spec.store_path}")
+    return 0
