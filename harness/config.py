@@ -158,6 +158,7 @@ class RunSpec:
     threads: int | None = None
     log_samples: bool = True
     method_options: dict[str, dict] = field(default_factory=dict)
+    task_options: dict[str, dict] = field(default_factory=dict)  # canonical task name -> constructor kwargs
 
     @property
     def store_path(self) -> Path:

@@ -60,7 +60,7 @@ def main_table(rows: Sequence[ResultRow], primary: dict[str, str] | None = None)
     for (method, bits), rs in groups.items():
         rec = {"Method": method, "Bits": "FP" if bits == "fp" else bits.upper(), "Exec": rs[0].execution}
         for r in rs:
-            metric = primary.get(r.task, "auroc" if r.task == "hm" else "acc")
+            metric = primary.get(r.task) or r.settings.get("primary_metric") or ("auroc" if r.task == "hm" else "acc")
             rec[_shot_label(r)] = r.metrics.get(metric, math.nan)
         prefill = [r.measurements.get("prefill_ms_per_sample") for r in rs]
         prefill = [p for p in prefill if p is not None]

@@ -96,3 +96,7 @@ def test_prefix_errors_are_one_line_and_suggest_the_prefix():
     with pytest.raises(ValueError):
         reg.register_prefix("a:b", "collections:Counter")
 
+
+def test_builtin_task_registry_has_the_lmeval_prefix():
+    assert plugins.tasks.resolve_name("LMEval:arc_easy") == "lmeval:arc_easy"
+    assert "lmeval:" + "x" in plugins.tasks and "lmeval" in plugins.tasks.prefixes()

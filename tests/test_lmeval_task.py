@@ -1,0 +1,188 @@
+"""`lmeval:<task>` inside the harness, and `qvlm-harness` inside lm-eval, on the offline YAML tasks in
+tests/data/lmeval (12 ScienceQA items mirrored from the embedded set): both entry points agree with each other and
+with the harness's own `sqa` scoring of the same items, per sample and in aggregate; resume works per document."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from harness.calibration import CalibrationSet  # noqa: E402
+from harness.config import QuantSpec, RunSpec  # noqa: E402
+from harness.errors import HarnessError, UnknownNameError  # noqa: E402
+from harness.report import main_table  # noqa: E402
+from harness.runner import Runner  # noqa: E402
+from harness.task import Request  # noqa: E402
+from tasks.lmeval import LMEvalTask  # noqa: E402
+
+DATA = Path(__file__).parent / "data" / "lmeval"
+ROOT = Path(__file__).resolve().parents[1]
+PIDS = [json.loads(line)["pid"] for line in (DATA / "sqa_mini_test.jsonl").read_text().splitlines()]
+
+
+def spec(tiny_model_dir, out: Path, tasks: list[str], **kw) -> RunSpec:
+    opts = {"include_path": [str(DATA)]}
+    base = dict(methods=["rtn"], tasks=tasks, bits=[QuantSpec.parse("w4a4")], model=str(tiny_model_dir),
+                output=out, data_dir=DATA, batch_size=4, max_new_tokens=16,
+                task_options={t: opts for t in tasks if t.startswith("lmeval:")})
+    return RunSpec(**(base | kw))
+
+
+def sample_log(out: Path, task: str) -> list[dict]:
+    safe = task.replace(":", "_")
+    (path,) = [p for p in out.glob("*/samples/*.jsonl") if f"-{safe}-" in p.name]
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mc_run(tiny_model_dir, tmp_path_factory):
+    """One run: native sqa (log-likelihood scoring) beside the mirrored lm-eval multiple-choice task."""
+    out = tmp_path_factory.mktemp("mc")
+    s = spec(tiny_model_dir, out, ["sqa", "lmeval:qvlm_sqa_mc"], scoring="loglik")
+    return Runner(s, log=lambda m: None, progress=False).run(), out
+
+
+def test_lmeval_task_agrees_with_native_sqa_per_sample(mc_run, tiny_adapter):
+    result, out = mc_run
+    rows = {r.task: r for r in result.rows}
+    native, bridged = rows["sqa"], rows["lmeval:qvlm_sqa_mc"]
+    assert bridged.n_samples == native.n_samples == 12
+    assert bridged.metrics["acc,none"] == pytest.approx(native.metrics["acc"] / 100)
+    assert bridged.scoring == "lmeval" and bridged.execution == "simulated"
+    native_log = {e["id"]: e for e in sample_log(out, "sqa")}
+    for entry in sample_log(out, "lmeval:qvlm_sqa_mc"):
+        pid = PIDS[int(entry["id"])]
+        assert entry["record"]["metrics"]["acc,none"] == float(native_log[pid]["record"]["correct"])
+        has_image = bool(native_log[pid]["record"]["image"])
+        native_prompt = tiny_adapter.render(Request(pid, native_log[pid]["prompt"], b"" if has_image else None))
+        assert entry["prompt"] == native_prompt  # lm-eval's context is exactly what the native task renders
+    # the standard error is lm-eval's mean_stderr: sample std / sqrt(n)
+    acc = bridged.metrics["acc,none"]
+    assert bridged.metrics["acc_stderr,none"] == pytest.approx((acc * (1 - acc) * 12 / 11) ** 0.5 / 12 ** 0.5)
+
+
+def test_lmeval_task_shares_the_main_table(mc_run):
+    result, _ = mc_run
+    table = main_table(result.rows)
+    assert list(table["ScienceQA"]) == [result.rows[0].metrics["acc"]]
+    assert list(table["lmeval:qvlm_sqa_mc"]) == [result.rows[1].metrics["acc,none"]]
+
+
+def test_generation_task_agrees_with_native_generation(tiny_model_dir, tmp_path):
+    s = spec(tiny_model_dir, tmp_path, ["sqa", "lmeval:qvlm_sqa_gen"], limit=5, batch_size=1)
+    rows = {r.task: r for r in Runner(s, log=lambda m: None, progress=False).run().rows}
+    assert rows["lmeval:qvlm_sqa_gen"].metrics["acc,none"] == pytest.approx(rows["sqa"].metrics["acc"] / 100)
+    assert rows["lmeval:qvlm_sqa_gen"].metrics["parse_fail,none"] == pytest.approx(rows["sqa"].metrics["parse_fail"]
+                                                                                    / 100)
+    native = {e["id"]: e["record"]["raw"] for e in sample_log(tmp_path, "sqa")}
+    bridged = {PIDS[int(e["id"])]: e["record"]["resps"][0][0] for e in sample_log(tmp_path, "lmeval:qvlm_sqa_gen")}
+    assert len(native) == 5 and sorted(native) == sorted(bridged)  # the same seeded subset of 5 documents
+    assert all(bridged[k].strip() == native[k] for k in native)
+
+
+def test_interrupted_lmeval_cell_resumes_document_by_document(tiny_model_dir, tmp_path, monkeypatch):
+    s = spec(tiny_model_dir, tmp_path, ["lmeval:qvlm_sqa_mc"], limit=8, batch_size=2)
+    answered: list[str] = []
+    real = LMEvalTask.answer
+
+    def dying(self, adapter, requests, batch_size=8):
+        if len(answered) >= 4:
+            raise KeyboardInterrupt
+        answered.extend(r.sample_id for r in requests)
+        return real(self, adapter, requests, batch_size)
+
+    monkeypatch.setattr(LMEvalTask, "answer", dying)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(s, log=lambda m: None, progress=False).run()
+    resumed: list[str] = []
+
+    def counting(self, adapter, requests, batch_size=8):
+        resumed.extend(r.sample_id for r in requests)
+        return real(self, adapter, requests, batch_size)
+
+    monkeypatch.setattr(LMEvalTask, "answer", counting)
+    (row,) = Runner(s, log=lambda m: None, progress=False).run().rows
+    assert len(answered) == 4 and len(resumed) == 4 and not set(answered) & set(resumed)
+    assert row.n_samples == 8 and 0.0 <= row.metrics["acc,none"] <= 1.0
+
+
+def test_lmeval_train_split_feeds_calibration():
+    task = LMEvalTask("qvlm_sqa_mc", include_path=str(DATA))
+    calib = CalibrationSet.from_task(task, 3, seed=0)
+    assert len(calib) == 3 and all(r.image is not None for r in calib.requests)  # train items all have images
+    train = [json.loads(line) for line in (DATA / "sqa_mini_train.jsonl").read_text().splitlines()]
+    letters = {"ABCD"[row["answer"]] for row in train}
+    assert set(calib.targets) <= letters
+    assert all(r.prompt.startswith("<image>") and r.prompt.endswith("directly.") for r in calib.requests)
+
+
+def test_lmeval_errors_name_the_fix(tmp_path):
+    with pytest.raises(UnknownNameError, match="Did you mean 'lmeval:qvlm_sqa_mc'"):
+        _ = LMEvalTask("qvlm_sqa_mcc", include_path=str(DATA)).lm_task
+    with pytest.raises(HarnessError, match="no such folder"):
+        LMEvalTask("x", include_path=str(tmp_path / "missing"))
+    (tmp_path / "group.yaml").write_text("group: qvlm_pair\ntask: [qvlm_sqa_mc, qvlm_sqa_gen]\n")
+    for f in DATA.glob("*"):
+        if f.is_file():
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(HarnessError, match="one by one"):
+        _ = LMEvalTask("qvlm_pair", include_path=str(tmp_path)).lm_task
+
+
+def test_lm_eval_cli_wrapper_agrees_with_the_harness_run(mc_run, tiny_model_dir, tmp_path):
+    """`python -m harness.lmeval_cli run --model qvlm-harness ...` (lm-eval's own CLI) gives the harness's scores."""
+    from harness.lmeval_cli import main
+
+    result, _ = mc_run
+    args = ["run", "--model", "qvlm-harness", "--model_args", f"model={tiny_model_dir},method=rtn,bits=w4a4",
+            "--batch_size", "4", "--tasks", "qvlm_sqa_mc", "--include_path", str(DATA), "--apply_chat_template",
+            "--output_path", str(tmp_path), "--log_samples"]
+    assert main(args) == 0
+    (results_file,) = tmp_path.glob("**/results_*.json")
+    lm_results = json.loads(results_file.read_text())
+    bridged = next(r for r in result.rows if r.task == "lmeval:qvlm_sqa_mc")
+    assert lm_results["results"]["qvlm_sqa_mc"]["acc,none"] == pytest.approx(bridged.metrics["acc,none"])
+    assert lm_results["config"]["qvlm_bits"] == "w4a4" and lm_results["config"]["qvlm_execution"] == "simulated"
+    (samples_file,) = tmp_path.glob("**/samples_qvlm_sqa_mc_*.jsonl")
+    per_doc = {json.loads(line)["doc_id"]: json.loads(line)["acc"] for line in samples_file.read_text().splitlines()}
+    assert per_doc == {i: float(e) for i, e in enumerate(_harness_correct(mc_run))}
+
+
+def _harness_correct(mc_run) -> list[bool]:
+    _, out = mc_run
+    return [e["record"]["metrics"]["acc,none"] == 1.0
+            for e in sorted(sample_log(out, "lmeval:qvlm_sqa_mc"), key=lambda e: int(e["id"]))]
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch, transformers and lm-eval: 15-40 s on this machine
+def test_plain_lm_eval_command_finds_the_model_through_the_hook(mc_run, tiny_model_dir, tmp_path):
+    """The real `lm-eval` console script (legacy spelling, no `run`), with the .pth hook in a site folder."""
+    from harness.lmeval.hook import install_hook
+
+    lm_eval_exe = Path(sys.executable).with_name("lm-eval")
+    if not lm_eval_exe.exists():
+        pytest.skip("no lm-eval console script beside this python")
+    site_dir, custom = tmp_path / "site", tmp_path / "custom"
+    site_dir.mkdir()
+    custom.mkdir()
+    install_hook(site_dir)
+    # stands in for site-packages: a sitecustomize that processes the .pth folder like Python's own site does
+    (custom / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({str(site_dir)!r})\n")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(custom)])}
+    out = subprocess.run([str(lm_eval_exe), "--model", "qvlm-harness", "--model_args",
+                          f"model={tiny_model_dir},method=rtn,bits=w4a4", "--batch_size", "4", "--tasks",
+                          "qvlm_sqa_mc", "--include_path", str(DATA), "--apply_chat_template", "--limit", "4",
+                          "--output_path", str(tmp_path / "out")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (results_file,) = (tmp_path / "out").glob("**/results_*.json")
+    acc = json.loads(results_file.read_text())["results"]["qvlm_sqa_mc"]["acc,none"]
+    assert acc == pytest.approx(sum(_harness_correct(mc_run)[:4]) / 4)
