@@ -157,6 +157,7 @@ class RunSpec:
     device: str = "cpu"
     threads: int | None = None
     log_samples: bool = True
+    image_control: Literal["shuffle", "blank"] | None = None  # a control run: does the model use the image?
     method_options: dict[str, dict] = field(default_factory=dict)
 
     @property
