@@ -154,6 +154,8 @@ class Runner:
             "scoring": self._scoring(cell.task), "max_new_tokens": s.max_new_tokens,
             "data_dir": str(s.data_dir) if s.data_dir else None,
         }
+        if s.dtype != "fp32":
+            settings["dtype"] = s.dtype
         if s.image_control:
             settings["image_control"] = s.image_control
         if not method.fixed_precision:
@@ -187,7 +189,7 @@ class Runner:
         env = environment(self.spec.device) | {"threads": threads}
         for method_name in dict.fromkeys(c.method for c in pending):
             method_cells = [c for c in pending if c.method == method_name]
-            base = LlavaAdapter.load(model_path, dtype="fp32", device=self.spec.device, name=model_id)
+            base = LlavaAdapter.load(model_path, dtype=self.spec.dtype, device=self.spec.device, name=model_id)
             fingerprint = base.fingerprint()
             groups = self._quantization_groups(method_cells)
             for i, ((spec, calib_task), group) in enumerate(groups.items()):
