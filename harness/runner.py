@@ -130,7 +130,7 @@ class Runner:
         if d is None:
             return None
         sub = Path(d) / task
-        return sub if sub.is_dir() and len(self.spec.tasks) > 1 else Path(d)
+        return sub if sub.is_dir() else Path(d)
 
     def samples(self, task: str) -> list[Sample]:
         """The evaluation samples of a task, limited by a seeded subset (same subset for every method)."""
