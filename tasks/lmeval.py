@@ -11,7 +11,8 @@ lm-eval's aggregation functions and standard errors (`acc_stderr,none`).
 Differences from a plain `lm-eval` run, all for determinism under resume: `--limit N` takes a seeded random subset
 (lm-eval takes the first N); few-shot demonstrations are drawn per document from a generator seeded by
 (`fewshot_seed`, document index) instead of one generator consumed in document order. Groups and tags (e.g. `mmlu`)
-are not expanded: name their member tasks one by one.
+are not expanded: name their member tasks one by one. `--image-control shuffle|blank` replaces every image of a
+document with another document's first image (or a blank one).
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ class LMEvalRequest(Request):
 
     doc_id: int = 0
     split: str = ""
+    own_image: Any = field(default=None, repr=False)  # the document's first image as built (control runs swap it)
+
+
+@dataclass(frozen=True)
+class DocImage:
+    """A lazy reference to a document's first image (a sample's `image`, so `--image-control shuffle` can hand one
+    document's image to another without decoding every image up front)."""
+
+    split: str
+    doc_id: int
 
 
 @dataclass
@@ -135,8 +146,9 @@ class LMEvalTask(Task):
         samples = []
         for i, doc in enumerate(self._split_docs(split)):
             text = t.doc_to_text(doc)
-            samples.append(Sample(str(i), None, {"doc_id": i, "split": split, "text": text if isinstance(text, str)
-                                                 else str(text), "target": str(t.doc_to_target(doc))}))
+            image = DocImage(split, i) if t.config.doc_to_image and _images(t, doc) else None
+            samples.append(Sample(str(i), image, {"doc_id": i, "split": split, "text": text if isinstance(text, str)
+                                                  else str(text), "target": str(t.doc_to_target(doc))}))
         return samples
 
     def resolve_split(self, split: str) -> str:
@@ -169,9 +181,10 @@ class LMEvalTask(Task):
         kind = "generate" if t.OUTPUT_TYPE == "generate_until" else "loglik"
         options = tuple(str(c) for c in t.doc_to_choice(doc)) if t.OUTPUT_TYPE == "multiple_choice" else ()
         max_new = int((t.config.generation_kwargs or {}).get("max_gen_toks", 256))
-        return LMEvalRequest(sample.id, plain if isinstance(plain, str) else plain[0], images[0] if images else None,
-                             kind=kind, options=options, max_new_tokens=max_new, doc_id=int(sample.data["doc_id"]),
-                             split=sample.data["split"])
+        first = images[0] if images else None
+        return LMEvalRequest(sample.id, plain if isinstance(plain, str) else plain[0], first, kind=kind,
+                             options=options, max_new_tokens=max_new, doc_id=int(sample.data["doc_id"]),
+                             split=sample.data["split"], own_image=first)
 
     def target(self, sample: Sample) -> str:
         t = self.lm_task
@@ -198,7 +211,10 @@ class LMEvalTask(Task):
             ctx = self._context(doc, req.doc_id, chat_template=template)
             inst = t.construct_requests(doc=doc, ctx=ctx, metadata=(t.config.task, req.doc_id, t.config.repeats),
                                         apply_chat_template=template is not None, chat_template=template)
-            per_doc.append(inst if isinstance(inst, list) else [inst])
+            inst = inst if isinstance(inst, list) else [inst]
+            if req.image is not req.own_image:  # an image-control run replaced this document's image
+                self._replace_images(inst, req.image)
+            per_doc.append(inst)
             req.prompt = ctx if isinstance(ctx, str) else "\n---\n".join(ctx)
         by_type: dict[str, list] = defaultdict(list)
         for insts in per_doc:
@@ -232,6 +248,16 @@ class LMEvalTask(Task):
                 prefill_s=loglik_share if "loglikelihood" in by_type else None,
                 metrics=metrics, resps=[i.resps for i in insts], filtered=filtered))
         return responses
+
+    def _replace_images(self, instances: list, image: Any) -> None:
+        """Every image of these instances becomes `image` (another document's, or a blank one)."""
+        if isinstance(image, DocImage):
+            image = _images(self.lm_task, self._split_docs(image.split)[image.doc_id])[0]
+        for inst in instances:
+            *args, aux = inst.arguments
+            if isinstance(aux, dict) and aux.get("visual"):
+                visual = aux["visual"] if isinstance(aux["visual"], list | tuple) else [aux["visual"]]
+                inst.arguments = (*args, {**aux, "visual": [image] * len(visual)})
 
     # -- scoring ---------------------------------------------------------------------------------------------------
     def score(self, sample: Sample, response: Response) -> dict[str, Any]:

@@ -159,3 +159,18 @@ def test_register_keeps_lm_eval_builtins_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["QVLMHarnessLM", "HFMultimodalLM"]
+
+
+def test_quantized_checkpoint_folder_is_evaluated_as_stored(tiny_model_dir, tmp_path, capsys):
+    from harness.cli import main
+
+    folder = tmp_path / "rtn-w4a4"
+    assert main(["quantize", "--method", "rtn", "--bits", "w4a4", "--model", str(tiny_model_dir), "--quantize", "lm",
+                 "--output", str(folder)]) == 0
+    fresh = QVLMHarnessLM(model=str(tiny_model_dir), method="rtn", bits="w4a4", scope="lm")
+    stored = QVLMHarnessLM(model=str(folder))
+    assert stored.get_model_info()["qvlm_bits"] == "w4a4" and stored.get_model_info()["qvlm_method"] == "rtn"
+    request = _inst("loglikelihood", ("USER: Which shape is shown? ASSISTANT:", " circle"))
+    assert stored.loglikelihood([request])[0][0] == pytest.approx(fresh.loglikelihood([request])[0][0], abs=1e-5)
+    with pytest.raises(HarnessError, match="drop method=/bits="):
+        QVLMHarnessLM(model=str(folder), method="rtn", bits="w4a4")

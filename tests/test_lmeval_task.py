@@ -36,6 +36,10 @@ def spec(tiny_model_dir, out: Path, tasks: list[str], **kw) -> RunSpec:
     return RunSpec(**(base | kw))
 
 
+def native_has_image(pid: str) -> bool:
+    return bool(json.loads((DATA / "sqa" / "problems.json").read_text())[pid]["image"])
+
+
 def sample_log(out: Path, task: str) -> list[dict]:
     safe = task.replace(":", "_")
     (path,) = [p for p in out.glob("*/samples/*.jsonl") if f"-{safe}-" in p.name]
@@ -74,6 +78,19 @@ def test_lmeval_task_shares_the_main_table(mc_run):
     table = main_table(result.rows)
     assert list(table["ScienceQA"]) == [result.rows[0].metrics["acc"]]
     assert list(table["lmeval:qvlm_sqa_mc"]) == [result.rows[1].metrics["acc,none"]]
+
+
+def test_shuffled_image_control_swaps_the_same_images_as_the_native_task(mc_run, tiny_model_dir, tmp_path):
+    s = spec(tiny_model_dir, tmp_path, ["sqa", "lmeval:qvlm_sqa_mc"], scoring="loglik", image_control="shuffle")
+    rows = {r.task: r for r in Runner(s, log=lambda m: None, progress=False).run().rows}
+    assert rows["lmeval:qvlm_sqa_mc"].settings["image_control"] == "shuffle"
+    native = {e["id"]: e["record"]["correct"] for e in sample_log(tmp_path, "sqa")}
+    shuffled = {int(e["id"]): e["record"] for e in sample_log(tmp_path, "lmeval:qvlm_sqa_mc")}
+    assert {PIDS[i]: r["metrics"]["acc,none"] for i, r in shuffled.items()} == {p: float(c) for p, c in native.items()}
+    original = {int(e["id"]): e["record"] for e in sample_log(mc_run[1], "lmeval:qvlm_sqa_mc")}
+    changed = {i for i in original if original[i]["resps"] != shuffled[i]["resps"]}
+    with_image = {i for i, pid in enumerate(PIDS) if native_has_image(pid)}
+    assert changed == with_image  # exactly the image documents saw another image
 
 
 def test_generation_task_agrees_with_native_generation(tiny_model_dir, tmp_path):

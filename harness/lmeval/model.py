@@ -44,7 +44,7 @@ class QVLMHarnessLM(LM):
     def __init__(
         self,
         model: str = "default",
-        method: str = "fp32",
+        method: str | None = None,
         bits: str | None = None,
         calib_task: str | None = None,
         calib_samples: int = 64,
@@ -68,7 +68,7 @@ class QVLMHarnessLM(LM):
         self.seed = int(seed)
         if adapter is None:
             quantized = build_quantized(
-                model=str(model), method=str(method), bits=bits, calib_task=calib_task,
+                model=str(model), method=method, bits=bits, calib_task=calib_task,
                 calib_samples=int(calib_samples), data_dir=data_dir, scope=str(scope), seed=self.seed,
                 dtype=str(dtype), device=_device(device), threads=threads, method_options=method_options)
             adapter = quantized.adapter
@@ -359,17 +359,30 @@ def _list_arg(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(ARG_SEPARATORS[0]) if p.strip())
 
 
-def build_quantized(*, model: str, method: str, bits: str | None, calib_task: str | None, calib_samples: int,
+def build_quantized(*, model: str, method: str | None, bits: str | None, calib_task: str | None, calib_samples: int,
                     data_dir: str | None, scope: str, seed: int, dtype: str, device: str, threads: int | None,
                     method_options: dict[str, Any], log: Callable[[str], None] | None = None):
-    """Load `model` and quantize it with `method` at `bits`, the way `harness run` quantizes one cell."""
+    """Load `model` and quantize it with `method` (default fp32) at `bits`, the way `harness run` quantizes one
+    cell; a quantized checkpoint folder (`harness quantize --output DIR`) is loaded as stored instead."""
     from pathlib import Path
 
     from harness import plugins
     from harness.calibration import CalibrationSet
+    from harness.checkpoint import StoredQuantization, load_quantized, read_manifest
     from harness.config import ALL_SCOPES, QuantSpec
     from harness.models.llava import set_threads
     from harness.runner import check_model_source, resolve_model
+
+    manifest = read_manifest(model) if Path(model).expanduser().is_dir() else None
+    if manifest is not None:
+        if method is not None or bits is not None:
+            raise HarnessError(f"{model} is a quantized checkpoint ({manifest['method']} {manifest['spec']['tag']}); "
+                               "drop method=/bits= from --model_args to evaluate it as stored")
+        set_threads(int(threads) if threads else None)
+        adapter, _ = load_quantized(model, device=device)
+        stored = StoredQuantization(manifest, model)
+        return stored.quantize(adapter, None, stored.spec)
+    method = method or "fp32"
 
     options = {}
     for key, value in method_options.items():
