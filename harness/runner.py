@@ -29,7 +29,7 @@ from harness.measure import PeakRSS, environment, weight_bytes
 from harness.method import Method, QuantizedModel
 from harness.models.llava import LlavaAdapter, set_threads
 from harness.store import ResultRow, SampleLog, Store
-from harness.task import Sample, Task
+from harness.task import Sample, Task, aggregate_trials
 
 FP_TAG = "fp"
 
@@ -278,7 +278,8 @@ class Runner:
             settings={"scope": list(s.scope), "scoring": scoring, "trials": trials, "calib_samples": s.calib_samples,
                       "calib_task": self._calib_source(cell, method), "spec": cell.spec.to_dict(),
                       "options": s.method_options.get(cell.method, {}), "quantized_modules":
-                      len(quantized.quantized_modules), "report": quantized.report},
+                      len(quantized.quantized_modules), "report": quantized.report,
+                      "samples_log": str(log.path.resolve())},
             environment=env, shots=cell.shots, sample_limit=s.limit, scoring=scoring,
             describe=method.describe(cell.spec), model_fingerprint=fingerprint,
             data_fingerprint=_data_fingerprint(samples),
@@ -293,18 +294,7 @@ class Runner:
         rng = random.Random(f"demos-{self.spec.seed}-{trial}-{sample.id}")
         return rng.sample(candidates, min(shots, len(candidates)))
 
-    @staticmethod
-    def _aggregate(task: Task, entries: list[dict], trials: int) -> dict[str, float]:
-        per_trial = []
-        for t in range(trials):
-            records = [e["record"] for e in entries if e["trial"] == t]
-            per_trial.append(task.aggregate(records))
-        if trials == 1:
-            return {k: float(v) for k, v in per_trial[0].items() if isinstance(v, int | float)}
-        keys = [k for k, v in per_trial[0].items() if isinstance(v, int | float)]
-        out = {k: statistics.fmean(p[k] for p in per_trial) for k in keys}
-        out |= {f"{k}_std": statistics.stdev(p[k] for p in per_trial) for k in keys if not k.startswith("n")}
-        return out | {"trials": float(trials)}
+    _aggregate = staticmethod(aggregate_trials)
 
     @staticmethod
     def _measurements(entries: list[dict], adapter: LlavaAdapter, quantized: QuantizedModel,
