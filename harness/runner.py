@@ -107,7 +107,7 @@ def run_job(spec: RunSpec, job: GroupJob, *, model_id: str, model_path: str, run
     threads = set_threads(spec.threads)
     torch.manual_seed(spec.seed)
     env = environment(spec.device) | {"threads": threads, "executor": executor}
-    base = LlavaAdapter.load(model_path, dtype="fp32", device=spec.device, name=model_id)
+    base = LlavaAdapter.load(model_path, dtype=spec.dtype, device=spec.device, name=model_id)
     return list(runner.run_group(job, base, model_id, base.fingerprint(), run_id, env))
 
 
@@ -164,7 +164,7 @@ class Runner:
         if d is None:
             return None
         sub = Path(d) / task
-        return sub if sub.is_dir() and len(self.spec.tasks) > 1 else Path(d)
+        return sub if sub.is_dir() else Path(d)
 
     def samples(self, task: str) -> list[Sample]:
         """The evaluation samples of a task, limited by a seeded subset (same subset for every method)."""
@@ -188,6 +188,10 @@ class Runner:
             "scoring": self._scoring(cell.task), "max_new_tokens": s.max_new_tokens,
             "data_dir": str(s.data_dir) if s.data_dir else None,
         }
+        if s.dtype != "fp32":
+            settings["dtype"] = s.dtype
+        if s.image_control:
+            settings["image_control"] = s.image_control
         if not method.fixed_precision:
             settings |= {"scope": sorted(s.scope), "options": s.method_options.get(cell.method, {}),
                          "calib": self._calib_source(cell, method), "calib_samples": s.calib_samples}
@@ -226,7 +230,7 @@ class Runner:
             pending = []
         for method_name in dict.fromkeys(c.method for c in pending):
             method_cells = [c for c in pending if c.method == method_name]
-            base = LlavaAdapter.load(model_path, dtype="fp32", device=self.spec.device, name=model_id)
+            base = LlavaAdapter.load(model_path, dtype=self.spec.dtype, device=self.spec.device, name=model_id)
             fingerprint = base.fingerprint()
             groups = self._quantization_groups(method_cells)
             for i, ((spec, calib_task), group) in enumerate(groups.items()):
@@ -288,6 +292,7 @@ class Runner:
         scoring = self._scoring(cell.task)
         trials = s.trials if cell.shots else 1
         demo_pool = task.load(task.train_split, self._data_dir(cell.task)) if cell.shots else []
+        swapped_images = self._control_images(samples)
         log = SampleLog(s.output / _safe(model_id) / "samples" / f"{cid}.jsonl")
         done = log.done()
         todo = [(t, x) for t in range(trials) for x in samples if f"{t}:{x.id}" not in done]
@@ -301,6 +306,8 @@ class Runner:
                 requests = []
                 for (_, sample), sample_demos in zip(chunk, demos, strict=True):
                     req = task.request(sample, scoring=scoring, demos=sample_demos)
+                    if swapped_images is not None and req.image is not None:
+                        req.image = swapped_images[sample.id]
                     if req.kind == "generate":
                         req.max_new_tokens = s.max_new_tokens
                     requests.append(req)
@@ -325,15 +332,33 @@ class Runner:
             metrics=metrics, measurements=measurements,
             search_cost={"seconds": quantized.search_cost.seconds, "peak_rss_mb": quantized.search_cost.peak_rss_mb,
                          "stages": quantized.search_cost.stages},
-            settings={"scope": list(s.scope), "scoring": scoring, "trials": trials, "calib_samples": s.calib_samples,
+            settings={"scope": list(s.scope), "scoring": scoring, "image_control": s.image_control,
+                      "trials": trials, "calib_samples": s.calib_samples,
                       "calib_task": self._calib_source(cell, method), "spec": cell.spec.to_dict(),
-                      "options": s.method_options.get(cell.method, {}), "quantized_modules":
-                      len(quantized.quantized_modules), "report": quantized.report,
+                      "options": s.method_options.get(cell.method, {}),
+                      "quantized_modules": len(quantized.quantized_modules), "report": quantized.report,
                       "samples_log": str(log.path.resolve())},
             environment=env, shots=cell.shots, sample_limit=s.limit, scoring=scoring,
             describe=method.describe(cell.spec), model_fingerprint=fingerprint,
             data_fingerprint=_data_fingerprint(samples),
         )
+
+    def _control_images(self, samples: Sequence[Sample]) -> dict[str, Any] | None:
+        """For `--image-control shuffle`: each image question gets another question's image (a seeded
+        derangement, so no question keeps its own); `blank`: a mid-grey image. None when no control is asked."""
+        mode = self.spec.image_control
+        if mode is None:
+            return None
+        with_image = [x for x in samples if x.image is not None]
+        if mode == "blank":
+            from PIL import Image
+
+            grey = Image.new("RGB", (224, 224), (128, 128, 128))
+            return {x.id: grey for x in with_image}
+        order = list(range(len(with_image)))
+        random.Random(f"control-{self.spec.seed}").shuffle(order)
+        # rotate the shuffled order by one: a derangement whenever there are two or more images
+        return {with_image[order[i]].id: with_image[order[(i + 1) % len(order)]].image for i in range(len(order))}
 
     def _demos(self, task: Task, sample: Sample, pool: Sequence[Sample], shots: int, trial: int) -> list[Sample]:
         """Demonstrations for one query: seeded by (seed, trial, query id) so they do not depend on batch order
