@@ -50,6 +50,11 @@ def test_run_job_alone_equals_the_local_path(tiny_model_dir, tmp_path):
         rows += run_job(spec, job, model_id=model_id, model_path=path, run_id="r", executor="test")
     assert [comparable(r) for r in rows] == [comparable(r) for r in local.rows]
     assert rows[0].environment["executor"] == "test" and local.rows[0].environment["executor"] == "local"
+    for row in rows + local.rows:  # what makes a row reproducible is recorded wherever it ran
+        env = row.environment
+        assert {"harness_version", "git", "python", "device", "threads", "hostname"} <= set(env)
+        assert env["packages"]["torch"] and env["packages"]["transformers"] and env["threads"] == 1
+        assert row.model_fingerprint and row.data_fingerprint and row.seed == 0
     assert sample_records(tmp_path / "job") == sample_records(tmp_path / "local")
 
 
