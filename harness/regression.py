@@ -206,6 +206,7 @@ class MetricCheck:
 class Comparison:
     checks: list[MetricCheck]
     missing: list[str] = field(default_factory=list)  # baseline cells absent from the run
+    stale: list[str] = field(default_factory=list)  # cells whose baseline was made with other model weights
     notes: list[str] = field(default_factory=list)
     ci: float = 0.95
 
@@ -215,7 +216,7 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.missing
+        return not self.failures and not self.missing and not self.stale
 
 
 def comparable_metrics(metrics: Mapping[str, float]) -> list[str]:
@@ -276,11 +277,14 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 def compare(current: Sequence[CellScores], baseline: Sequence[CellScores], *, gate: str | Sequence[str] = "primary",
             recovery: float = DEFAULT_RECOVERY, recovery_for: Mapping[str, float] | None = None,
-            ci: float = 0.95, n_resamples: int = 1000, seed: int = 0, min_drop: float = 0.0) -> Comparison:
+            ci: float = 0.95, n_resamples: int = 1000, seed: int = 0, min_drop: float = 0.0,
+            allow_model_change: bool = False) -> Comparison:
     """Check every cell of `current` against the matching cell of `baseline` (same method, bits, task, shots).
 
     gate: "primary" (each task's primary metric decides), "all", or a list of metric names; other metrics are
     reported but never fail. recovery_for: per-bits thresholds overriding `recovery` (e.g. {"w4a4": 0.5}).
+    A baseline made with other model weights (fingerprints differ) is stale and fails the comparison, unless
+    `allow_model_change` (comparing two models on purpose).
     """
     if not 0 < ci < 1:
         raise HarnessError(f"--ci must be in (0, 1), got {ci}")
@@ -299,6 +303,9 @@ def compare(current: Sequence[CellScores], baseline: Sequence[CellScores], *, ga
         if b is not None:
             paired = _PairedStatistic(task, b, c)
             _note_mismatches(comp, b, c, len(paired.ids))
+            fb, fc = b.info.get("model_fingerprint"), c.info.get("model_fingerprint")
+            if fb and fc and fb != fc and not allow_model_change:
+                comp.stale.append(f"{c.label} (baseline model {fb}, run {fc})")
         fp_cur = _fp_reference(cur, c.task, c.shots)
         fp_base = _fp_reference(base, c.task, c.shots)
         threshold = recovery_for.get(c.bits, recovery)
@@ -399,10 +406,14 @@ def format_comparison(comp: Comparison, *, only_gated: bool = False) -> str:
     out += [f"note: {n}" for n in comp.notes]
     for label in comp.missing:
         out.append(f"MISSING: {label} is in the baseline but not in this run (rerun the suite or save a new baseline)")
+    for label in comp.stale:
+        out.append(f"STALE BASELINE: {label}: the baseline was made with other model weights; regenerate it "
+                   "(scripts/regression.sh --save) or pass --allow-model-change to compare two models on purpose")
     failures = comp.failures
-    if failures or comp.missing:
-        out.append(f"\nREGRESSION: {len(failures)} check(s) failed" + (f", {len(comp.missing)} cell(s) missing"
-                                                                        if comp.missing else "") + ":")
+    if failures or comp.missing or comp.stale:
+        extra = (f", {len(comp.missing)} cell(s) missing" if comp.missing else "") + \
+            (f", {len(comp.stale)} cell(s) with a stale baseline" if comp.stale else "")
+        out.append(f"\nREGRESSION: {len(failures)} check(s) failed{extra}:")
         out += [f"  - {c.cell}: " + "; ".join(c.reasons) for c in failures]
     else:
         out.append(f"\nOK: no regression in {sum(c.gated for c in comp.checks)} gated checks "
@@ -411,7 +422,7 @@ def format_comparison(comp: Comparison, *, only_gated: bool = False) -> str:
 
 
 def comparison_to_dict(comp: Comparison) -> dict[str, Any]:
-    return {"ok": comp.ok, "ci": comp.ci, "missing": comp.missing, "notes": comp.notes, "checks": [
+    return {"ok": comp.ok, "ci": comp.ci, "missing": comp.missing, "stale": comp.stale, "notes": comp.notes, "checks": [
         {"cell": c.cell, "method": c.key[0], "bits": c.key[1], "task": c.key[2], "shots": c.key[3],
          "metric": c.metric, "baseline": c.baseline, "current": c.current,
          "delta": None if c.delta is None else c.delta._asdict(), "n_paired": c.n_paired, "recovery": c.recovery,

@@ -128,6 +128,15 @@ def test_missing_cell_fails_and_min_drop_tolerates_small_significant_drops():
     assert compare([vqa_cell("rtn", "w8a8", slightly)], [vqa_cell("rtn", "w8a8", acc)], min_drop=10).ok
 
 
+def test_baseline_of_other_model_weights_is_stale():
+    acc = base_scores()
+    cur, base = vqa_cell("rtn", "w8a8", acc), vqa_cell("rtn", "w8a8", acc)
+    cur.info["model_fingerprint"], base.info["model_fingerprint"] = "new", "old"
+    comp = compare([cur], [base])
+    assert comp.stale and not comp.ok and "STALE BASELINE" in format_comparison(comp)
+    assert compare([cur], [base], allow_model_change=True).ok
+
+
 def test_deterministic_for_a_seed():
     acc = base_scores()
     cur = flip(acc, down=10, up=5)

@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ci", type=float, default=0.95, help="confidence level of the intervals")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (seeded)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--allow-model-change", action="store_true",
+                   help="compare although the model weights differ (by default a stale baseline fails)")
     p.add_argument("--only-gated", action="store_true", help="print only the gated metrics")
     p.add_argument("--json", type=Path, default=None, help="also write the comparison as JSON here")
 
@@ -74,7 +76,7 @@ def execute(args: argparse.Namespace) -> int:
         raise HarnessError("--resamples must be a positive number")
     comp = regression.compare(current, baseline, gate=gate, recovery=args.recovery,
                               recovery_for=dict(args.recovery_for), ci=args.ci, n_resamples=args.resamples,
-                              seed=args.seed, min_drop=args.min_drop)
+                              seed=args.seed, min_drop=args.min_drop, allow_model_change=args.allow_model_change)
     print(f"run: {store_path}{f' run {args.run}' if args.run else ''} ({len(current)} cells); paired bootstrap, "
           f"{args.resamples} resamples, seed {args.seed}; recovery >= {args.recovery} x FP\n")
     print(regression.format_comparison(comp, only_gated=args.only_gated))
