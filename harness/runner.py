@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from harness import plugins
 from harness.calibration import CalibrationSet
+from harness.checkpoint import StoredQuantization, load_adapter, read_manifest
 from harness.config import QuantSpec, RunSpec
 from harness.errors import HarnessError
 from harness.measure import PeakRSS, environment, weight_bytes
@@ -107,7 +108,7 @@ def run_job(spec: RunSpec, job: GroupJob, *, model_id: str, model_path: str, run
     threads = set_threads(spec.threads)
     torch.manual_seed(spec.seed)
     env = environment(spec.device) | {"threads": threads, "executor": executor}
-    base = LlavaAdapter.load(model_path, dtype=spec.dtype, device=spec.device, name=model_id)
+    base = load_adapter(model_path, dtype=spec.dtype, device=spec.device, name=model_id)
     return list(runner.run_group(job, base, model_id, base.fingerprint(), run_id, env))
 
 
@@ -126,14 +127,26 @@ class Runner:
     def plan(self) -> list[Cell]:
         """Validate the run and list its cells (no model is loaded here)."""
         s = self.spec
-        method_names = [plugins.methods.resolve_name(m) for m in s.methods]
         task_names = [plugins.tasks.resolve_name(t) for t in s.tasks]
+        manifest = read_manifest(s.model) if Path(str(s.model)).expanduser().is_dir() else None
+        if manifest is not None:  # an already quantized checkpoint: evaluate it as stored
+            if s.methods:
+                raise HarnessError(f"{s.model} is a quantized checkpoint ({manifest['method']} "
+                                   f"{manifest['spec']['tag']}); evaluate it with `harness eval --model {s.model}` "
+                                   "(no --methods)")
+            stored = StoredQuantization(manifest, str(s.model))
+            method_names = [stored.name]
+            self.methods[stored.name] = stored
+            s.bits = [stored.spec]
+        else:
+            method_names = [plugins.methods.resolve_name(m) for m in s.methods]
         if not method_names:
             raise HarnessError("no methods given; e.g. --methods fp16,rtn (see `harness ls methods`)")
         if not task_names:
             raise HarnessError("no tasks given; e.g. --tasks sqa (see `harness ls tasks`)")
         for m in method_names:
-            self.methods[m] = plugins.methods.get(m)(**s.method_options.get(m, {}))
+            if m not in self.methods:
+                self.methods[m] = plugins.methods.get(m)(**s.method_options.get(m, {}))
         for t in task_names:
             self.tasks[t] = plugins.tasks.get(t)()
         if s.calib_task is not None:
@@ -230,7 +243,7 @@ class Runner:
             pending = []
         for method_name in dict.fromkeys(c.method for c in pending):
             method_cells = [c for c in pending if c.method == method_name]
-            base = LlavaAdapter.load(model_path, dtype=self.spec.dtype, device=self.spec.device, name=model_id)
+            base = load_adapter(model_path, dtype=self.spec.dtype, device=self.spec.device, name=model_id)
             fingerprint = base.fingerprint()
             groups = self._quantization_groups(method_cells)
             for i, ((spec, calib_task), group) in enumerate(groups.items()):

@@ -21,16 +21,20 @@ def add_parser(sub) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
+    return execute_spec(run_spec_from_args(args), args)
+
+
+def execute_spec(spec, args: argparse.Namespace) -> int:
+    """Run a RunSpec and print/write its tables (shared by `run` and `eval`)."""
     from harness.report import SIMULATED_NOTE, main_table, task_table, to_markdown, write_tables
     from harness.runner import Runner
 
-    spec = run_spec_from_args(args)
     executor = None
-    if args.executor == "ray":
+    if getattr(args, "executor", "local") == "ray":  # `eval` shares this function and has no executor flags
         from harness.executors import RayExecutor
 
         executor = RayExecutor(args.address)
-    elif args.address:
+    elif getattr(args, "address", None):
         raise HarnessError("--address is for --executor ray; add --executor ray or drop --address")
     t0 = time.time()
     result = Runner(spec, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress,
