@@ -94,9 +94,11 @@ def build_default(trained: Path | None = ASSET, seed: int = 0):
         LlavaProcessor,
     )
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+    from transformers.utils import logging as hf_logging
 
     from harness.models.dinov2_onnx import build_dinov2
 
+    hf_logging.disable_progress_bar()  # the GGUF de-quantisation bar is noise in a harness run
     torch.manual_seed(seed)
     dino = build_dinov2()
     lm_dir = _smollm2_dir()
