@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("lm_eval")
+pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `lmeval` (tox installs it): "
+                    "pip install -c constraints.txt -e '.[lmeval]'")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 

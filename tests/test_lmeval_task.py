@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("lm_eval")
+pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `lmeval` (tox installs it): "
+                    "pip install -c constraints.txt -e '.[lmeval]'")
 
 from harness.calibration import CalibrationSet  # noqa: E402
 from harness.config import QuantSpec, RunSpec  # noqa: E402
@@ -179,27 +180,106 @@ def _harness_correct(mc_run) -> list[bool]:
             for e in sorted(sample_log(out, "lmeval:qvlm_sqa_mc"), key=lambda e: int(e["id"]))]
 
 
-@pytest.mark.slow  # a fresh interpreter importing torch, transformers and lm-eval: 15-40 s on this machine
-def test_plain_lm_eval_command_finds_the_model_through_the_hook(mc_run, tiny_model_dir, tmp_path):
-    """The real `lm-eval` console script (legacy spelling, no `run`), with the .pth hook in a site folder."""
+def test_harness_cli_mixes_native_and_lmeval_tasks_in_one_table(mc_run, tiny_model_dir, tmp_path, capsys):
+    """`harness run --tasks sqa,lmeval:qvlm_sqa_mc --lmeval-include DIR`: one main table with both columns, rows in
+    the store equal to the runner's, and the flags refused without an lmeval: task."""
+    from harness.cli import main
+    from harness.store import Store
+
+    args = ["run", "--model", str(tiny_model_dir), "--methods", "rtn", "--bits", "w4a4", "--tasks",
+            "sqa,lmeval:qvlm_sqa_mc", "--scoring", "loglik", "--lmeval-include", str(DATA), "--data-dir", str(DATA),
+            "--batch-size", "4", "--max-new-tokens", "16", "--output", str(tmp_path), "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("| Method"))
+    assert "ScienceQA" in header and "lmeval:qvlm_sqa_mc" in header
+    stored = {r.task: r.metrics for r in Store(tmp_path / "harness.db").rows()}
+    expected = {r.task: r.metrics for r in mc_run[0].rows}
+    assert stored["lmeval:qvlm_sqa_mc"]["acc,none"] == pytest.approx(expected["lmeval:qvlm_sqa_mc"]["acc,none"])
+    assert stored["sqa"]["acc"] == pytest.approx(expected["sqa"]["acc"])
+    assert main(["run", "--model", str(tiny_model_dir), "--methods", "rtn", "--bits", "w4a4", "--tasks", "sqa",
+                 "--lmeval-include", str(DATA), "--output", str(tmp_path)]) == 2
+    assert "add one to --tasks" in capsys.readouterr().err
+
+
+def test_hook_commands_write_and_remove_the_pth_file(tmp_path, monkeypatch, capsys):
+    from harness.lmeval import hook
+    from harness.lmeval_cli import main
+
+    monkeypatch.setattr(hook, "site_dir", lambda: str(tmp_path))
+    pth = tmp_path / hook.PTH_NAME
+    assert main(["hook-status"]) == 0 and "not installed" in capsys.readouterr().out
+    assert main(["install-hook"]) == 0 and pth.read_text() == hook.PTH_LINE
+    assert main(["hook-status"]) == 0 and "hook installed" in capsys.readouterr().out
+    assert main(["uninstall-hook"]) == 0 and not pth.exists()
+
+
+# -- the real command lines in fresh interpreters (slow: each imports torch, transformers and lm-eval) ---------------
+def _env_with_hook(tmp_path: Path) -> dict[str, str]:
+    """The environment of a user who ran `python -m harness.lmeval_cli install-hook`: the hook's .pth file sits in a
+    site folder Python processes at start-up. A sitecustomize stands in for site-packages (the test must not write
+    into the shared environment); `site.addsitedir` is what Python's own start-up runs on site-packages."""
     from harness.lmeval.hook import install_hook
 
-    lm_eval_exe = Path(sys.executable).with_name("lm-eval")
-    if not lm_eval_exe.exists():
-        pytest.skip("no lm-eval console script beside this python")
     site_dir, custom = tmp_path / "site", tmp_path / "custom"
     site_dir.mkdir()
     custom.mkdir()
     install_hook(site_dir)
-    # stands in for site-packages: a sitecustomize that processes the .pth folder like Python's own site does
     (custom / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({str(site_dir)!r})\n")
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(custom)])}
-    out = subprocess.run([str(lm_eval_exe), "--model", "qvlm-harness", "--model_args",
-                          f"model={tiny_model_dir},method=rtn,bits=w4a4", "--batch_size", "4", "--tasks",
-                          "qvlm_sqa_mc", "--include_path", str(DATA), "--apply_chat_template", "--limit", "4",
+    return os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), str(custom)])}
+
+
+@pytest.mark.slow
+def test_python_m_harness_run_in_a_fresh_process(tiny_model_dir, tmp_path):
+    """`python -m harness run --tasks sqa,lmeval:qvlm_sqa_mc --lmeval-include DIR` as a user types it: lm-eval's
+    per-document scores equal the native task's on every item, and the main table shows both."""
+    cmd = [sys.executable, "-m", "harness", "run", "--model", str(tiny_model_dir), "--methods", "fp32,rtn", "--bits",
+           "w4a4", "--tasks", "sqa,lmeval:qvlm_sqa_mc", "--scoring", "loglik", "--lmeval-include", str(DATA),
+           "--data-dir", str(DATA), "--batch-size", "4", "--output", str(tmp_path / "out"), "--no-progress"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert "lmeval:qvlm_sqa_mc" in rows[0] and "ScienceQA" in rows[0]
+    assert any(r.startswith("| fp32") for r in rows) and any(r.startswith("| rtn") for r in rows)
+    logs = {p.name: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in (tmp_path / "out").glob("*/samples/*.jsonl")}
+    for method in ("fp32", "rtn"):
+        native = next(v for k, v in logs.items() if k.startswith(f"{method}-") and "-sqa-" in k)
+        bridged = next(v for k, v in logs.items() if k.startswith(f"{method}-") and "lmeval" in k)
+        native_correct = {e["id"]: float(e["record"]["correct"]) for e in native}
+        assert {PIDS[int(e["id"])]: e["record"]["metrics"]["acc,none"] for e in bridged} == native_correct
+
+
+@pytest.fixture(scope="module")
+def gen_run(tiny_model_dir, tmp_path_factory):
+    """Native sqa (greedy generation, batch 1) beside the mirrored lm-eval generation task, all 12 items."""
+    out = tmp_path_factory.mktemp("gen")
+    s = spec(tiny_model_dir, out, ["sqa", "lmeval:qvlm_sqa_gen"], batch_size=1)
+    return Runner(s, log=lambda m: None, progress=False).run(), out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "task"), [("lm-eval", "qvlm_sqa_mc"), ("lm_eval", "qvlm_sqa_gen")])
+def test_plain_lm_eval_command_finds_the_model_through_the_hook(script, task, request, tiny_model_dir, tmp_path):
+    """The real `lm-eval` / `lm_eval` console scripts (legacy spelling, no `run`) with the hook installed: lm-eval's
+    per-document scores equal the harness's native `sqa` scoring of the same items (log-likelihood of option letters
+    for the multiple-choice task, greedy generation + the harness's parser for the generative one)."""
+    exe = Path(sys.executable).with_name(script)
+    if not exe.exists():
+        pytest.skip(f"no {script} console script beside {sys.executable}")
+    result, out_dir = request.getfixturevalue("mc_run" if task == "qvlm_sqa_mc" else "gen_run")
+    out = subprocess.run([str(exe), "--model", "qvlm-harness", "--model_args",
+                          f"model={tiny_model_dir},method=rtn,bits=w4a4", "--batch_size", "4" if "mc" in task else "1",
+                          "--tasks", task, "--include_path", str(DATA), "--apply_chat_template", "--log_samples",
                           "--output_path", str(tmp_path / "out")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                         cwd=tmp_path, env=_env_with_hook(tmp_path), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     (results_file,) = (tmp_path / "out").glob("**/results_*.json")
-    acc = json.loads(results_file.read_text())["results"]["qvlm_sqa_mc"]["acc,none"]
-    assert acc == pytest.approx(sum(_harness_correct(mc_run)[:4]) / 4)
+    results = json.loads(results_file.read_text())
+    assert results["config"]["qvlm_method"] == "rtn" and results["config"]["qvlm_execution"] == "simulated"
+    (samples_file,) = (tmp_path / "out").glob(f"**/samples_{task}_*.jsonl")
+    per_doc = {PIDS[d["doc_id"]]: d["acc"] for d in map(json.loads, samples_file.read_text().splitlines())}
+    native = {e["id"]: float(e["record"]["correct"]) for e in sample_log(out_dir, "sqa")}
+    assert per_doc == native
+    native_row = next(r for r in result.rows if r.task == "sqa")
+    assert results["results"][task]["acc,none"] == pytest.approx(native_row.metrics["acc"] / 100)

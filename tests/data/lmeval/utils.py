@@ -1,4 +1,5 @@
-"""Helpers for the offline lm-eval test tasks `qvlm_sqa_mc` and `qvlm_sqa_gen` (referenced with `!function`).
+"""Helpers for the offline lm-eval test tasks `qvlm_sqa_mc`, `qvlm_sqa_gen` and `qvlm_sqa_embedded` (referenced with
+`!function`).
 
 The prompt is written here independently of the harness's `tasks/sqa.py` (the LLaVA-1.5 / lmms-eval ScienceQA
 prompt), so a test comparing both catches any drift between the two. Only the generative variant's scoring borrows
@@ -22,6 +23,28 @@ def load_sqa_mini(**_kwargs):
     splits = {}
     for split in ("train", "test"):
         rows = [json.loads(line) for line in (HERE / f"sqa_mini_{split}.jsonl").read_text().splitlines() if line]
+        splits[split] = datasets.Dataset.from_list(rows)
+    return datasets.DatasetDict(splits)
+
+
+def load_sqa_embedded(**_kwargs):
+    """The harness's whole embedded ScienceQA sample set (tasks/data/sqa, official layout) as a DatasetDict, items in
+    `pid_splits.json` order like the native `sqa` task, so `--limit N` picks the same items for both."""
+    import datasets
+
+    from tasks._common import EMBEDDED
+
+    folder = EMBEDDED / "sqa"
+    problems = json.loads((folder / "problems.json").read_text())
+    pid_splits = json.loads((folder / "pid_splits.json").read_text())
+    splits = {}
+    for split in ("train", "test"):
+        rows = []
+        for pid in pid_splits[split]:
+            prob = problems[pid]
+            image = str(folder / "images" / split / pid / prob["image"]) if prob.get("image") else None
+            rows.append({"pid": pid, "question": prob["question"], "choices": list(prob["choices"]),
+                         "answer": int(prob["answer"]), "hint": prob.get("hint") or "", "image": image})
         splits[split] = datasets.Dataset.from_list(rows)
     return datasets.DatasetDict(splits)
 
