@@ -81,6 +81,20 @@ def test_lmeval_task_shares_the_main_table(mc_run):
     assert list(table["lmeval:qvlm_sqa_mc"]) == [result.rows[1].metrics["acc,none"]]
 
 
+def test_compare_rebuilds_lmeval_tasks_from_the_stored_include_path(mc_run):
+    """`harness compare` recomputes lm-eval aggregates on bootstrap resamples: the task is rebuilt from the row's
+    recorded --lmeval-include folder, and a run compared with itself passes with zero differences."""
+    from harness.regression import cells_from_store, compare
+    from harness.store import Store
+
+    cells = cells_from_store(Store(mc_run[1] / "harness.db"))
+    (cell,) = [c for c in cells if c.task == "lmeval:qvlm_sqa_mc"]
+    assert cell.info["task_options"] == {"include_path": [str(DATA)]}
+    comp = compare(cells, cells, n_resamples=50)
+    checks = [c for c in comp.checks if c.metric == "acc,none"]
+    assert comp.ok and len(checks) == 1 and checks[0].gated and checks[0].current == checks[0].baseline
+
+
 def test_shuffled_image_control_swaps_the_same_images_as_the_native_task(mc_run, tiny_model_dir, tmp_path):
     s = spec(tiny_model_dir, tmp_path, ["sqa", "lmeval:qvlm_sqa_mc"], scoring="loglik", image_control="shuffle")
     rows = {r.task: r for r in Runner(s, log=lambda m: None, progress=False).run().rows}
@@ -259,16 +273,17 @@ def gen_run(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("script", "task"), [("lm-eval", "qvlm_sqa_mc"), ("lm_eval", "qvlm_sqa_gen")])
+@pytest.mark.parametrize(("script", "task"), [("lm-eval run", "qvlm_sqa_mc"), ("lm_eval", "qvlm_sqa_gen")])
 def test_plain_lm_eval_command_finds_the_model_through_the_hook(script, task, request, tiny_model_dir, tmp_path):
-    """The real `lm-eval` / `lm_eval` console scripts (legacy spelling, no `run`) with the hook installed: lm-eval's
+    """The real `lm-eval run` / `lm_eval` (legacy spelling) console scripts with the hook installed: lm-eval's
     per-document scores equal the harness's native `sqa` scoring of the same items (log-likelihood of option letters
     for the multiple-choice task, greedy generation + the harness's parser for the generative one)."""
-    exe = Path(sys.executable).with_name(script)
+    name, *subcommand = script.split()
+    exe = Path(sys.executable).with_name(name)
     if not exe.exists():
-        pytest.skip(f"no {script} console script beside {sys.executable}")
+        pytest.skip(f"no {name} console script beside {sys.executable}")
     result, out_dir = request.getfixturevalue("mc_run" if task == "qvlm_sqa_mc" else "gen_run")
-    out = subprocess.run([str(exe), "--model", "qvlm-harness", "--model_args",
+    out = subprocess.run([str(exe), *subcommand, "--model", "qvlm-harness", "--model_args",
                           f"model={tiny_model_dir},method=rtn,bits=w4a4", "--batch_size", "4" if "mc" in task else "1",
                           "--tasks", task, "--include_path", str(DATA), "--apply_chat_template", "--log_samples",
                           "--output_path", str(tmp_path / "out")],
