@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.slow,
 LIMIT = "80"
 
 
-def _run(tmp_path, name: str, *extra: str) -> dict[tuple[str, str], float]:
-    """ScienceQA accuracy per (method, bits), read from the run's sqa.csv as a user would."""
+def _run(tmp_path, name: str, *extra: str) -> dict[tuple[str, str], dict[str, float]]:
+    """ScienceQA metrics per (method, bits), read from the run's sqa.csv as a user would."""
     out = tmp_path / name
     code = main(["run", "--model", "default", "--tasks", "sqa", "--limit", LIMIT, "--seed", "0", "--no-progress",
                  "--output", str(out), "--store", str(out / "harness.db"), *extra])
@@ -32,20 +32,23 @@ def _run(tmp_path, name: str, *extra: str) -> dict[tuple[str, str], float]:
     tables = list(out.glob("default*/*/sqa.csv"))
     assert len(tables) == 1, tables
     with tables[0].open() as fh:
-        return {(row["Method"].split(" [")[0], row["Bits"]): float(row["Avg"]) for row in csv.DictReader(fh)}
+        return {(row["Method"].split(" [")[0], row["Bits"]): {k: float(row[k]) for k in ("Avg", "IMG")}
+                for row in csv.DictReader(fh)}
 
 
 def test_default_model_reads_the_image_and_rtn8_recovers(tmp_path):
     normal = _run(tmp_path, "normal", "--methods", "fp32,rtn", "--bits", "w8a8")
     control = _run(tmp_path, "control", "--methods", "fp32", "--image-control", "shuffle")
 
-    fp = normal[("fp32", "FP")]
-    rtn8 = normal[("rtn", "W8A8")]
-    shuffled = control[("fp32", "FP")]
-    # Trained FP accuracy is ~68% on the full 600 and ~32% with shuffled images (README); 80 samples leave a
-    # standard error of ~5 points, so these margins fail only if the model stopped using the picture.
+    fp = normal[("fp32", "FP")]["Avg"]
+    rtn8 = normal[("rtn", "W8A8")]["Avg"]
+    # Trained FP accuracy is ~68% on the full 600 (IMG, the questions with a picture: ~59%) and ~32% on IMG with
+    # shuffled images, where chance averages 38.5% (README). Text-only questions have nothing to shuffle, so the
+    # control is read on IMG. 80 samples (~50 with images) leave a standard error of ~5-7 points: these margins
+    # fail only if the model stopped using the picture or 8-bit RTN broke it.
+    img, img_shuffled = normal[("fp32", "FP")]["IMG"], control[("fp32", "FP")]["IMG"]
     assert fp >= 50.0, fp
-    assert fp - shuffled >= 15.0, (fp, shuffled)
+    assert img - img_shuffled >= 10.0, (img, img_shuffled)
     assert rtn8 >= 0.9 * fp, (rtn8, fp)
 
     folder = next((tmp_path / "normal").glob("default*/*/"))
