@@ -160,6 +160,7 @@ class RunSpec:
     log_samples: bool = True
     image_control: Literal["shuffle", "blank"] | None = None  # a control run: does the model use the image?
     method_options: dict[str, dict] = field(default_factory=dict)
+    task_options: dict[str, dict] = field(default_factory=dict)  # canonical task name -> constructor kwargs
 
     @property
     def store_path(self) -> Path:

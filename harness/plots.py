@@ -43,6 +43,8 @@ def _panels(rows: Sequence[ResultRow]) -> list[tuple[str, int]]:
 
 
 def _title(task: str, shots: int) -> str:
+    if task.startswith("lmeval:"):  # lm-eval's metric and scale (fractions): its name is in the table
+        return f"{task}{f' {shots}-shot' if shots else ''} (lm-eval primary metric)"
     metric = "ROC AUC" if primary_metric(task) == "auroc" else "accuracy"
     return f"{TASK_LABELS.get(task, task)}{f' {shots}-shot' if shots else ''} ({metric}, %)"
 
@@ -58,7 +60,7 @@ def _figure(n: int) -> tuple[Figure, list]:
 
 
 def _value(row: ResultRow) -> float:
-    return float(row.metrics.get(primary_metric(row.task), math.nan))
+    return float(row.metrics.get(primary_metric(row.task, row), math.nan))
 
 
 def accuracy_vs_bits(rows: Sequence[ResultRow]) -> Figure | None:

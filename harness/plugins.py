@@ -35,6 +35,7 @@ tasks.register("vqav2", "tasks.vqav2:VQAv2", "VQAv2 open-ended, official VQA acc
 tasks.register("vizwiz", "tasks.vizwiz:VizWiz", "VizWiz VQA with unanswerable questions")
 tasks.register("hm", "tasks.hateful_memes:HatefulMemes", "Hateful Memes few-shot, ROC AUC",
                aliases=("hateful_memes", "hatefulmemes"))
+tasks.register_prefix("lmeval", "tasks.lmeval:LMEvalTask", "any lm-evaluation-harness task (extra: lmeval)")
 
 # -- models --------------------------------------------------------------------------------------------------------
 models.register("default", "harness.models.default:default_model_path",

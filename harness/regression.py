@@ -101,7 +101,8 @@ def cell_from_row(row: ResultRow, store_path: Path) -> CellScores:
         info={"cell_id": row.cell_id, "run_id": row.run_id, "model_fingerprint": row.model_fingerprint,
               "data_fingerprint": row.data_fingerprint, "n_samples": row.n_samples, "sample_limit": row.sample_limit,
               "seed": row.seed, "split": row.split, "scoring": row.scoring, "execution": row.execution,
-              "git": row.environment.get("git"), "harness_version": row.environment.get("harness_version")},
+              "git": row.environment.get("git"), "harness_version": row.environment.get("harness_version"),
+              "task_options": row.settings.get("task_options") or {}},
     )
 
 
@@ -303,7 +304,9 @@ def compare(current: Sequence[CellScores], baseline: Sequence[CellScores], *, ga
     tasks: dict[str, Task] = {}
     for key in sorted(cur):
         c = cur[key]
-        task = tasks.setdefault(c.task, plugins.tasks.get(c.task)())
+        if c.task not in tasks:  # lmeval:<task> cells need their --lmeval-include folder to rebuild the task
+            tasks[c.task] = plugins.tasks.get(c.task)(**(c.info.get("task_options") or {}))
+        task = tasks[c.task]
         b = base.get(key)
         gated = _gated_metrics(task, c, gate)
         paired = None

@@ -65,7 +65,7 @@ def main_table(rows: Sequence[ResultRow], primary: dict[str, str] | None = None)
     for (method, bits), rs in groups.items():
         rec = {"Method": method, "Bits": "FP" if bits == "fp" else bits.upper(), "Exec": rs[0].execution}
         for r in rs:
-            metric = primary.get(r.task, "auroc" if r.task == "hm" else "acc")
+            metric = primary.get(r.task) or primary_metric(r.task, r)
             rec[_shot_label(r)] = r.metrics.get(metric, math.nan)
         prefill = [r.measurements.get("prefill_ms_per_sample") for r in rs]
         prefill = [p for p in prefill if p is not None]
@@ -177,7 +177,11 @@ EFFICIENCY_COLUMNS = ("Prefill ms", "Decode tok/s", "Weights MB", "Packed MB", "
 MEASURED_ON_REAL_KERNELS = ("Prefill ms", "Decode tok/s", "Weights MB", "Peak RSS MB")
 
 
-def primary_metric(task: str) -> str:
+def primary_metric(task: str, row: ResultRow | None = None) -> str:
+    """The metric a table shows for a task: the one a row recorded (lm-eval tasks name theirs, e.g. `acc,none`),
+    else the native default."""
+    if row is not None and row.settings.get("primary_metric"):
+        return str(row.settings["primary_metric"])
     return "auroc" if task == "hm" else "acc"
 
 
@@ -210,7 +214,7 @@ def multi_dataset_table(rows: Sequence[ResultRow]) -> pd.DataFrame:
         for task, shots in columns:
             r = by_col.get((task, shots))
             label = f"{TASK_LABELS.get(task, task)}{f' {shots}-shot' if shots else ''}"
-            rec[label] = r.metrics.get(primary_metric(task), math.nan) if r else math.nan
+            rec[label] = r.metrics.get(primary_metric(task, r), math.nan) if r else math.nan
         records.append(rec)
     return pd.DataFrame.from_records(records)
 

@@ -148,7 +148,7 @@ class Runner:
             if m not in self.methods:
                 self.methods[m] = plugins.methods.get(m)(**s.method_options.get(m, {}))
         for t in task_names:
-            self.tasks[t] = plugins.tasks.get(t)()
+            self.tasks[t] = self._make_task(t)
         if s.calib_task is not None:
             plugins.tasks.resolve_name(s.calib_task)
         check_model_source(s.model)
@@ -171,6 +171,9 @@ class Runner:
             if any(c.shots for c in cells if c.task == t):
                 self.tasks[t].load(self.tasks[t].train_split, self._data_dir(t))
         return cells
+
+    def _make_task(self, name: str) -> Task:
+        return plugins.tasks.get(name)(**self.spec.task_options.get(plugins.tasks.resolve_name(name), {}))
 
     def _data_dir(self, task: str) -> Path | None:
         d = self.spec.data_dir
@@ -208,6 +211,8 @@ class Runner:
         if not method.fixed_precision:
             settings |= {"scope": sorted(s.scope), "options": s.method_options.get(cell.method, {}),
                          "calib": self._calib_source(cell, method), "calib_samples": s.calib_samples}
+        if s.task_options.get(cell.task):  # only when given, so existing cell ids stay valid
+            settings["task_options"] = s.task_options[cell.task]
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return f"{cell.method}-{cell.bits}-{cell.task}{f'-{cell.shots}shot' if cell.shots else ''}-{digest}"
 
@@ -286,7 +291,7 @@ class Runner:
     def _quantize(self, method: Method, adapter: LlavaAdapter, spec: QuantSpec, calib_task: str | None):
         calibration = None
         if calib_task is not None:
-            task = self.tasks.get(calib_task) or plugins.tasks.get(calib_task)()
+            task = self.tasks.get(calib_task) or self._make_task(calib_task)
             calibration = CalibrationSet.from_task(task, self.spec.calib_samples, self.spec.seed,
                                                    self._data_dir(calib_task))
         label = "fp" if spec.is_float else spec.tag
@@ -306,7 +311,7 @@ class Runner:
         trials = s.trials if cell.shots else 1
         demo_pool = task.load(task.train_split, self._data_dir(cell.task)) if cell.shots else []
         swapped_images = self._control_images(samples)
-        log = SampleLog(s.output / _safe(model_id) / "samples" / f"{cid}.jsonl")
+        log = SampleLog(s.output / _safe(model_id) / "samples" / f"{_safe(cid)}.jsonl")
         done = log.done()
         todo = [(t, x) for t in range(trials) for x in samples if f"{t}:{x.id}" not in done]
         bar = tqdm(total=len(samples) * trials, initial=len(samples) * trials - len(todo), disable=not self.progress,
@@ -324,7 +329,7 @@ class Runner:
                     if req.kind == "generate":
                         req.max_new_tokens = s.max_new_tokens
                     requests.append(req)
-                responses = adapter.answer(requests, batch_size=s.batch_size)
+                responses = task.answer(adapter, requests, batch_size=s.batch_size)
                 lines = []
                 for (trial, sample), req, resp, sample_demos in zip(chunk, requests, responses, demos, strict=True):
                     lines.append({"key": f"{trial}:{sample.id}", "trial": trial, "id": sample.id,
@@ -348,7 +353,8 @@ class Runner:
             settings={"scope": list(s.scope), "scoring": scoring, "image_control": s.image_control,
                       "trials": trials, "calib_samples": s.calib_samples,
                       "calib_task": self._calib_source(cell, method), "spec": cell.spec.to_dict(),
-                      "options": s.method_options.get(cell.method, {}),
+                      "options": s.method_options.get(cell.method, {}), "primary_metric": task.primary_metric,
+                      "task_options": s.task_options.get(cell.task, {}),
                       "quantized_modules": len(quantized.quantized_modules), "report": quantized.report,
                       "samples_log": str(log.path.resolve())},
             environment=env, shots=cell.shots, sample_limit=s.limit, scoring=scoring,

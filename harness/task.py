@@ -87,6 +87,12 @@ class Task(ABC):
     def target(self, sample: Sample) -> str:
         """The answer text a model should produce (used for calibration with answers and for training)."""
 
+    def answer(self, adapter: Any, requests: Sequence[Request], batch_size: int = 8) -> list[Response]:
+        """Answer a batch of this task's requests with the model. The default hands them to the adapter; a task
+        whose requests follow another protocol (e.g. lm-eval instances) overrides this and still gets the runner's
+        per-sample logs, resume and store for free."""
+        return adapter.answer(requests, batch_size=batch_size)
+
     def resolve_split(self, split: str) -> str:
         return self.eval_split if split == "test" else split
 

@@ -68,3 +68,35 @@ def test_builtin_registries_cover_the_design_card():
     assert {"fp32", "fp16", "bf16", "rtn"} <= set(plugins.methods.names())
     assert {"sqa", "vqav2", "vizwiz", "hm"} <= set(plugins.tasks.names())
     assert {"default", "tiny"} <= set(plugins.models.names())
+
+
+def test_prefix_factory_binds_the_rest_of_the_name_and_keeps_its_case():
+    reg: Registry = Registry("thing")
+    reg.register_prefix("ext", "collections:namedtuple", "external things")
+    assert "ext:Point" in reg and "ext:" not in reg and "other:Point" not in reg
+    assert reg.resolve_name("EXT: Point") == "ext:Point"
+    factory = reg.get("ext:Point")
+    point = factory(["x", "y"])
+    assert point.__name__ == "Point" and point(1, 2).y == 2
+    assert reg.summary("ext:anything") == "external things"
+    assert reg.names() == []  # prefixes are not concrete entries
+    assert reg.prefixes() == {"ext": "external things"}
+
+
+def test_prefix_errors_are_one_line_and_suggest_the_prefix():
+    reg: Registry = Registry("thing")
+    reg.register_prefix("lmeval", "collections:namedtuple")
+    with pytest.raises(UnknownNameError) as exc:
+        reg.resolve_name("lmevl:arc_easy")
+    assert "Did you mean 'lmeval:'" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(UnknownNameError, match="lmeval:<name>"):
+        reg.resolve_name("lmeval:")
+    with pytest.raises(ValueError):
+        reg.register_prefix("lmeval", "collections:Counter")
+    with pytest.raises(ValueError):
+        reg.register_prefix("a:b", "collections:Counter")
+
+
+def test_builtin_task_registry_has_the_lmeval_prefix():
+    assert plugins.tasks.resolve_name("LMEval:arc_easy") == "lmeval:arc_easy"
+    assert "lmeval:" + "x" in plugins.tasks and "lmeval" in plugins.tasks.prefixes()

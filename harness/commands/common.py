@@ -82,7 +82,29 @@ def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = Tr
     p.add_argument("--image-control", choices=["shuffle", "blank"], default=None,
                    help="control run: give each question another question's image (shuffle) or a grey image")
     p.add_argument("--no-log-samples", action="store_true", help="do not keep prompts in the per-sample logs")
+    p.add_argument("--lmeval-include", action="append", default=[], metavar="DIR",
+                   help="folder of lm-eval task YAML files for lmeval:<task> names (repeatable)")
+    p.add_argument("--lmeval-fewshot", type=int, default=None, metavar="N",
+                   help="few-shot count for lmeval:<task> names (default: the task's YAML num_fewshot)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def lmeval_task_options(args: argparse.Namespace) -> dict[str, dict]:
+    """--lmeval-include / --lmeval-fewshot -> constructor options of every lmeval:<task> in --tasks/--calib-task."""
+    include = getattr(args, "lmeval_include", None) or []
+    fewshot = getattr(args, "lmeval_fewshot", None)
+    names = csv_list(args.tasks) + ([args.calib_task] if getattr(args, "calib_task", None) else [])
+    lmeval = [plugins.tasks.resolve_name(n) for n in names if n.strip().lower().startswith("lmeval:")]
+    if (include or fewshot is not None) and not lmeval:
+        raise HarnessError("--lmeval-include/--lmeval-fewshot apply to lmeval:<task> names; add one to --tasks")
+    if fewshot is not None and fewshot < 0:
+        raise HarnessError("--lmeval-fewshot must be 0 or more")
+    options: dict = {}
+    if include:
+        options["include_path"] = [str(Path(p).expanduser()) for p in include]
+    if fewshot is not None:
+        options["num_fewshot"] = fewshot
+    return {name: dict(options) for name in lmeval} if options else {}
 
 
 def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
@@ -94,6 +116,7 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
         max_new_tokens=args.max_new_tokens, shots=args.shots, trials=args.trials, device=args.device,
         dtype=args.dtype, threads=args.threads, log_samples=not args.no_log_samples, image_control=args.image_control,
         method_options=method_options(args.method_option),
+        task_options=lmeval_task_options(args),
     )
     if spec.limit is not None and spec.limit <= 0:
         raise HarnessError("--limit must be a positive number of samples")

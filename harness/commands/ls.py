@@ -24,4 +24,6 @@ def execute(args: argparse.Namespace) -> int:
             line += f"\n{'':<14} metrics: {', '.join(task.metrics)}; eval split: {task.eval_split}"
             line += f"\n{'':<14} data: {task.data_layout}"
         print(line)
+    for prefix, summary in registry.prefixes().items():
+        print(f"{prefix + ':<name>':<14} {summary}")
     return 0
