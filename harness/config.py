@@ -158,6 +158,8 @@ class RunSpec:
     threads: int | None = None
     log_samples: bool = True
     method_options: dict[str, dict] = field(default_factory=dict)
+    # "packed": convert quantized layers to real low-bit kernels (harness.kernels) after quantization
+    execution: Literal["simulated", "packed"] = "simulated"
 
     @property
     def store_path(self) -> Path:

@@ -77,6 +77,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = Tr
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
+    p.add_argument("--execution", choices=["simulated", "packed"], default="simulated",
+                   help="packed: run quantized layers on real low-bit integer kernels (harness.kernels)")
     p.add_argument("--no-log-samples", action="store_true", help="do not keep prompts in the per-sample logs")
     p.add_argument("--no-progress", action="store_true")
 
@@ -89,7 +91,7 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
         calib_task=args.calib_task, scope=tuple(args.scope), scoring=args.scoring,
         max_new_tokens=args.max_new_tokens, shots=args.shots, trials=args.trials, device=args.device,
         threads=args.threads, log_samples=not args.no_log_samples,
-        method_options=method_options(args.method_option),
+        method_options=method_options(args.method_option), execution=args.execution,
     )
     if spec.limit is not None and spec.limit <= 0:
         raise HarnessError("--limit must be a positive number of samples")
