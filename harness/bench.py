@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import copy
 import gc
-import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -199,36 +199,54 @@ def time_variants(variants: Sequence[Variant], cfg: BenchConfig, batch_size: int
 # -- memory in a child process ----------------------------------------------------------------------------------------
 
 
-def _rss_child(cfg: BenchConfig, model_path: str, method: str, spec_tag: str, batch_size: int, queue) -> None:
-    try:
-        from harness.models.llava import LlavaAdapter, set_threads
+def _config_json(cfg: BenchConfig) -> dict:
+    d = dict(cfg.__dict__)
+    d["bits"] = [b.tag for b in cfg.bits]
+    return d
 
-        set_threads(cfg.threads)
-        base = LlavaAdapter.load(model_path)
-        variant = build_variant(base, method, QuantSpec.parse(spec_tag), cfg, copy_model=False)
-        del base
-        gc.collect()
-        batch = variant.adapter.encode(prompts(cfg, batch_size))
-        before = current_rss_mb()
-        with PeakRSS(interval_s=0.005) as rss:
-            generate_once(variant.adapter, batch, cfg.new_tokens, _Clock())
-        queue.put({"peak_rss_mb": rss.peak_mb, "rss_before_mb": before})
-    except Exception as exc:  # reported, not raised: the parent carries on without this figure
-        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+def rss_child_main() -> None:
+    """Entry point of the child process (reads its job as JSON on stdin, prints one JSON line)."""
+    import json
+    import sys
+
+    from harness.models.llava import LlavaAdapter, set_threads
+
+    job = json.loads(sys.stdin.read())
+    raw = job["cfg"]
+    cfg = BenchConfig(**(raw | {"bits": [QuantSpec.parse(b) for b in raw["bits"]], "scope": tuple(raw["scope"])}))
+    set_threads(cfg.threads)
+    base = LlavaAdapter.load(job["model_path"])
+    variant = build_variant(base, job["method"], QuantSpec.parse(job["bits"]), cfg, copy_model=False)
+    del base
+    gc.collect()
+    batch = variant.adapter.encode(prompts(cfg, job["batch_size"]))
+    before = current_rss_mb()
+    with PeakRSS(interval_s=0.005) as rss:
+        generate_once(variant.adapter, batch, cfg.new_tokens, _Clock())
+    print("RSS_RESULT " + json.dumps({"peak_rss_mb": rss.peak_mb, "rss_before_mb": before}))
 
 
 def peak_rss(cfg: BenchConfig, model_path: str, method: str, spec: QuantSpec, batch_size: int) -> dict:
-    """Peak RSS (MiB) while one variant generates, in a fresh process holding only that variant."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_rss_child, args=(cfg, model_path, method, spec.tag if not spec.is_float else "fp",
-                                                 batch_size, queue))
-    proc.start()
+    """Peak RSS (MiB) while one variant generates, in a fresh process holding only that variant (quantized from
+    the FP32 checkpoint there, the FP32 copy freed before generating)."""
+    import json
+    import subprocess
+    import sys
+
+    job = {"cfg": _config_json(cfg), "model_path": model_path, "method": method,
+           "bits": "fp" if spec.is_float else spec.tag, "batch_size": batch_size}
     try:
-        out = queue.get(timeout=1800)
-    finally:
-        proc.join(timeout=60)
-    return out
+        out = subprocess.run([sys.executable, "-c", "from harness.bench import rss_child_main; rss_child_main()"],
+                             input=json.dumps(job), capture_output=True, text=True, timeout=1800,
+                             cwd=str(Path(__file__).resolve().parent.parent))
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    for line in out.stdout.splitlines():
+        if line.startswith("RSS_RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {out.returncode}: {tail[:300]}"}
 
 
 # -- profile --------------------------------------------------------------------------------------------------------
