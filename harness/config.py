@@ -155,8 +155,10 @@ class RunSpec:
     shots: tuple[int, ...] = (0,)
     trials: int = 1
     device: str = "cpu"
+    dtype: str = "fp32"  # dtype the base model is loaded in (methods quantize from it; fp16/bf16 methods cast)
     threads: int | None = None
     log_samples: bool = True
+    image_control: Literal["shuffle", "blank"] | None = None  # a control run: does the model use the image?
     method_options: dict[str, dict] = field(default_factory=dict)
     # "packed": convert quantized layers to real low-bit kernels (harness.kernels) after quantization
     execution: Literal["simulated", "packed"] = "simulated"

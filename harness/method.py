@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from harness.config import ALL_SCOPES, QuantSpec, Scope
+from harness.errors import HarnessError
 
 if TYPE_CHECKING:
     from harness.calibration import CalibrationSet
@@ -47,9 +48,15 @@ class Method(ABC):
     name: str = ""
     #: True for baselines that ignore --bits (fp32/fp16/bf16): the runner evaluates them once.
     fixed_precision: bool = False
+    #: option name -> default; `--method-option NAME.OPTION=VALUE` may set only these
+    default_options: dict[str, Any] = {}
 
     def __init__(self, **options: Any):
-        self.options = options
+        unknown = sorted(set(options) - set(self.default_options))
+        if unknown:
+            known = ", ".join(sorted(self.default_options)) or "none"
+            raise HarnessError(f"method {self.name} has no option(s) {', '.join(unknown)}; its options: {known}")
+        self.options = {**self.default_options, **options}
 
     def supports(self, spec: QuantSpec) -> bool:
         return True

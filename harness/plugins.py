@@ -19,6 +19,14 @@ methods.register("fp32", "methods.fp:FP32", "unquantized baseline in float32")
 methods.register("fp16", "methods.fp:FP16", "unquantized baseline stored and computed in float16")
 methods.register("bf16", "methods.fp:BF16", "unquantized baseline stored and computed in bfloat16")
 methods.register("rtn", "methods.rtn:RTN", "round-to-nearest weights + uniform activations (the floor)")
+methods.register("awq", "methods.awq:AWQ", "activation-aware weight scaling + clipping (llm-awq), 4-bit g128 asym")
+methods.register("qlora", "methods.qlora:QLoRA", "QLoRA's NF4 weights, block 64, double quantization (bitsandbytes)")
+methods.register("gptq", "methods.gptq:GPTQ", "GPTQ second-order weight quantization (Hessian error feedback)")
+methods.register("zeroquant-v2", "methods.zeroquant_v2:ZeroQuantV2",
+                 "ZeroQuant-V2: group-wise GPTQ weights, per-token activations, LoRC low-rank compensation",
+                 aliases=("zeroquant", "zqv2"))
+methods.register("smoothquant", "methods.smoothquant:SmoothQuant",
+                 "SmoothQuant: migrate activation outliers into weights (alpha 0.5), folded into norms")
 
 # -- tasks ---------------------------------------------------------------------------------------------------------
 tasks.register("sqa", "tasks.sqa:ScienceQA", "ScienceQA multiple choice with category breakdown",

@@ -46,6 +46,11 @@ def _metric_label(task: str, key: str) -> str:
     return METRIC_LABELS.get(key, key)
 
 
+def _method_label(row: ResultRow) -> str:
+    control = row.settings.get("image_control")
+    return f"{row.method} [{control} images]" if control else row.method
+
+
 def _shot_label(row: ResultRow) -> str:
     return f"{TASK_LABELS.get(row.task, row.task)}{f' {row.shots}-shot' if row.shots else ''}"
 
@@ -55,7 +60,7 @@ def main_table(rows: Sequence[ResultRow], primary: dict[str, str] | None = None)
     primary = primary or {}
     groups: dict[tuple[str, str], list[ResultRow]] = {}
     for r in sorted(rows, key=_method_sort_key):
-        groups.setdefault((r.method, r.bits), []).append(r)
+        groups.setdefault((_method_label(r), r.bits), []).append(r)
     records = []
     for (method, bits), rs in groups.items():
         rec = {"Method": method, "Bits": "FP" if bits == "fp" else bits.upper(), "Exec": rs[0].execution}
@@ -81,7 +86,7 @@ def task_table(rows: Sequence[ResultRow], task: str) -> pd.DataFrame:
     cols = TASK_COLUMNS.get(task)
     records = []
     for r in sorted((r for r in rows if r.task == task), key=_method_sort_key):
-        rec = {"Method": r.method, "Bits": "FP" if r.bits == "fp" else r.bits.upper(), "Exec": r.execution}
+        rec = {"Method": _method_label(r), "Bits": "FP" if r.bits == "fp" else r.bits.upper(), "Exec": r.execution}
         if r.shots or task == "hm":
             rec["Shots"] = r.shots
         keys = cols or [k for k in r.metrics if not k.startswith("n_")]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from harness import plugins
 from harness.calibration import CalibrationSet
+from harness.checkpoint import StoredQuantization, load_adapter, read_manifest
 from harness.config import QuantSpec, RunSpec
 from harness.errors import HarnessError
 from harness.measure import PeakRSS, environment, weight_bytes
@@ -92,14 +93,26 @@ class Runner:
     def plan(self) -> list[Cell]:
         """Validate the run and list its cells (no model is loaded here)."""
         s = self.spec
-        method_names = [plugins.methods.resolve_name(m) for m in s.methods]
         task_names = [plugins.tasks.resolve_name(t) for t in s.tasks]
+        manifest = read_manifest(s.model) if Path(str(s.model)).expanduser().is_dir() else None
+        if manifest is not None:  # an already quantized checkpoint: evaluate it as stored
+            if s.methods:
+                raise HarnessError(f"{s.model} is a quantized checkpoint ({manifest['method']} "
+                                   f"{manifest['spec']['tag']}); evaluate it with `harness eval --model {s.model}` "
+                                   "(no --methods)")
+            stored = StoredQuantization(manifest, str(s.model))
+            method_names = [stored.name]
+            self.methods[stored.name] = stored
+            s.bits = [stored.spec]
+        else:
+            method_names = [plugins.methods.resolve_name(m) for m in s.methods]
         if not method_names:
             raise HarnessError("no methods given; e.g. --methods fp16,rtn (see `harness ls methods`)")
         if not task_names:
             raise HarnessError("no tasks given; e.g. --tasks sqa (see `harness ls tasks`)")
         for m in method_names:
-            self.methods[m] = plugins.methods.get(m)(**s.method_options.get(m, {}))
+            if m not in self.methods:
+                self.methods[m] = plugins.methods.get(m)(**s.method_options.get(m, {}))
         for t in task_names:
             self.tasks[t] = plugins.tasks.get(t)()
         if s.calib_task is not None:
@@ -130,7 +143,7 @@ class Runner:
         if d is None:
             return None
         sub = Path(d) / task
-        return sub if sub.is_dir() and len(self.spec.tasks) > 1 else Path(d)
+        return sub if sub.is_dir() else Path(d)
 
     def samples(self, task: str) -> list[Sample]:
         """The evaluation samples of a task, limited by a seeded subset (same subset for every method)."""
@@ -154,6 +167,10 @@ class Runner:
             "scoring": self._scoring(cell.task), "max_new_tokens": s.max_new_tokens,
             "data_dir": str(s.data_dir) if s.data_dir else None,
         }
+        if s.dtype != "fp32":
+            settings["dtype"] = s.dtype
+        if s.image_control:
+            settings["image_control"] = s.image_control
         if not method.fixed_precision:
             settings |= {"scope": sorted(s.scope), "options": s.method_options.get(cell.method, {}),
                          "calib": self._calib_source(cell, method), "calib_samples": s.calib_samples}
@@ -187,7 +204,7 @@ class Runner:
         env = environment(self.spec.device) | {"threads": threads}
         for method_name in dict.fromkeys(c.method for c in pending):
             method_cells = [c for c in pending if c.method == method_name]
-            base = LlavaAdapter.load(model_path, dtype="fp32", device=self.spec.device, name=model_id)
+            base = load_adapter(model_path, dtype=self.spec.dtype, device=self.spec.device, name=model_id)
             fingerprint = base.fingerprint()
             groups = self._quantization_groups(method_cells)
             for i, ((spec, calib_task), group) in enumerate(groups.items()):
@@ -253,6 +270,7 @@ class Runner:
         scoring = self._scoring(cell.task)
         trials = s.trials if cell.shots else 1
         demo_pool = task.load(task.train_split, self._data_dir(cell.task)) if cell.shots else []
+        swapped_images = self._control_images(samples)
         log = SampleLog(s.output / _safe(model_id) / "samples" / f"{cid}.jsonl")
         done = log.done()
         todo = [(t, x) for t in range(trials) for x in samples if f"{t}:{x.id}" not in done]
@@ -266,6 +284,8 @@ class Runner:
                 requests = []
                 for (_, sample), sample_demos in zip(chunk, demos, strict=True):
                     req = task.request(sample, scoring=scoring, demos=sample_demos)
+                    if swapped_images is not None and req.image is not None:
+                        req.image = swapped_images[sample.id]
                     if req.kind == "generate":
                         req.max_new_tokens = s.max_new_tokens
                     requests.append(req)
@@ -290,14 +310,32 @@ class Runner:
             metrics=metrics, measurements=measurements,
             search_cost={"seconds": quantized.search_cost.seconds, "peak_rss_mb": quantized.search_cost.peak_rss_mb,
                          "stages": quantized.search_cost.stages},
-            settings={"scope": list(s.scope), "scoring": scoring, "trials": trials, "calib_samples": s.calib_samples,
+            settings={"scope": list(s.scope), "scoring": scoring, "image_control": s.image_control,
+                      "trials": trials, "calib_samples": s.calib_samples,
                       "calib_task": self._calib_source(cell, method), "spec": cell.spec.to_dict(),
-                      "options": s.method_options.get(cell.method, {}), "quantized_modules":
-                      len(quantized.quantized_modules), "report": quantized.report},
+                      "options": s.method_options.get(cell.method, {}),
+                      "quantized_modules": len(quantized.quantized_modules), "report": quantized.report},
             environment=env, shots=cell.shots, sample_limit=s.limit, scoring=scoring,
             describe=method.describe(cell.spec), model_fingerprint=fingerprint,
             data_fingerprint=_data_fingerprint(samples),
         )
+
+    def _control_images(self, samples: Sequence[Sample]) -> dict[str, Any] | None:
+        """For `--image-control shuffle`: each image question gets another question's image (a seeded
+        derangement, so no question keeps its own); `blank`: a mid-grey image. None when no control is asked."""
+        mode = self.spec.image_control
+        if mode is None:
+            return None
+        with_image = [x for x in samples if x.image is not None]
+        if mode == "blank":
+            from PIL import Image
+
+            grey = Image.new("RGB", (224, 224), (128, 128, 128))
+            return {x.id: grey for x in with_image}
+        order = list(range(len(with_image)))
+        random.Random(f"control-{self.spec.seed}").shuffle(order)
+        # rotate the shuffled order by one: a derangement whenever there are two or more images
+        return {with_image[order[i]].id: with_image[order[(i + 1) % len(order)]].image for i in range(len(order))}
 
     def _demos(self, task: Task, sample: Sample, pool: Sequence[Sample], shots: int, trial: int) -> list[Sample]:
         """Demonstrations for one query: seeded by (seed, trial, query id) so they do not depend on batch order

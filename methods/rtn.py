@@ -19,6 +19,7 @@ from harness.quant import QLinear, calibrate_static_activations, quantize_linear
 
 class RTN(Method):
     name = "rtn"
+    default_options = {"observer": "mse"}  # static activation ranges: "mse" search or plain "minmax"
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
         return spec.quantizes_activations and not spec.a_dynamic
@@ -31,7 +32,7 @@ class RTN(Method):
                                        make=lambda n, m: QLinear.from_linear(m, spec, name=n))
             if self.needs_calibration(spec):
                 calibrate_static_activations(adapter.model, swapped, lambda: calibration.run(adapter), spec=spec,
-                                             observer=self.options.get("observer", "mse"))
+                                             observer=self.options["observer"])
         cost = SearchCost(time.perf_counter() - t0, rss.peak_mb)
         return QuantizedModel(adapter, self.name, spec, "simulated", swapped, cost)
 

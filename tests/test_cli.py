@@ -96,3 +96,10 @@ def test_run_prints_table_and_writes_csv_latex_markdown(capsys, tmp_path, tiny_m
     assert {"main.csv", "main.tex", "main.md", "sqa.csv", "sqa.tex", "sqa.md", "results.json"} <= names
     tex = (folders[0] / "sqa.tex").read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex
+
+
+def test_unknown_method_option_lists_the_valid_ones(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--methods", "rtn", "--tasks", "sqa", "--method-option", "rtn.obsrver=mse",
+                           "--output", str(tmp_path))
+    line = one_line_error(err)
+    assert code == 2 and "obsrver" in line and "observer" in line

@@ -121,3 +121,20 @@ def test_store_survives_and_has_one_row_per_cell(tiny_model_dir, tmp_path):
     Runner(spec, log=lambda m: None, progress=False).run()
     con = sqlite3.connect(spec.store_path)
     assert con.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 1
+
+
+def test_shuffled_image_control_is_a_derangement_and_a_separate_cell(tiny_model_dir, tmp_path):
+    spec = make_spec(tiny_model_dir, tmp_path, methods=["fp32"], limit=30, image_control="shuffle")
+    runner = Runner(spec, log=lambda m: None, progress=False)
+    runner.plan()
+    samples = runner.samples("sqa")
+    swap = runner._control_images(samples)
+    own = {x.id: x.image for x in samples if x.image is not None}
+    assert set(swap) == set(own) and len(own) >= 2
+    assert all(swap[i] != own[i] for i in own)  # no question keeps its own image
+    assert sorted(map(str, swap.values())) == sorted(map(str, own.values()))  # same images, permuted
+    plain = make_spec(tiny_model_dir, tmp_path, methods=["fp32"], limit=30)
+    cell = runner.plan()[0]
+    other = Runner(plain, log=lambda m: None)
+    other.plan()
+    assert runner.cell_id(cell, "m") != other.cell_id(cell, "m")

@@ -74,9 +74,13 @@ def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = Tr
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--shots", type=int_list, default=(0,), help="few-shot counts for tasks that take them (hm)")
     p.add_argument("--trials", type=int, default=1, help="seeded few-shot trials averaged per shot count")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="dtype the model is loaded in before quantization (fp16 on GPUs for 7B+ models)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
+    p.add_argument("--image-control", choices=["shuffle", "blank"], default=None,
+                   help="control run: give each question another question's image (shuffle) or a grey image")
     p.add_argument("--execution", choices=["simulated", "packed"], default="simulated",
                    help="packed: run quantized layers on real low-bit integer kernels (harness.kernels)")
     p.add_argument("--no-log-samples", action="store_true", help="do not keep prompts in the per-sample logs")
@@ -90,7 +94,7 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
         store=args.store, data_dir=args.data_dir, split=args.split, calib_samples=args.calib_samples,
         calib_task=args.calib_task, scope=tuple(args.scope), scoring=args.scoring,
         max_new_tokens=args.max_new_tokens, shots=args.shots, trials=args.trials, device=args.device,
-        threads=args.threads, log_samples=not args.no_log_samples,
+        dtype=args.dtype, threads=args.threads, log_samples=not args.no_log_samples, image_control=args.image_control,
         method_options=method_options(args.method_option), execution=args.execution,
     )
     if spec.limit is not None and spec.limit <= 0:

@@ -16,10 +16,14 @@ def add_parser(sub) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
+    return execute_spec(run_spec_from_args(args), args)
+
+
+def execute_spec(spec, args: argparse.Namespace) -> int:
+    """Run a RunSpec and print/write its tables (shared by `run` and `eval`)."""
     from harness.report import SIMULATED_NOTE, main_table, task_table, to_markdown, write_tables
     from harness.runner import Runner
 
-    spec = run_spec_from_args(args)
     t0 = time.time()
     result = Runner(spec, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress).run()
     folder = run_folder(spec.output, result.rows[0].model, result.run_id) if result.rows else spec.output

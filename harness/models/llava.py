@@ -124,20 +124,6 @@ class LlavaAdapter:
                 return scope
         return "other"
 
-    def weight_bytes(self) -> int:
-        """Bytes of all parameters and buffers as stored now (packed modules report their packed size)."""
-        total = 0
-        seen: set[int] = set()
-        for module in self.model.modules():
-            if hasattr(module, "storage_bytes") and callable(module.storage_bytes):
-                total += module.storage_bytes()
-                seen.update(id(t) for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)))
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
-
     def fingerprint(self) -> str:
         """A short hash of the config and of a sample of every weight tensor: equal fingerprints mean the same
         weights for all practical purposes, without hashing gigabytes."""

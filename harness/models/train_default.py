@@ -194,6 +194,25 @@ def save_asset(path: Path, model, loras: dict[str, LoRALinear], rank: int, alpha
                                             **{k: str(v) for k, v in meta.items()}})
 
 
+def parse_task_weights(text: str | None) -> dict[str, float]:
+    if not text:
+        return dict(TASK_WEIGHTS)
+    pairs = dict(item.split("=") for item in text.split(","))
+    return {task: float(pairs.get(task, 0.0)) for task in TASK_WEIGHTS}
+
+
+def init_from_asset(model, loras: dict[str, LoRALinear], path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        proj = {k[len("projector."):]: f.get_tensor(k) for k in f.keys() if k.startswith("projector.")}  # noqa: SIM118
+        model.model.multi_modal_projector.load_state_dict(proj, strict=True)
+        with torch.no_grad():
+            for name, lora in loras.items():
+                lora.A.copy_(f.get_tensor(f"lora.{name}.A").float())
+                lora.B.copy_(f.get_tensor(f"lora.{name}.B").float())
+
+
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -219,6 +238,9 @@ def train(args: argparse.Namespace) -> dict:
     model.model.language_model.to(torch.bfloat16)
     model.lm_head.to(torch.bfloat16)
     loras = add_lora(model, args.rank, args.alpha, args.seed)
+    if args.init_from:  # continue from an earlier stage: projector and (unmerged) LoRA factors
+        init_from_asset(model, loras, Path(args.init_from))
+    weights = parse_task_weights(args.task_weights)
     proj_params = list(model.model.multi_modal_projector.parameters())
     for p in proj_params:
         p.requires_grad_(True)
@@ -238,7 +260,7 @@ def train(args: argparse.Namespace) -> dict:
     for step in range(args.steps):
         batch = []
         for _ in range(args.batch_size):
-            task = rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()))[0]
+            task = rng.choices(list(weights), weights=list(weights.values()))[0]
             pool = pools[task]
             batch.append(pool[cursor[task] % len(pool)])
             cursor[task] += 1
@@ -256,6 +278,7 @@ def train(args: argparse.Namespace) -> dict:
             print(f"step {step} loss {recent:.4f} seq {ids.shape[1]} {time.time() - t0:.0f}s", flush=True)
     model.eval()
     meta = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "data_seed": args.data_seed,
+            "init_from": Path(args.init_from).name if args.init_from else None, "task_weights": weights,
             "final_loss": round(sum(log[-50:]) / len(log[-50:]), 4), "train_seconds": round(time.time() - t0)}
     save_asset(Path(args.out), model, loras, args.rank, args.alpha, meta)
     print(f"saved {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB); total {time.time() - t_start:.0f}s")
@@ -310,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ASSET))
+    ap.add_argument("--init-from", default=None, help="continue from an earlier asset (projector + LoRA factors)")
+    ap.add_argument("--task-weights", default=None, help="e.g. sqa=0.7,vqav2=0.1,vizwiz=0.1,hm=0.1")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--eval-n", type=int, default=200)
     args = ap.parse_args(argv)

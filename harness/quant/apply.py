@@ -15,6 +15,7 @@ from torch import nn
 
 from harness.config import QuantSpec
 from harness.errors import HarnessError
+from harness.quant.actquant import ActQuantMixin
 from harness.quant.calibration import input_hooks
 from harness.quant.observers import MinMaxObserver, make_observer
 from harness.quant.qlinear import QLinear
@@ -97,6 +98,11 @@ def qlinear_modules(model: nn.Module) -> dict[str, QLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
 
 
+def act_quant_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """FQN -> every module with an activation quantizer: `QLinear` and `ActQuantMixin` layers (NormalFloat...)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QLinear | ActQuantMixin)}
+
+
 def calibrate_static_activations(
     model: nn.Module,
     names: Sequence[str] | None,
@@ -113,10 +119,10 @@ def calibrate_static_activations(
     QParams. `spec`, if given, must agree with the layers' activation bits/symmetry (a consistency check).
     Returns FQN -> QParams.
     """
-    qlinears = qlinear_modules(model)
+    qlinears = act_quant_modules(model)
     if names is None:
         names = list(qlinears)
-    targets: dict[str, QLinear] = {}
+    targets: dict[str, QLinear | ActQuantMixin] = {}
     for name in names:
         if name not in qlinears:
             raise HarnessError(f"{name!r} is not a quantized linear layer; call quantize_linears first")

@@ -1,0 +1,70 @@
+"""`harness quantize`: quantize a model once and save a self-contained quantized checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.commands.common import method_options, scope_list
+from harness.config import ALL_SCOPES, QuantSpec
+from harness.errors import HarnessError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model with one method and save the checkpoint")
+    p.add_argument("--method", required=True, help="e.g. awq, gptq, qlora (see `harness ls methods`)")
+    p.add_argument("--bits", required=True, help="one WxAy setting, e.g. w4a16 or w8a8")
+    p.add_argument("--model", default="default", help="'default', 'tiny', a Llava checkpoint folder or a hub id")
+    p.add_argument("--calib-task", default="sqa", help="task whose train split calibrates (default sqa)")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--quantize", type=scope_list, default=ALL_SCOPES, dest="scope",
+                   help="parts to quantize: vision,projector,lm (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
+    p.add_argument("--output", type=Path, required=True, help="folder to write the quantized checkpoint to")
+
+
+def execute(args: argparse.Namespace) -> int:
+    import torch
+
+    from harness import plugins
+    from harness.calibration import CalibrationSet
+    from harness.checkpoint import read_manifest, save_quantized
+    from harness.models.llava import LlavaAdapter, set_threads
+    from harness.runner import check_model_source, resolve_model
+
+    method_name = plugins.methods.resolve_name(args.method)
+    spec = QuantSpec.parse(args.bits)
+    options = method_options(args.method_option).get(method_name, {})
+    method = plugins.methods.get(method_name)(**options)
+    if method.fixed_precision:
+        raise HarnessError(f"{method_name} is an unquantized baseline; nothing to save (evaluate it with harness run)")
+    if not method.supports(spec):
+        raise HarnessError(f"method {method_name} does not support {spec.tag}")
+    if args.calib_samples < 0:
+        raise HarnessError("--calib-samples must be >= 0")
+    check_model_source(args.model)
+    if read_manifest(args.model) is not None:
+        raise HarnessError(f"{args.model} is already a quantized checkpoint; quantize the float model instead")
+    if args.output.exists() and any(args.output.iterdir()) and read_manifest(args.output) is None:
+        raise HarnessError(f"{args.output} exists and is not a quantized checkpoint; choose an empty folder")
+    task = plugins.tasks.get(plugins.tasks.resolve_name(args.calib_task))()
+    set_threads(args.threads)
+    model_id, path = resolve_model(args.model)
+    adapter = LlavaAdapter.load(path, name=model_id)
+    fingerprint = adapter.fingerprint()
+    calibration = None
+    if method.needs_calibration(spec):
+        calibration = CalibrationSet.from_task(task, args.calib_samples, args.seed, args.data_dir)
+    torch.manual_seed(args.seed)
+    qm = method.quantize(adapter, calibration, spec, tuple(args.scope))
+    calib = None if calibration is None else {"task": task.name, "samples": len(calibration), "seed": args.seed}
+    save_quantized(qm, args.output, describe=method.describe(spec), base_model=model_id, fingerprint=fingerprint,
+                   scope=args.scope, calibration=calib)
+    print(f"{method_name} {spec.tag}: {len(qm.quantized_modules)} layers quantized ({qm.execution}) in "
+          f"{qm.search_cost.seconds:.1f}s, peak RSS {qm.search_cost.peak_rss_mb:.0f} MB", file=sys.stderr)
+    print(f"saved {args.output}/ (evaluate with: harness eval --model {args.output} --tasks sqa)")
+    return 0

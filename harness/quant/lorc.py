@@ -1,0 +1,85 @@
+"""LoRC (ZeroQuant-V2's low-rank compensation): ``W ~ Q(W) + U_m V_m`` with the rank-m truncated SVD of the
+quantization error ``E = W - Q(W) = U S V^T``: ``U_m = U[:, :m] S_m^(1/2)``, ``V_m = S_m^(1/2) V[:, :m]^T``.
+
+`LoRCLinear` wraps the quantized layer as a child module (``.qlinear``, a `QLinear` that a packed-kernel
+converter may replace) and adds the low-rank path ``x_q @ V_m^T @ U_m^T`` on the same quantized input. The
+factors are kept in `bits` (8 by default: symmetric per row, as the paper allows) or float (16).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.quant.quantizer import dequantize, quantize_weight
+
+
+def lorc_factors(E: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(U_m [out, m], V_m [m, in]) with ``U_m @ V_m`` the best rank-m approximation of `E` (Eckart-Young)."""
+    U, S, Vh = torch.linalg.svd(E.detach().double(), full_matrices=False)
+    m = min(rank, S.numel())
+    root = S[:m].sqrt()
+    return (U[:, :m] * root).float(), (root[:, None] * Vh[:m]).float()
+
+
+class LoRCLinear(nn.Module):
+    def __init__(self, qlinear: nn.Module, U: Tensor, V: Tensor, bits: int = 8, name: str = ""):
+        super().__init__()
+        self.qlinear = qlinear
+        self.name = name
+        self.rank = int(U.shape[1])
+        self.bits = int(bits)
+        self.in_features, self.out_features = int(V.shape[1]), int(U.shape[0])
+        if self.bits < 16:
+            uc, uq = quantize_weight(U, self.bits, True)
+            vc, vq = quantize_weight(V, self.bits, True)
+            self.register_buffer("u_codes", uc)
+            self.register_buffer("u_scale", uq.scale.float())
+            self.register_buffer("v_codes", vc)
+            self.register_buffer("v_scale", vq.scale.float())
+            self.register_buffer("u", None, persistent=False)
+            self.register_buffer("v", None, persistent=False)
+            self.refresh()
+        else:
+            self.register_buffer("u", U.detach().float().clone())
+            self.register_buffer("v", V.detach().float().clone())
+
+    def refresh(self) -> None:
+        """Rebuild the float factors from their codes (after loading a checkpoint)."""
+        if self.bits >= 16:
+            return
+        from harness.quant.quantizer import QParams
+
+        zu = torch.zeros_like(self.u_scale, dtype=torch.int32)
+        zv = torch.zeros_like(self.v_scale, dtype=torch.int32)
+        self.u = dequantize(self.u_codes, QParams(self.u_scale, zu, self.bits, True))
+        self.v = dequantize(self.v_codes, QParams(self.v_scale, zv, self.bits, True))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh()
+
+    def lowrank_weight(self) -> Tensor:
+        return self.u @ self.v
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.qlinear(x)
+        qin = getattr(self.qlinear, "quantize_input", None)
+        xq = qin(x) if callable(qin) else x
+        return y + F.linear(F.linear(xq, self.v.to(x.dtype)), self.u.to(x.dtype))
+
+    def weight_storage_bytes(self, packed: bool) -> int:
+        """The factors only (the wrapped layer reports its own weight)."""
+        numel = self.rank * (self.in_features + self.out_features)
+        if packed:
+            if self.bits >= 16:
+                return 2 * numel
+            return math.ceil(self.bits * numel / 8) + 2 * (self.u_scale.numel() + self.v_scale.numel())
+        bufs = [getattr(self, n, None) for n in ("u", "v", "u_codes", "v_codes", "u_scale", "v_scale")]
+        return sum(t.numel() * t.element_size() for t in bufs if t is not None)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, factor_bits={self.bits}"

@@ -1,0 +1,259 @@
+"""AWQ (`awq`, Lin et al. 2023; reference: mit-han-lab/llm-awq auto_scale.py / auto_clip.py).
+
+Block by block over the language model (and, with the `search` option, the vision tower):
+1. Scale search per scale group (layers sharing an input; `harness.quant.smoothing`): the per-input-channel
+   statistic ``x_mean = mean |x|`` over calibration tokens; for alpha in {0, 0.05, ..., 0.95}
+   ``s = x_mean^alpha`` (duo_scaling: ``/ (w_mean^(1-alpha) + 1e-4)``), clamped at 1e-4 and normalised by
+   ``sqrt(max(s) min(s))``; the group's linears get ``Q(W s) / s`` and the output of the inspected module
+   (attention for q/k/v, MLP for gate/up or fc1, the layer itself for o/down) is compared with the float
+   output; the alpha with the lowest MSE wins. All groups of a block are searched on the float block, then
+   the scales are folded into the producing norm / linear.
+2. Clip search per linear (not q/k): per output channel and group, max |w| shrunk by up to 50% on a 20-point
+   grid, keeping the shrink with the lowest MSE of the group's partial outputs on 512 sampled tokens.
+3. Round to nearest with the searched weights: asymmetric with zero point, groups of 128 (per channel where the
+   input width is not a multiple of 128, e.g. SmolLM2's 576).
+The next block's inputs are the float block's outputs (as llm-awq). Parts not searched (vision tower and
+projector by default) are quantized in the same weight format without search.
+
+Weight format vs the bits string: AWQ's own format (4-bit asymmetric, group 128) is its default whatever the
+symmetric/per-channel defaults of the `--bits` string; a `g<N>` suffix sets the group size, and the options
+`group_size` / `w_symmetric` override both. Activations get the shared quantizer when A < 16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.config import ALL_SCOPES, QuantSpec, Scope
+from harness.errors import HarnessError
+from harness.method import Method, QuantizedModel
+from harness.quant.apply import _set_submodule, quantize_linears
+from harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, measure_search
+from harness.quant.qlinear import QLinear
+from harness.quant.quantizer import compute_qparams, fake_quantize_weight, qrange
+from harness.quant.sequential import BlockContext, first_output, run_sequential, valid_rows
+from harness.quant.smoothing import fold_scales, scale_groups
+
+DEFAULT_GROUP = 128
+N_GRID = 20
+
+
+def awq_scales(x_mean: Tensor, ratio: float, w_mean: Tensor | None = None) -> Tensor:
+    """llm-awq's candidate scales for one alpha (duo scaling when `w_mean` is given)."""
+    if w_mean is None:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
+    else:
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def weight_mean(linears: Sequence[nn.Module], group: int | None) -> Tensor:
+    """AutoAWQ's duo-scaling weight statistic: |w| normalised by its group's max, averaged over output rows."""
+    w = torch.cat([m.weight.detach().float() for m in linears], dim=0)
+    g = group or w.shape[1]
+    v = w.reshape(-1, g).abs()
+    v = v / (v.amax(dim=1, keepdim=True) + 1e-6)
+    return v.reshape(w.shape).mean(0)
+
+
+def search_scale(linears: Sequence[nn.Module], x_mean: Tensor, run: Callable[[], Tensor],
+                 quant: Callable[[Tensor], Tensor], *, n_grid: int = N_GRID, duo: bool = False,
+                 group: int | None = None) -> tuple[float, Tensor, list[float]]:
+    """Grid-search alpha for one scale group. `run()` returns the inspected output (rows) for the current
+    weights; `quant(w)` fake-quantizes a weight. Returns (best alpha, its scales, loss per alpha)."""
+    with torch.no_grad():
+        org = run()
+        originals = [m.weight.detach().clone() for m in linears]
+        w_mean = weight_mean(linears, group) if duo else None
+        losses: list[float] = []
+        best, best_loss, best_s = -1.0, float("inf"), None
+        try:
+            for i in range(n_grid):
+                ratio = i / n_grid
+                s = awq_scales(x_mean, ratio, w_mean)
+                for m, w in zip(linears, originals, strict=True):
+                    m.weight.copy_((quant(w.float() * s[None, :]) / s[None, :]).to(w.dtype))
+                loss = float((org - run()).float().pow(2).mean())
+                losses.append(loss)
+                if loss < best_loss:
+                    best, best_loss, best_s = ratio, loss, s.clone()
+        finally:
+            for m, w in zip(linears, originals, strict=True):
+                m.weight.copy_(w)
+    if best_s is None:
+        raise HarnessError("AWQ scale search found no finite loss (NaN activations?)")
+    return best, best_s, losses
+
+
+def _fake_quant_rows(w: Tensor, bits: int, symmetric: bool) -> Tensor:
+    """Fake-quantize along the last dim with min/max ranges (any leading shape)."""
+    qmin, qmax = qrange(bits, symmetric)
+    qp = compute_qparams(w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True), bits, symmetric)
+    q = torch.clamp(torch.round(w / qp.scale) + qp.zero_point, qmin, qmax)
+    return (q - qp.zero_point) * qp.scale
+
+
+def search_clip(w: Tensor, x: Tensor, bits: int, symmetric: bool, group: int | None, *, max_shrink: float = 0.5,
+                n_grid: int = N_GRID, n_tokens: int = 512, oc_batch: int = 256) -> Tensor:
+    """llm-awq's clip search: the best max |w| per (output channel, group) ``[out, n_groups]``."""
+    out_f, in_f = w.shape
+    g = group or in_f
+    ng = in_f // g
+    x = x[:: max(1, x.shape[0] // n_tokens)].float()  # sampled tokens, every k-th
+    xg = x.reshape(x.shape[0], ng, g)
+    best_all = []
+    for o0 in range(0, out_f, oc_batch):
+        wb = w[o0:o0 + oc_batch].float().reshape(-1, ng, g)
+        org_max = wb.abs().amax(dim=-1, keepdim=True)
+        best = org_max.clone()
+        min_err = torch.full_like(org_max, float("inf"))
+        org_out = torch.einsum("tgk,ogk->otg", xg, wb)
+        for i in range(int(max_shrink * n_grid)):
+            mx = org_max * (1 - i / n_grid)
+            qw = _fake_quant_rows(torch.maximum(torch.minimum(wb, mx), -mx), bits, symmetric)
+            err = (torch.einsum("tgk,ogk->otg", xg, qw) - org_out).pow(2).mean(dim=1)[..., None]
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best = torch.where(better, mx, best)
+        best_all.append(best.squeeze(-1))
+    return torch.cat(best_all)
+
+
+def apply_clip(linear: nn.Module, max_val: Tensor, group: int | None) -> None:
+    with torch.no_grad():
+        w = linear.weight
+        out_f, in_f = w.shape
+        g = group or in_f
+        mx = max_val[..., None].to(w.dtype)
+        v = w.reshape(out_f, in_f // g, g)
+        linear.weight.copy_(torch.maximum(torch.minimum(v, mx), -mx).reshape(out_f, in_f))
+
+
+class AWQ(Method):
+    name = "awq"
+    default_options = {"group_size": None, "w_symmetric": False, "search": "lm", "n_grid": N_GRID,
+                       "duo_scaling": False, "clip": True, "max_shrink": 0.5, "clip_tokens": 512, "batch_size": 8}
+
+    def supports(self, spec: QuantSpec) -> bool:
+        return spec.quantizes_weights
+
+    def needs_calibration(self, spec: QuantSpec) -> bool:
+        return True
+
+    def _group(self, spec: QuantSpec) -> int | None:
+        return self.options["group_size"] or spec.w_group_size or DEFAULT_GROUP
+
+    def _sym(self) -> bool:
+        return bool(self.options.get("w_symmetric", False))
+
+    def _search_scopes(self, scope: Sequence[str]) -> list[str]:
+        opt = self.options.get("search", "lm")
+        wanted = [s.strip() for s in (opt.split(",") if isinstance(opt, str) else opt) if s.strip()]
+        bad = [s for s in wanted if s not in ALL_SCOPES]
+        if bad:
+            raise HarnessError(f"awq.search takes scopes from {', '.join(ALL_SCOPES)}, got {bad}")
+        return [s for s in wanted if s in scope]
+
+    def quantize(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope] = ALL_SCOPES) -> QuantizedModel:
+        if calibration is None:
+            raise HarnessError("awq needs calibration data; pass --calib-samples N (> 0)")
+        group, sym = self._group(spec), self._sym()
+        n_grid = int(self.options.get("n_grid", N_GRID))
+        duo = bool(self.options.get("duo_scaling", False))
+        clip = bool(self.options.get("clip", True))
+        max_shrink = float(self.options.get("max_shrink", 0.5))
+        clip_tokens = int(self.options.get("clip_tokens", 512))
+        model = adapter.model
+        report: dict = {"alphas": {}, "group_size": group, "w_symmetric": sym, "duo_scaling": duo,
+                        "searched_scopes": self._search_scopes(scope)}
+
+        def lspec(lin: nn.Module) -> QuantSpec:
+            return layer_spec(spec, lin.in_features, group, symmetric=sym)
+
+        def process(ctx: BlockContext) -> None:
+            in_scope = set(ctx.linears)
+            groups = [g for g in scale_groups(ctx.block)
+                      if all(f"{ctx.name}.{r}" in in_scope for r in g.linears)]
+            if not ctx.batches:
+                self._quantize_block(ctx, lspec, model)
+                return
+            feats = ctx.linear_inputs(ctx.linears)
+            inspect = sorted({g.inspect for g in groups if f"{ctx.name}.{g.inspect}" not in in_scope})
+            calls = ctx.capture_calls([f"{ctx.name}.{r}" for r in inspect])
+            found = []
+            for g in groups:
+                fqns = [f"{ctx.name}.{r}" for r in g.linears]
+                lins = [ctx.module(f) for f in fqns]
+                ls = lspec(lins[0])
+                x = feats[fqns[0]]
+                x_mean = x.abs().mean(0)
+                insp = f"{ctx.name}.{g.inspect}"
+                if insp in in_scope:  # the inspected module is the linear itself
+                    mod = ctx.module(insp)
+                    run = lambda mod=mod, x=x: F.linear(x, mod.weight, mod.bias)  # noqa: E731
+                else:
+                    mod = ctx.module(insp)
+                    run = lambda mod=mod, cs=calls[insp]: torch.cat(  # noqa: E731
+                        [valid_rows(first_output(mod(*a, **k)), b.mask) for a, k, b in cs])
+                quant = lambda w, ls=ls: fake_quantize_weight(w, ls.w_bits, ls.w_symmetric, ls.w_group_size)  # noqa: E731
+                ratio, s, _ = search_scale(lins, x_mean, run, quant, n_grid=n_grid, duo=duo,
+                                           group=ls.w_group_size)
+                found.append((g, fqns, s))
+                report["alphas"][f"{ctx.name}.{g.prev}"] = ratio
+            for g, fqns, s in found:
+                fold_scales(ctx.module(f"{ctx.name}.{g.prev}"), [ctx.module(f) for f in fqns], s)
+                for f in fqns:
+                    feats[f] = feats[f] / s[None, :]
+            if clip:
+                for f in ctx.linears:
+                    if f.endswith(("q_proj", "k_proj")):
+                        continue
+                    lin = ctx.module(f)
+                    ls = lspec(lin)
+                    if feats[f].shape[0] == 0:
+                        continue
+                    mx = search_clip(lin.weight.detach(), feats[f], ls.w_bits, ls.w_symmetric, ls.w_group_size,
+                                     max_shrink=max_shrink, n_grid=n_grid, n_tokens=clip_tokens)
+                    apply_clip(lin, mx, ls.w_group_size)
+            self._quantize_block(ctx, lspec, model)
+
+        with measure_search() as meter:
+            wanted = adapter.linear_names(scope)
+            search = self._search_scopes(scope)
+            searched = adapter.linear_names(search) if search else []
+            with meter.stage("search"):
+                covered = run_sequential(adapter, calibration, search, searched, process, propagate="float",
+                                         batch_size=int(self.options.get("batch_size", 8))) if searched else []
+            with meter.stage("rtn_rest"):
+                rest = set(wanted) - set(covered)
+                quantize_linears(model, spec, include=lambda n, m: n in rest,
+                                 make=lambda n, m: QLinear.from_linear(m, lspec(m), name=n))
+            for m in model.modules():
+                if isinstance(m, QLinear):
+                    m.calibrating = False
+            with meter.stage("activation_calibration"):
+                calibrate_activations(adapter, calibration, spec, wanted)
+        return QuantizedModel(adapter, self.name, spec, "simulated", wanted, meter.cost, report)
+
+    @staticmethod
+    def _quantize_block(ctx: BlockContext, lspec, model: nn.Module) -> None:
+        for f in ctx.linears:
+            lin = ctx.module(f)
+            q = QLinear.from_linear(lin, lspec(lin), name=f)
+            q.calibrating = True
+            _set_submodule(model, f, q)
+
+    def describe(self, spec: QuantSpec) -> str:
+        group = self._group(spec)
+        search = self.options.get("search", "lm")
+        duo = " duo-scaling" if self.options.get("duo_scaling") else ""
+        clip = ", clip search (max shrink 0.5, 20 points, 512 tokens, not q/k)" if self.options.get("clip", True) \
+            else ""
+        return (f"AWQ{duo} W{spec.w_bits} {'symmetric' if self._sym() else 'asymmetric with zero point'}, groups "
+                f"of {group} (per-channel where the width is not a multiple); scale search (alpha grid 20, "
+                f"block-output MSE){clip} in: {search}; other parts: RTN in the same format; "
+                f"{activation_text(spec)}; simulated (fake-quant in float)")
