@@ -357,3 +357,23 @@ def test_tiny_llava_packed_matches_fake_quant(tiny_model_dir, tag):
     same = sum(a == b for a, b in zip(fake_text, packed_text, strict=True))
     assert same >= len(requests) - 1
     assert weight_bytes(packed.model, packed=False) < weight_bytes(adapter.model, packed=False)
+
+
+@pytest.mark.parametrize("tag", ["w8a8", "w4a4"])
+def test_lorc_wrapper_inner_layer_is_packed(tag):
+    """ZeroQuant-V2's LoRC wrapper: its inner QLinear is packed, and the low-rank path still sees the same
+    quantized input (IntLinear.quantize_input equals QLinear.quantize_input)."""
+    from harness.quant.lorc import LoRCLinear, lorc_factors
+
+    torch.manual_seed(4)
+    lin = nn.Linear(128, 64)
+    q = QLinear.from_linear(lin, QuantSpec.parse(tag), name="0")
+    U, V = lorc_factors(lin.weight.detach() - q.weight, 8)
+    model = nn.Sequential(LoRCLinear(q, U, V, 8, name="0"))
+    x = torch.randn(5, 128)
+    ref = model(x)
+    q_in = q.quantize_input(x)
+    report = convert_to_packed(model, backend="torch")
+    assert report.converted == ["0.qlinear"] and report.wrappers == {"0": "LoRCLinear"} and not report.skipped
+    assert torch.equal(model[0].qlinear.quantize_input(x), q_in)
+    assert float((model(x) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())

@@ -27,17 +27,22 @@ class ConversionReport:
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     kinds: dict[str, int] = field(default_factory=dict)  # packed module class -> count
+    wrappers: dict[str, str] = field(default_factory=dict)  # wrapper FQN -> class, whose inner layer was packed
 
     @property
     def complete(self) -> bool:
         return bool(self.converted) and not self.skipped
 
     def to_dict(self) -> dict:
-        return {"converted": len(self.converted), "skipped": dict(self.skipped), "kinds": dict(self.kinds)}
+        return {"converted": len(self.converted), "skipped": dict(self.skipped), "kinds": dict(self.kinds),
+                "wrappers": dict(self.wrappers)}
 
     def summary(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in self.kinds.items()) or "none"
         s = f"packed {len(self.converted)} layer(s) ({kinds})"
+        if self.wrappers:
+            names = sorted(set(self.wrappers.values()))
+            s += f"; {len(self.wrappers)} wrapper(s) ({', '.join(names)}) keep their own float parts around it"
         if self.skipped:
             reasons: dict[str, int] = {}
             for r in self.skipped.values():
@@ -98,7 +103,19 @@ def convert_to_packed(model: nn.Module, *, backend: str = "auto") -> ConversionR
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, built[id(q)])
         report.converted.append(name)
+        if parent_name and _is_quantized(parent):
+            report.wrappers[parent_name] = type(parent).__name__
+    # other quantized module types (a `weight_storage_bytes` method marks them) that hold no QLinear
+    for name, m in model.named_modules():
+        if not _is_quantized(m) or isinstance(m, PackedLinear | QLinear) or name in report.wrappers:
+            continue
+        if not any(isinstance(c, PackedLinear | QLinear) for c in m.modules()):
+            report.skipped[name] = f"{type(m).__name__} has no packed kernel here (runs as its method built it)"
     return report
+
+
+def _is_quantized(m: nn.Module) -> bool:
+    return callable(getattr(m, "weight_storage_bytes", None))
 
 
 def set_backend(model: nn.Module, backend: str) -> int:

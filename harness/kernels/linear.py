@@ -140,6 +140,14 @@ class IntLinear(PackedLinear):
             y = y.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """The input as this layer sees it, dequantized (same shape and dtype as `x`; equal to the QLinear's
+        fake-quantized input). Wrappers such as LoRC feed it to their own low-rank path, as around a QLinear."""
+        what = f"the input activations of layer {self.name}" if self.name else "the input activations"
+        qa = quantize_activations(x.reshape(-1, self.in_features), self.a_bits, self.a_symmetric,
+                                  per_token=self.a_per_token, scale=self.a_scale, zero=self.a_zero, what=what)
+        return ((qa.codes.float() - qa.zero) * qa.scale).reshape(x.shape).to(x.dtype)
+
     def forward_torch(self, x2: Tensor) -> Tensor:
         """Reference-grade path in plain torch ops (CPU and CUDA): float32 ``[M, N]``."""
         what = f"the input activations of layer {self.name}" if self.name else "the input activations"
@@ -252,6 +260,10 @@ class WeightOnlyLinear(PackedLinear):
         self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
         self.register_buffer("w_scale", None)
         self.register_buffer("w_zero", None)
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """Activations stay in float: the input itself (for wrappers that call it, as around a QLinear)."""
+        return x
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         """The float weight ``s * (v - z_c)`` (dequant kernel only)."""
