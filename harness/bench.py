@@ -268,9 +268,9 @@ class DecodeProfile:
     top: list[tuple[str, int, float]]  # (op, calls per step, self ms per step)
 
     def to_text(self) -> str:
-        lines = [f"{self.label}: {self.wall_ms_per_step:.2f} ms per decode step (median of {self.steps} steps, "
-                 f"profiled); ops {self.op_ms_per_step:.2f} ms, Python/framework overhead "
-                 f"{self.wall_ms_per_step - self.op_ms_per_step:.2f} ms"]
+        lines = [f"{self.label}: {self.wall_ms_per_step:.2f} ms per decode step (mean of {self.steps} steps under "
+                 f"the profiler, which adds overhead of its own); op self times {self.op_ms_per_step:.2f} ms, the "
+                 f"rest ({self.wall_ms_per_step - self.op_ms_per_step:.2f} ms) is Python/framework time"]
         for cat, ms in self.categories.items():
             lines.append(f"  {cat:<22} {ms:8.2f} ms/step  {100 * ms / self.wall_ms_per_step:5.1f}%")
         lines.append(f"  {'op':<48} {'calls/step':>10} {'self ms/step':>12}")

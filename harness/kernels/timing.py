@@ -13,8 +13,15 @@ from collections.abc import Callable, Mapping
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int = 15, calls: int = 20,
-                     warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds."""
+                     warmup: int = 3, stat: Callable[[list[float]], float] = statistics.median) -> dict[str, float]:
+    """Seconds per call of each function over interleaved rounds (`stat` of the per-round means: the median by
+    default; `min` gives the least-disturbed round, the usual micro-benchmark estimate on a busy machine)."""
+    return {k: stat(v) for k, v in round_samples(fns, rounds=rounds, calls=calls, warmup=warmup).items()}
+
+
+def round_samples(fns: Mapping[str, Callable[[], object]], *, rounds: int = 15, calls: int = 20,
+                  warmup: int = 3) -> dict[str, list[float]]:
+    """Per-round mean seconds per call of each function, rounds interleaved."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -25,4 +32,4 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int = 1
             for _ in range(calls):
                 fn()
             samples[name].append((time.perf_counter() - t0) / calls)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples

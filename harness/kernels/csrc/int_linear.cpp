@@ -244,9 +244,10 @@ void gemm_scalar(const uint8_t* xu, int64_t kp, const int32_t* xsum, const RowQ*
 }
 
 #if HK_VNNI
-// VNNI kernel for up to MR rows of x at once; groups must be whole 64-value chunks (or a single group).
+// VNNI kernel for exactly MR rows of x (m0 .. m0+MR-1) and output channels [n0, n1); groups must be whole
+// 64-value chunks (or a single group). Each chunk of a weight row is loaded (and unpacked) once for all MR rows.
 template <int MR>
-void gemm_vnni(const uint8_t* xu, int64_t kp, const int32_t* xsum, const RowQ* rq, int64_t m0, int64_t mr,
+void gemm_vnni(const uint8_t* xu, int64_t kp, const int32_t* xsum, const RowQ* rq, int64_t m0,
                const int8_t* w8, const uint8_t* w4, int64_t k, int64_t n0, int64_t n1, const Epilogue& ep,
                float* y, int64_t ldy) {
   const int64_t chunks = kp / kBlock;
@@ -256,6 +257,8 @@ void gemm_vnni(const uint8_t* xu, int64_t kp, const int32_t* xsum, const RowQ* r
   const __m256i nib_mask = _mm256_set1_epi8(15);
   const __m512i eight = _mm512_set1_epi8(8);
   const int64_t wstride4 = kp / 2;
+  const uint8_t* xrow[MR];
+  for (int j = 0; j < MR; ++j) xrow[j] = xu + (m0 + j) * kp;
   for (int64_t n = n0; n < n1; ++n) {
     OutAcc out[MR];
     for (int64_t g = 0; g < ep.groups; ++g) {
@@ -274,25 +277,37 @@ void gemm_vnni(const uint8_t* xu, int64_t kp, const int32_t* xsum, const RowQ* r
           wv = _mm512_sub_epi8(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), eight);
         }
         for (int j = 0; j < MR; ++j) {
-          if (j < mr) {
-            const __m512i xv = _mm512_loadu_si512(xu + (m0 + j) * kp + c * kBlock);
-            acc[j] = _mm512_dpbusd_epi32(acc[j], xv, wv);
-          }
+          acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_loadu_si512(xrow[j] + c * kBlock), wv);
         }
       }
       for (int j = 0; j < MR; ++j) {
-        if (j < mr) {
-          const int64_t m = m0 + j;
-          const int64_t a = ep.corrected(n, g, _mm512_reduce_add_epi32(acc[j]), rq[m].zu,
-                                         xsum ? xsum[m * ep.groups + g] : 0);
-          out[j].add(ep, n, g, a, rq[m].scale);
-        }
+        const int64_t m = m0 + j;
+        const int64_t a = ep.corrected(n, g, _mm512_reduce_add_epi32(acc[j]), rq[m].zu,
+                                       xsum ? xsum[m * ep.groups + g] : 0);
+        out[j].add(ep, n, g, a, rq[m].scale);
       }
     }
-    for (int j = 0; j < MR; ++j) {
-      if (j < mr) {
-        const int64_t m = m0 + j;
-        y[m * ldy + n] = out[j].finish(ep, n, rq[m].scale);
+    for (int j = 0; j < MR; ++j) y[(m0 + j) * ldy + n] = out[j].finish(ep, n, rq[m0 + j].scale);
+  }
+}
+
+// Rows [0, m) in tiles of up to 8, for output channels [n0, n1) taken 16 at a time so that a block of weight rows
+// stays in L1 while every tile of x passes over it (the weights stream from memory once).
+void gemm_vnni_rows(const uint8_t* xu, int64_t kp, const int32_t* xsum, const RowQ* rq, int64_t m,
+                    const int8_t* w8, const uint8_t* w4, int64_t k, int64_t n0, int64_t n1, const Epilogue& ep,
+                    float* y, int64_t ldy) {
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int64_t ne = std::min(n1, nb + 16);
+    for (int64_t m0 = 0; m0 < m; m0 += 8) {
+      switch (std::min<int64_t>(8, m - m0)) {
+        case 1: gemm_vnni<1>(xu, kp, xsum, rq, m0, w8, w4, k, nb, ne, ep, y, ldy); break;
+        case 2: gemm_vnni<2>(xu, kp, xsum, rq, m0, w8, w4, k, nb, ne, ep, y, ldy); break;
+        case 3: gemm_vnni<3>(xu, kp, xsum, rq, m0, w8, w4, k, nb, ne, ep, y, ldy); break;
+        case 4: gemm_vnni<4>(xu, kp, xsum, rq, m0, w8, w4, k, nb, ne, ep, y, ldy); break;
+        case 5: gemm_vnni<5>(xu, kp, xsum, rq, m0, w8, w4, k, nb, ne, ep, y, ldy); break;
+        case 6: gemm_vnni<6>(xu, kp, xsum, rq, m0, w8, w4, k, nb, ne, ep, y, ldy); break;
+        case 7: gemm_vnni<7>(xu, kp, xsum, rq, m0, w8, w4, k, nb, ne, ep, y, ldy); break;
+        default: gemm_vnni<8>(xu, kp, xsum, rq, m0, w8, w4, k, nb, ne, ep, y, ldy); break;
       }
     }
   }
@@ -432,10 +447,7 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t fm
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
 #if HK_VNNI
     if (simd) {
-      for (int64_t m0 = 0; m0 < m; m0 += 4) {
-        const int64_t mr = std::min<int64_t>(4, m - m0);
-        gemm_vnni<4>(xu, kp, xs_ptr, rq.data(), m0, mr, w8, w4, k, n0, n1, ep, yp, n);
-      }
+      gemm_vnni_rows(xu, kp, xs_ptr, rq.data(), m, w8, w4, k, n0, n1, ep, yp, n);
       return;
     }
 #endif
