@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from harness.config import QuantSpec
+from harness.errors import HarnessError
 from harness.kernels.actquant import quantize_activations
 from harness.kernels.convert import conversion_blocker, convert_to_packed, pack_qlinear
 from harness.kernels.gemm import CUDA_RULE, int_mm
@@ -377,3 +378,62 @@ def test_lorc_wrapper_inner_layer_is_packed(tag):
     assert report.converted == ["0.qlinear"] and report.wrappers == {"0": "LoRCLinear"} and not report.skipped
     assert torch.equal(model[0].qlinear.quantize_input(x), q_in)
     assert float((model(x) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
+# -- the fused CPU kernel is optional -----------------------------------------------------------------------------
+
+
+def _auto_layer(tag: str = "w4a4"):
+    torch.manual_seed(6)
+    q = QLinear.from_linear(nn.Linear(128, 32), QuantSpec.parse(tag), name="l0")
+    return pack_qlinear(q, backend="auto"), pack_qlinear(q, backend="torch")
+
+
+def test_auto_backend_falls_back_when_disabled(monkeypatch, caplog):
+    from harness.kernels import cpu as cpu_kernels
+
+    monkeypatch.setenv("QVLM_HARNESS_NO_CPP", "1")
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    auto, plain = _auto_layer()
+    x = torch.randn(3, 128)
+    with caplog.at_level("WARNING", logger="harness.kernels"):
+        assert auto.resolved_backend(x) == "torch"
+        y1, y2 = auto(x), auto(x)
+    assert torch.equal(y1, plain(x)) and torch.equal(y2, y1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "harness.kernels"]
+    assert len(lines) == 1 and "QVLM_HARNESS_NO_CPP" in lines[0] and "torch._int_mm" in lines[0]
+    cpp = pack_qlinear(QLinear.from_linear(nn.Linear(64, 16), QuantSpec.parse("w8a8")), backend="cpp")
+    with pytest.raises(HarnessError, match="'torch' kernel backend"):
+        cpp(torch.randn(1, 64))
+
+
+def test_auto_backend_falls_back_when_the_build_fails(monkeypatch, caplog):
+    """No compiler / no ninja: the build raises, `available()` says why, and layers run on torch._int_mm."""
+    from harness.kernels import cpu as cpu_kernels
+
+    monkeypatch.delenv("QVLM_HARNESS_NO_CPP", raising=False)
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+
+    def broken_build() -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_load", broken_build)
+    auto, plain = _auto_layer("w8a8")
+    x = torch.randn(2, 128)
+    with caplog.at_level("WARNING", logger="harness.kernels"):
+        y = auto(x)
+    assert not cpu_kernels.available() and "Ninja is required" in str(cpu_kernels.unavailable_reason())
+    assert torch.equal(y, plain(x))
+    lines = [r.getMessage() for r in caplog.records if r.name == "harness.kernels"]
+    assert len(lines) == 1 and "Ninja is required" in lines[0]
+
+
+def test_auto_backend_skips_a_kernel_built_without_vnni(monkeypatch, caplog):
+    """A CPU without AVX512-VNNI gets the scalar build: exact, but 'auto' prefers torch._int_mm."""
+    from harness.kernels import cpu as cpu_kernels
+
+    monkeypatch.delenv("QVLM_HARNESS_NO_CPP", raising=False)
+    monkeypatch.setattr(cpu_kernels, "_state", {"ok": True, "vnni": False})
+    with caplog.at_level("WARNING", logger="harness.kernels"):
+        assert not cpu_kernels.auto_uses_cpp()
+    assert any("AVX512-VNNI" in r.getMessage() for r in caplog.records)

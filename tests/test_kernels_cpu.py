@@ -49,7 +49,7 @@ def _unit_scale_layer(n, k, *, w_bits, w_sym, group, a_zero, seed, a_sym=False):
     return mod, w
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 9, 40])  # the VNNI kernel's 4-row tiles and the oneDNN path (> 8)
+@pytest.mark.parametrize("m", [1, 3, 5, 7, 8, 9, 40])  # VNNI kernel row tiles (m <= 8) and the oneDNN path (> 8)
 @pytest.mark.parametrize("w_bits,w_sym,group", [(8, True, None), (8, False, None), (4, True, None),
                                                 (4, False, None), (4, True, 64), (8, False, 64), (4, True, 32)])
 @pytest.mark.parametrize("k", [64, 200])

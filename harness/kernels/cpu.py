@@ -2,15 +2,18 @@
 
 `available()` builds it once per machine (about a minute; the build folder under the harness cache is keyed by
 the source and the CPU's instruction-set flags, because it is compiled with ``-march=native``) and says whether
-it loaded. Without a compiler, or with ``QVLM_HARNESS_NO_CPP=1``, packed layers use the plain torch path and
-`unavailable_reason()` says why. The kernel is exact in its integer part and uses the same float32 quantization
-arithmetic as the torch path, so both backends produce the same integer codes.
+it loaded. The kernel is optional: without a compiler or ninja, on a CPU without AVX512-VNNI, or with
+``QVLM_HARNESS_NO_CPP=1``, the 'auto' backend of packed layers takes the plain torch path (``torch._int_mm``),
+logging one line that says why (`auto_uses_cpp`). The kernel is exact in its integer part and uses the same
+float32 quantization arithmetic as the torch path, so both backends produce the same integer codes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -25,6 +28,7 @@ SMALL_M = 8
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+log = logging.getLogger("harness.kernels")
 
 
 def _cpu_flags() -> str:
@@ -53,13 +57,31 @@ def is_built() -> bool:
 
 
 def _load() -> None:
+    """Build (if needed) and load the operator library.
+
+    torch's own build lock is a plain file that a killed build leaves behind, after which every later build
+    waits on it forever. So builds are serialized here with `flock` on a file of our own (released by the OS
+    when its holder dies), and whoever holds it removes a leftover torch lock before building.
+    """
+    import fcntl  # POSIX only; elsewhere the ImportError means "no fused kernel" like any build failure
+
     from torch.utils.cpp_extension import load
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    load(name="harness_kernels", sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
-         extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
-         verbose=False)
+    built = is_built()
+    with open(folder.parent / f"{folder.name}.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)
+            if not built:
+                print(f"harness: building the fused CPU kernel once for this machine (about a minute) in {folder}",
+                      file=sys.stderr)
+            load(name="harness_kernels", sources=[str(SOURCE)], build_directory=str(folder), is_python_module=False,
+                 extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
+                 verbose=False)
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def available() -> bool:
@@ -86,7 +108,25 @@ def unavailable_reason() -> str | None:
 
 def has_vnni() -> bool:
     """Whether the loaded kernel was compiled with the AVX512-VNNI dot products (else a scalar loop)."""
-    return available() and bool(torch.ops.harness_kernels.has_vnni())
+    if not available():
+        return False
+    if "vnni" not in _state:
+        _state["vnni"] = bool(torch.ops.harness_kernels.has_vnni())
+    return bool(_state["vnni"])
+
+
+def auto_uses_cpp() -> bool:
+    """Whether the 'auto' backend takes the fused kernel: it must be built, loaded and compiled with VNNI (the
+    scalar build is exact but no faster than ``torch._int_mm``). Logs one line, once per reason, when it does not."""
+    if available() and has_vnni():
+        return True
+    why = unavailable_reason() or "compiled without AVX512-VNNI (this CPU lacks it)"
+    logged = _state.setdefault("logged", set())
+    assert isinstance(logged, set)
+    if why not in logged:
+        logged.add(why)
+        log.warning("harness: fused CPU kernel off (%s); integer layers use torch._int_mm", why)
+    return False
 
 
 def int_linear(x2: Tensor, args: tuple, name: str = "") -> Tensor:

@@ -105,9 +105,10 @@ class IntLinear(PackedLinear):
         return self.qweight if self.fmt == "int8" else unpack_int4(self.qweight, self.in_features)
 
     def resolved_backend(self, x: Tensor) -> str:
-        """'auto' means the fused CPU kernel when it is built and the input is on the CPU, else plain torch."""
+        """'auto' means the fused CPU kernel when it is usable (`cpu_kernels.auto_uses_cpp`) and the input is on
+        the CPU, else plain torch around ``torch._int_mm``."""
         if self.backend == "auto":
-            return "cpp" if x.device.type == "cpu" and cpu_kernels.available() else "torch"
+            return "cpp" if x.device.type == "cpu" and cpu_kernels.auto_uses_cpp() else "torch"
         if self.backend == "cpp" and (x.device.type != "cpu" or not cpu_kernels.available()):
             why = cpu_kernels.unavailable_reason() or f"input on {x.device}"
             raise HarnessError(f"the fused CPU kernel cannot run here ({why}); use the 'torch' kernel backend")
