@@ -437,3 +437,54 @@ def test_auto_backend_skips_a_kernel_built_without_vnni(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="harness.kernels"):
         assert not cpu_kernels.auto_uses_cpp()
     assert any("AVX512-VNNI" in r.getMessage() for r in caplog.records)
+
+
+# -- every method that produces QLinear modules converts ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["rtn", "smoothquant", *(pytest.param(m, marks=pytest.mark.slow)
+                                                            for m in ("awq", "gptq", "zeroquant-v2"))])
+def test_every_qlinear_method_converts_and_agrees(tiny_model_dir, method):
+    """Each registered baseline's W8A8 tiny Llava packs completely (LoRC wrappers keep their float factors).
+
+    Layer by layer, on the very inputs the fake-quant model feeds it, each packed layer equals its QLinear to
+    float32 rounding (1e-5 of the output range). End to end the tiny float differences now and then move an
+    activation across an 8-bit rounding boundary downstream, so there the packed model must stay within a
+    quarter of the fake-quant model's own distance from the float model and agree on >= 90% of argmaxes.
+    """
+    import copy
+
+    from harness import plugins
+    from harness.calibration import CalibrationSet
+    from harness.models.llava import LlavaAdapter
+
+    spec = QuantSpec.parse("w8a8")
+    adapter = LlavaAdapter.load(tiny_model_dir)
+    batch = adapter.encode(_requests(2))
+    with torch.inference_mode():
+        float_logits = adapter.model(**batch).logits
+    m = plugins.methods.get(method)()
+    calib = CalibrationSet.from_task(plugins.tasks.get("sqa")(), 2, 0) if m.needs_calibration(spec) else None
+    torch.manual_seed(0)
+    qm = m.quantize(adapter, calib, spec, ("vision", "projector", "lm"))
+    assert qm.execution == "simulated"
+    packed = copy.deepcopy(adapter.model)
+    report = convert_to_packed(packed, backend="torch")
+    assert report.complete, report.summary()
+    assert len(report.converted) == len(qm.quantized_modules)
+    layer_err: list[float] = []
+
+    def compare(mod, inp, out):
+        y = packed.get_submodule(mod.name if mod.name in report.converted else mod.name + ".qlinear")(inp[0])
+        layer_err.append(float((y - out).abs().max()) / float(out.abs().max()))
+
+    hooks = [mod.register_forward_hook(compare) for mod in adapter.model.modules() if isinstance(mod, QLinear)]
+    with torch.inference_mode():
+        ref = adapter.model(**batch).logits
+        got = packed(**batch).logits
+    for h in hooks:
+        h.remove()
+    assert len(layer_err) == len(report.converted) and max(layer_err) <= 1e-5
+    quant_error = float((ref - float_logits).norm() / float_logits.norm())
+    assert float((got - ref).norm() / ref.norm()) <= 0.25 * quant_error
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.9
