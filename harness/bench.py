@@ -220,11 +220,28 @@ def rss_child_main() -> None:
     variant = build_variant(base, job["method"], QuantSpec.parse(job["bits"]), cfg, copy_model=False)
     del base
     gc.collect()
+    trimmed = release_free_memory()
     batch = variant.adapter.encode(prompts(cfg, job["batch_size"]))
     before = current_rss_mb()
     with PeakRSS(interval_s=0.005) as rss:
         generate_once(variant.adapter, batch, cfg.new_tokens, _Clock())
-    print("RSS_RESULT " + json.dumps({"peak_rss_mb": rss.peak_mb, "rss_before_mb": before}))
+    print("RSS_RESULT " + json.dumps({"peak_rss_mb": rss.peak_mb, "rss_before_mb": before, "trimmed": trimmed}))
+
+
+def release_free_memory() -> bool:
+    """Hand the heap pages freed by quantization (the FP32 weights, fake-quant copies) back to the OS.
+
+    glibc keeps freed memory mapped, so without this the RSS of a quantized variant would still count the
+    float model it was built from. Returns False where `malloc_trim` does not exist (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
 
 
 def peak_rss(cfg: BenchConfig, model_path: str, method: str, spec: QuantSpec, batch_size: int) -> dict:
