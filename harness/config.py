@@ -161,6 +161,8 @@ class RunSpec:
     image_control: Literal["shuffle", "blank"] | None = None  # a control run: does the model use the image?
     method_options: dict[str, dict] = field(default_factory=dict)
     task_options: dict[str, dict] = field(default_factory=dict)  # canonical task name -> constructor kwargs
+    # "packed": convert quantized layers to real low-bit kernels (harness.kernels) after quantization
+    execution: Literal["simulated", "packed"] = "simulated"
 
     @property
     def store_path(self) -> Path:

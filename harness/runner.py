@@ -211,6 +211,8 @@ class Runner:
         if not method.fixed_precision:
             settings |= {"scope": sorted(s.scope), "options": s.method_options.get(cell.method, {}),
                          "calib": self._calib_source(cell, method), "calib_samples": s.calib_samples}
+            if s.execution != "simulated":  # only when set, so simulated cells keep their existing ids
+                settings["execution"] = s.execution
         if s.task_options.get(cell.task):  # only when given, so existing cell ids stay valid
             settings["task_options"] = s.task_options[cell.task]
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -298,7 +300,20 @@ class Runner:
         self.log(f"quantizing: {method.name} {label}"
                  + (f" (calibration: {len(calibration)} {calib_task} train samples)" if calibration else ""))
         torch.manual_seed(self.spec.seed)
-        return method.quantize(adapter, calibration, spec, self.spec.scope)
+        quantized = method.quantize(adapter, calibration, spec, self.spec.scope)
+        if self.spec.execution == "packed" and quantized.execution == "simulated":
+            self._pack(quantized)
+        return quantized
+
+    def _pack(self, quantized: QuantizedModel) -> None:
+        """Convert the fake-quant layers to real packed kernels; execution becomes "real" if any converted."""
+        from harness.kernels.convert import convert_to_packed
+
+        report = convert_to_packed(quantized.adapter.model)
+        quantized.report["packing"] = report.to_dict()
+        if report.converted:
+            quantized.execution = "real"
+        self.log(f"  {report.summary()}")
 
     def _evaluate(self, cell: Cell, quantized: QuantizedModel, model_id: str, fingerprint: str, run_id: str,
                   env: dict) -> ResultRow:

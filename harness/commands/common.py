@@ -81,6 +81,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = Tr
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
     p.add_argument("--image-control", choices=["shuffle", "blank"], default=None,
                    help="control run: give each question another question's image (shuffle) or a grey image")
+    p.add_argument("--execution", choices=["simulated", "packed"], default="simulated",
+                   help="packed: run quantized layers on real low-bit integer kernels (harness.kernels)")
     p.add_argument("--no-log-samples", action="store_true", help="do not keep prompts in the per-sample logs")
     p.add_argument("--lmeval-include", action="append", default=[], metavar="DIR",
                    help="folder of lm-eval task YAML files for lmeval:<task> names (repeatable)")
@@ -115,7 +117,7 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
         calib_task=args.calib_task, scope=tuple(args.scope), scoring=args.scoring,
         max_new_tokens=args.max_new_tokens, shots=args.shots, trials=args.trials, device=args.device,
         dtype=args.dtype, threads=args.threads, log_samples=not args.no_log_samples, image_control=args.image_control,
-        method_options=method_options(args.method_option),
+        method_options=method_options(args.method_option), execution=args.execution,
         task_options=lmeval_task_options(args),
     )
     if spec.limit is not None and spec.limit <= 0:

@@ -1,0 +1,396 @@
+"""`harness bench`: real speed and memory of quantized models, each as a ratio to the FP32 baseline of the same run.
+
+For every (method, bits) the model is quantized through the method registry and converted to packed kernels
+(`harness.kernels.convert_to_packed`); what cannot be converted stays simulated and is labelled so. All variants
+are held in one process and timed in interleaved rounds (every round runs each variant once, in the same order),
+so the machine's slow phases hit all of them alike; the figures are medians over rounds. Measured per variant and
+batch size: prefill latency (prompt forward up to the first new token), decode tokens/s (the remaining tokens,
+generation forced to full length), weight bytes as held (whole model, and the quantizable linear layers alone),
+and the peak RSS while generating, measured in a fresh child process per variant so variants do not share a
+heap. `profile_decode` shows where one decode step's time goes (torch.profiler, op self times).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness import plugins
+from harness.config import ALL_SCOPES, QuantSpec, Scope
+from harness.errors import HarnessError
+from harness.measure import PeakRSS, current_rss_mb, weight_bytes
+
+BASELINE = "fp32"
+
+
+@dataclass
+class BenchConfig:
+    model: str = "default"
+    methods: Sequence[str] = ("fp32", "bf16", "rtn")
+    bits: Sequence[QuantSpec] = field(default_factory=lambda: [QuantSpec.parse("w8a8"), QuantSpec.parse("w4a4")])
+    batch_sizes: Sequence[int] = (1, 8)
+    new_tokens: int = 16
+    rounds: int = 5
+    threads: int = 1
+    task: str = "vqav2"
+    calib_samples: int = 16
+    seed: int = 0
+    scope: tuple[Scope, ...] = ALL_SCOPES
+    backend: str = "auto"
+    rss: bool = True
+    method_options: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Variant:
+    """One benchmarked model: a method at one precision, packed where possible."""
+
+    method: str
+    bits: str
+    execution: str
+    adapter: Any
+    packing: dict = field(default_factory=dict)
+    setup_s: float = 0.0  # quantization + conversion (+ compilation on first call, added when timed)
+
+    @property
+    def label(self) -> str:
+        return self.method if self.bits == "fp" else f"{self.method} {self.bits}"
+
+
+# -- building variants --------------------------------------------------------------------------------------------
+
+
+def variant_specs(cfg: BenchConfig) -> list[tuple[str, QuantSpec]]:
+    """(method, spec) pairs: fixed-precision baselines once, the others once per bit width; fp32 first."""
+    names = [plugins.methods.resolve_name(m) for m in cfg.methods]
+    if BASELINE not in names:
+        names.insert(0, BASELINE)  # every ratio needs the FP32 baseline measured in the same run
+    out: list[tuple[str, QuantSpec]] = []
+    for name in dict.fromkeys(names):
+        method = plugins.methods.get(name)(**cfg.method_options.get(name, {}))
+        specs = [QuantSpec()] if method.fixed_precision else list(cfg.bits)
+        for spec in specs:
+            if not method.supports(spec):
+                raise HarnessError(f"method {name} does not support {spec.tag}; see `harness ls methods`")
+            out.append((name, spec))
+    out.sort(key=lambda p: p[0] != BASELINE)
+    return out
+
+
+def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, copy_model: bool = True) -> Variant:
+    """Quantize a copy of `base` (a LlavaAdapter) with the registered method and pack it."""
+    from harness.calibration import CalibrationSet
+    from harness.kernels.convert import convert_to_packed
+    from harness.models.llava import LlavaAdapter
+
+    t0 = time.perf_counter()
+    method = plugins.methods.get(method_name)(**cfg.method_options.get(method_name, {}))
+    model = copy.deepcopy(base.model) if copy_model else base.model
+    adapter = LlavaAdapter(model, base.processor, base.name, base.path)
+    calibration = None
+    if method.needs_calibration(spec):
+        task = plugins.tasks.get(cfg.task)()
+        calibration = CalibrationSet.from_task(task, cfg.calib_samples, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    quantized = method.quantize(adapter, calibration, spec, cfg.scope)
+    packing: dict = {}
+    execution = quantized.execution
+    if execution == "simulated":
+        report = convert_to_packed(adapter.model, backend=cfg.backend)
+        packing = report.to_dict() | {"summary": report.summary()}
+        if report.converted:
+            execution = "real"
+    bits = "fp" if spec.is_float else spec.tag
+    return Variant(method_name, bits, execution, adapter, packing, time.perf_counter() - t0)
+
+
+def linear_weight_bytes(model: nn.Module, names: Sequence[str]) -> int:
+    """Bytes the (quantizable) linear layers at `names` hold now, bias excluded, whatever module sits there."""
+    total = 0
+    for name in names:
+        mod = model.get_submodule(name)
+        inner = getattr(mod, "weight_storage_bytes", None)
+        if callable(inner):
+            total += inner(False)
+        else:
+            total += sum(t.numel() * t.element_size() for n, t in mod.named_parameters() if not n.endswith("bias"))
+    return total
+
+
+# -- timing ----------------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """Generation streamer: `put` is called with the prompt, then once per new token; `end` at the end."""
+
+    def __init__(self, on_first_token: Callable[[], None] | None = None, on_end: Callable[[], None] | None = None):
+        self.times: list[float] = []
+        self.on_first_token, self.on_end = on_first_token, on_end
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+        if len(self.times) == 2 and self.on_first_token:
+            self.on_first_token()
+
+    def end(self) -> None:
+        self.times.append(time.perf_counter())
+        if self.on_end:
+            self.on_end()
+
+
+def prompts(cfg: BenchConfig, n: int):
+    """`n` requests of the benchmark task (images included), repeated if the task has fewer."""
+    task = plugins.tasks.get(cfg.task)()
+    samples = task.load("test")
+    if not samples:
+        raise HarnessError(f"task {cfg.task} has no samples to prompt with")
+    reqs = [task.request(samples[i % len(samples)], scoring="generate") for i in range(n)]
+    for r in reqs:
+        r.kind = "generate"
+    return reqs
+
+
+def generate_once(adapter, batch: dict, new_tokens: int, clock: _Clock) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one greedy generation forced to `new_tokens` tokens."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        adapter.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               num_beams=1, streamer=clock, pad_token_id=adapter.tokenizer.pad_token_id)
+    t_end = time.perf_counter()
+    t_first = clock.times[1] if len(clock.times) > 2 else t_end
+    return t_first - t0, t_end - t_first
+
+
+def time_variants(variants: Sequence[Variant], cfg: BenchConfig, batch_size: int,
+                  log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """Median prefill ms and decode tokens/s per variant label, interleaved over `cfg.rounds` rounds."""
+    reqs = prompts(cfg, batch_size)
+    batches = {v.label: v.adapter.encode(reqs) for v in variants}
+    prefill: dict[str, list[float]] = {v.label: [] for v in variants}
+    decode: dict[str, list[float]] = {v.label: [] for v in variants}
+    for v in variants:  # warm-up (first-call allocations, lazy kernel builds, torch.compile)
+        t0 = time.perf_counter()
+        generate_once(v.adapter, batches[v.label], 2, _Clock())
+        v.setup_s += time.perf_counter() - t0
+    for r in range(cfg.rounds):
+        for v in variants:
+            p, d = generate_once(v.adapter, batches[v.label], cfg.new_tokens, _Clock())
+            prefill[v.label].append(p)
+            decode[v.label].append(d)
+        log(f"  batch {batch_size}: round {r + 1}/{cfg.rounds} done")
+    steps = batch_size * (cfg.new_tokens - 1)
+    prompt_len = int(next(iter(batches.values()))["input_ids"].shape[1])
+    return {label: {"prefill_ms": 1000 * statistics.median(prefill[label]),
+                    "decode_tok_s": steps / statistics.median(decode[label]),
+                    "decode_ms_per_step": 1000 * statistics.median(decode[label]) / (cfg.new_tokens - 1),
+                    "prompt_tokens": prompt_len}
+            for label in prefill}
+
+
+# -- memory in a child process ----------------------------------------------------------------------------------------
+
+
+def _config_json(cfg: BenchConfig) -> dict:
+    d = dict(cfg.__dict__)
+    d["bits"] = [b.tag for b in cfg.bits]
+    return d
+
+
+def rss_child_main() -> None:
+    """Entry point of the child process (reads its job as JSON on stdin, prints one JSON line)."""
+    import json
+    import sys
+
+    from harness.models.llava import LlavaAdapter, set_threads
+
+    job = json.loads(sys.stdin.read())
+    raw = job["cfg"]
+    cfg = BenchConfig(**(raw | {"bits": [QuantSpec.parse(b) for b in raw["bits"]], "scope": tuple(raw["scope"])}))
+    set_threads(cfg.threads)
+    base = LlavaAdapter.load(job["model_path"])
+    variant = build_variant(base, job["method"], QuantSpec.parse(job["bits"]), cfg, copy_model=False)
+    del base
+    gc.collect()
+    trimmed = release_free_memory()
+    batch = variant.adapter.encode(prompts(cfg, job["batch_size"]))
+    before = current_rss_mb()
+    with PeakRSS(interval_s=0.005) as rss:
+        generate_once(variant.adapter, batch, cfg.new_tokens, _Clock())
+    print("RSS_RESULT " + json.dumps({"peak_rss_mb": rss.peak_mb, "rss_before_mb": before, "trimmed": trimmed}))
+
+
+def release_free_memory() -> bool:
+    """Hand the heap pages freed by quantization (the FP32 weights, fake-quant copies) back to the OS.
+
+    glibc keeps freed memory mapped, so without this the RSS of a quantized variant would still count the
+    float model it was built from. Returns False where `malloc_trim` does not exist (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def peak_rss(cfg: BenchConfig, model_path: str, method: str, spec: QuantSpec, batch_size: int) -> dict:
+    """Peak RSS (MiB) while one variant generates, in a fresh process holding only that variant (quantized from
+    the FP32 checkpoint there, the FP32 copy freed before generating)."""
+    import json
+    import subprocess
+    import sys
+
+    job = {"cfg": _config_json(cfg), "model_path": model_path, "method": method,
+           "bits": "fp" if spec.is_float else spec.tag, "batch_size": batch_size}
+    try:
+        out = subprocess.run([sys.executable, "-c", "from harness.bench import rss_child_main; rss_child_main()"],
+                             input=json.dumps(job), capture_output=True, text=True, timeout=1800,
+                             cwd=str(Path(__file__).resolve().parent.parent))
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    for line in out.stdout.splitlines():
+        if line.startswith("RSS_RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {out.returncode}: {tail[:300]}"}
+
+
+# -- profile --------------------------------------------------------------------------------------------------------
+
+CATEGORIES = {
+    "packed int linear": ("harness_kernels::int_linear", "aten::_int_mm", "aten::_weight_int4pack_mm_for_cpu"),
+    "float GEMM": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+}
+
+
+@dataclass
+class DecodeProfile:
+    label: str
+    steps: int
+    wall_ms_per_step: float
+    op_ms_per_step: float  # sum of op self times (the rest is Python and framework overhead)
+    categories: dict[str, float]  # ms per step
+    top: list[tuple[str, int, float]]  # (op, calls per step, self ms per step)
+
+    def to_text(self) -> str:
+        lines = [f"{self.label}: {self.wall_ms_per_step:.2f} ms per decode step (mean of {self.steps} steps under "
+                 f"the profiler, which adds overhead of its own); op self times {self.op_ms_per_step:.2f} ms, the "
+                 f"rest ({self.wall_ms_per_step - self.op_ms_per_step:.2f} ms) is Python/framework time"]
+        for cat, ms in self.categories.items():
+            lines.append(f"  {cat:<22} {ms:8.2f} ms/step  {100 * ms / self.wall_ms_per_step:5.1f}%")
+        lines.append(f"  {'op':<48} {'calls/step':>10} {'self ms/step':>12}")
+        lines += [f"  {name[:48]:<48} {calls:>10} {ms:>12.3f}" for name, calls, ms in self.top]
+        return "\n".join(lines)
+
+
+def profile_decode(variant: Variant, cfg: BenchConfig, batch_size: int = 1, top: int = 15) -> DecodeProfile:
+    """Profile the decode steps of one generation (from the first new token on) with torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = variant.adapter.encode(prompts(cfg, batch_size))
+    prof = profile(activities=[ProfilerActivity.CPU])
+    marks: dict[str, float] = {}
+
+    def start() -> None:
+        marks["start"] = time.perf_counter()
+        prof.start()
+
+    def stop() -> None:
+        prof.stop()
+        marks["stop"] = time.perf_counter()
+
+    generate_once(variant.adapter, batch, cfg.new_tokens, _Clock(on_first_token=start, on_end=stop))
+    steps = cfg.new_tokens - 1
+    events = prof.key_averages()
+    rows = sorted(((e.key, e.count, e.self_cpu_time_total / 1000.0) for e in events), key=lambda r: -r[2])
+    op_ms = sum(ms for _, _, ms in rows) / steps
+    cats = {c: sum(ms for k, _, ms in rows if k.startswith(prefixes)) / steps for c, prefixes in CATEGORIES.items()}
+    cats["other ops"] = op_ms - sum(cats.values())
+    wall = 1000 * (marks["stop"] - marks["start"]) / steps
+    cats["Python/framework"] = max(0.0, wall - op_ms)
+    return DecodeProfile(variant.label, steps, wall, op_ms, cats,
+                         [(k, round(n / steps), ms / steps) for k, n, ms in rows[:top]])
+
+
+# -- the whole benchmark ----------------------------------------------------------------------------------------------
+
+
+def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Build every variant, time them, measure memory; returns {"rows": [...], "profiles": [...], "env": {...}}."""
+    from harness.kernels import cpu as cpu_kernels
+    from harness.models.llava import LlavaAdapter, set_threads
+    from harness.runner import resolve_model
+
+    threads = set_threads(cfg.threads)
+    pairs = variant_specs(cfg)
+    model_id, model_path = resolve_model(cfg.model)
+    log(f"bench: model {model_id}; {threads} thread(s); {len(pairs)} variants; batch sizes "
+        f"{list(cfg.batch_sizes)}; {cfg.new_tokens} new tokens; {cfg.rounds} interleaved rounds")
+    base = LlavaAdapter.load(model_path)
+    lin_names = base.linear_names(cfg.scope)
+    fp16_bytes = sum(t.numel() * 2 for t in list(base.model.parameters()) + list(base.model.buffers()))
+    fp16_linear = sum(base.model.get_submodule(n).weight.numel() * 2 for n in lin_names)
+    variants: list[Variant] = []
+    for method, spec in pairs:
+        log(f"  building {method} {'fp' if spec.is_float else spec.tag}")
+        v = build_variant(base, method, spec, cfg)
+        if v.packing:
+            log(f"    {v.packing['summary']}")
+        variants.append(v)
+    del base
+    gc.collect()
+    if cfg.backend in ("auto", "cpp") and any(v.execution == "real" for v in variants):
+        why = cpu_kernels.unavailable_reason()
+        log(f"  fused CPU kernel: {'on (VNNI)' if cpu_kernels.has_vnni() else 'on' if not why else 'off: ' + why}")
+    rows: list[dict] = []
+    for bs in cfg.batch_sizes:
+        timing = time_variants(variants, cfg, bs, log)
+        ref = timing[variants[0].label]
+        ref_bytes = weight_bytes(variants[0].adapter.model, packed=False)
+        for v, (method, spec) in zip(variants, pairs, strict=True):
+            t = timing[v.label]
+            wb = weight_bytes(v.adapter.model, packed=False)
+            lb = linear_weight_bytes(v.adapter.model, lin_names)
+            row = {"method": v.method, "bits": v.bits, "exec": v.execution, "batch": bs,
+                   "prompt_tokens": t["prompt_tokens"], "prefill_ms": t["prefill_ms"],
+                   "prefill_x": ref["prefill_ms"] / t["prefill_ms"], "decode_tok_s": t["decode_tok_s"],
+                   "decode_x": t["decode_tok_s"] / ref["decode_tok_s"],
+                   "e2e_x": (ref["prefill_ms"] + (cfg.new_tokens - 1) * ref["decode_ms_per_step"])
+                   / (t["prefill_ms"] + (cfg.new_tokens - 1) * t["decode_ms_per_step"]),
+                   "weight_mb": wb / 2**20, "weight_x_fp32": ref_bytes / wb, "weight_x_fp16": fp16_bytes / wb,
+                   "linear_mb": lb / 2**20, "linear_x_fp16": fp16_linear / lb, "peak_rss_mb": None,
+                   "setup_s": v.setup_s, "threads": threads,
+                   "packed_layers": v.packing.get("converted", 0),
+                   "simulated_layers": len(v.packing.get("skipped", {}))}
+            if cfg.rss:
+                log(f"  peak RSS: {v.label} batch {bs} (child process)")
+                r = peak_rss(cfg, model_path, method, spec, bs)
+                row["peak_rss_mb"] = r.get("peak_rss_mb")
+                if "error" in r:
+                    log(f"    failed: {r['error']}")
+            rows.append(row)
+    for row in rows:
+        ref_rss = next((r["peak_rss_mb"] for r in rows if r["batch"] == row["batch"] and r["method"] == BASELINE),
+                       None)
+        row["rss_x"] = ref_rss / row["peak_rss_mb"] if ref_rss and row["peak_rss_mb"] else None
+    profiles = []
+    if profile:
+        for v in variants:
+            log(f"  profiling one decode run: {v.label}")
+            profiles.append(profile_decode(v, cfg, batch_size=1))
+    env = {"model": model_id, "threads": threads, "torch": torch.__version__, "new_tokens": cfg.new_tokens,
+           "rounds": cfg.rounds, "backend": cfg.backend, "fused_kernel": cpu_kernels.unavailable_reason() or "on",
+           "task": cfg.task}
+    return {"rows": rows, "profiles": profiles, "env": env}

@@ -1,0 +1,128 @@
+"""Convert a fake-quant model into packed form: every `QLinear` becomes an `IntLinear` or `WeightOnlyLinear`.
+
+The converter reads only the `QLinear` contract (integer `codes`, `w_qparams`, `bias`, `a_bits`, `a_symmetric`,
+`a_granularity`, `a_dynamic`, `act_qparams`), so any method that produces `QLinear` modules converts, and so do
+wrappers that hold a `QLinear` as a child (the child is swapped where it sits; the wrapper's own float parts
+keep running as they are). A layer that cannot run on integer kernels stays simulated and is listed in the
+report with the reason: float weights (activation-only quantization), a `QLinear` subclass with its own forward
+(its extra arithmetic is unknown here), or a static activation range that was never calibrated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from harness.config import FLOAT_BITS
+from harness.kernels.linear import IntLinear, PackedLinear, WeightOnlyLinear
+from harness.kernels.packing import code_centre, pack_codes
+from harness.quant.qlinear import QLinear
+
+
+@dataclass
+class ConversionReport:
+    """What `convert_to_packed` did: converted layer names and, for the rest, why they stay simulated."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)  # packed module class -> count
+    wrappers: dict[str, str] = field(default_factory=dict)  # wrapper FQN -> class, whose inner layer was packed
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.converted) and not self.skipped
+
+    def to_dict(self) -> dict:
+        return {"converted": len(self.converted), "skipped": dict(self.skipped), "kinds": dict(self.kinds),
+                "wrappers": dict(self.wrappers)}
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{n} {k}" for k, n in self.kinds.items()) or "none"
+        s = f"packed {len(self.converted)} layer(s) ({kinds})"
+        if self.wrappers:
+            names = sorted(set(self.wrappers.values()))
+            s += f"; {len(self.wrappers)} wrapper(s) ({', '.join(names)}) keep their own float parts around it"
+        if self.skipped:
+            reasons: dict[str, int] = {}
+            for r in self.skipped.values():
+                reasons[r] = reasons.get(r, 0) + 1
+            s += f"; {len(self.skipped)} left simulated: " + "; ".join(f"{n} x {r}" for r, n in reasons.items())
+        return s
+
+
+def conversion_blocker(q: QLinear) -> str | None:
+    """Why `q` cannot be packed, or None if it can."""
+    cls = type(q)
+    if cls.forward is not QLinear.forward or cls.quantize_input is not QLinear.quantize_input:
+        return f"{cls.__name__} overrides the QLinear forward (unknown arithmetic)"
+    if q.codes is None or q.w_qparams is None:
+        return "float weights (activation-only quantization has no integer GEMM)"
+    if q.calibrating:
+        return "still calibrating"
+    if q.a_bits < FLOAT_BITS and not q.a_dynamic and q.a_granularity != "token" and q.act_qparams is None:
+        return "static activation range not calibrated"
+    return None
+
+
+def pack_qlinear(q: QLinear, *, backend: str = "auto") -> PackedLinear:
+    """The packed module computing what `q` simulates (raises ValueError if `conversion_blocker(q)`)."""
+    reason = conversion_blocker(q)
+    if reason is not None:
+        raise ValueError(f"cannot pack {q.name or 'layer'}: {reason}")
+    qp = q.w_qparams
+    assert q.codes is not None and qp is not None
+    packed = pack_codes(q.codes, q.w_bits, q.w_symmetric)
+    zero = None if q.w_symmetric else (qp.zero_point - code_centre(q.w_bits, False))
+    group = qp.group_size
+    if q.a_bits >= FLOAT_BITS:
+        return WeightOnlyLinear(packed, qp.scale, zero, q.bias, group_size=group, name=q.name,
+                                device=q.codes.device)
+    static = q.act_qparams if q.a_granularity != "token" and not q.a_dynamic else None
+    return IntLinear(packed, qp.scale, zero, q.bias, group_size=group, a_bits=q.a_bits,
+                     a_symmetric=q.a_symmetric, a_per_token=q.a_granularity == "token",
+                     a_scale=None if static is None else static.scale,
+                     a_zero=None if static is None else static.zero_point, name=q.name, backend=backend)
+
+
+def convert_to_packed(model: nn.Module, *, backend: str = "auto") -> ConversionReport:
+    """Swap every convertible `QLinear` in `model` (in place) for its packed module; see the module docstring."""
+    report = ConversionReport()
+    built: dict[int, nn.Module] = {}
+    targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QLinear)]
+    for name, q in targets:
+        reason = "the model itself is a QLinear (wrap it in a container)" if name == "" else conversion_blocker(q)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        if id(q) not in built:
+            built[id(q)] = pack_qlinear(q, backend=backend)
+            kind = type(built[id(q)]).__name__
+            report.kinds[kind] = report.kinds.get(kind, 0) + 1
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, built[id(q)])
+        report.converted.append(name)
+        if parent_name and _is_quantized(parent):
+            report.wrappers[parent_name] = type(parent).__name__
+    # other quantized module types (a `weight_storage_bytes` method marks them) that hold no QLinear
+    for name, m in model.named_modules():
+        if not _is_quantized(m) or isinstance(m, PackedLinear | QLinear) or name in report.wrappers:
+            continue
+        if not any(isinstance(c, PackedLinear | QLinear) for c in m.modules()):
+            report.skipped[name] = f"{type(m).__name__} has no packed kernel here (runs as its method built it)"
+    return report
+
+
+def _is_quantized(m: nn.Module) -> bool:
+    return callable(getattr(m, "weight_storage_bytes", None))
+
+
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Switch every `IntLinear` in `model` to `backend` ('auto', 'torch', 'cpp', 'compile'); returns the count."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, IntLinear):
+            m.backend = backend
+            n += 1
+    return n
