@@ -6,8 +6,10 @@ Weights: the run's spec (symmetric per output channel by default; `g<N>` bits su
 groups, `-wasym` for asymmetric). Options (defaults follow the paper's official code, `python main.py ... --block_v
 --optq_init --act_order --learn_rounding`): `attention` (true: the aespa objectives; false: plain layer-wise
 objectives everywhere, the ablation), `clip_search` / `clip_steps` (100) / `clip_min` (0.01), `optq_init`,
-`act_order`, `learn_rounding`, `num_iters` (2000), `lr` (0.015), `round_weight` (1.0), `round_weight_qkv` (1.5),
-`percdamp` (0.01), `batch_size` (8), `group_size`. Activations (a weight-only method originally) get the harness's
+`act_order`, `learn_rounding`, `round_layers` (all; `qkv` learns the rounding of the q/k/v projections only and
+keeps the OPTQ rounding elsewhere, a CPU-time saver: the MLP weights dominate AdaRound's cost), `num_iters`
+(2000), `lr` (0.015), `round_weight` (1.0), `round_weight_qkv` (1.5), `percdamp` (0.01), `batch_size` (8),
+`group_size`. Activations (a weight-only method originally) get the harness's
 shared activation quantizer when A < 16.
 """
 
@@ -53,6 +55,8 @@ class Aespa(Method):
             except (TypeError, ValueError):
                 raise HarnessError(f"aespa option {f.name} takes a {kind.__name__}, got {v!r}") from None
         opts = AespaOptions(**values)
+        if opts.round_layers not in ("all", "qkv"):
+            raise HarnessError(f"aespa option round_layers takes all or qkv, got {opts.round_layers!r}")
         if opts.num_iters < 0 or opts.clip_steps < 1 or not 0 < opts.clip_min <= 1:
             raise HarnessError("aespa: num_iters must be >= 0, clip_steps >= 1 and 0 < clip_min <= 1")
         return opts
@@ -91,7 +95,8 @@ class Aespa(Method):
         if o.optq_init:
             steps.append(f"OPTQ initialisation{' with act-order' if o.act_order else ''}")
         if o.learn_rounding:
-            steps.append(f"AdaRound on the precomputed objective ({o.num_iters} Adam steps, lr {o.lr}, rounding "
+            where = "" if o.round_layers == "all" else " of q/k/v only (OPTQ rounding elsewhere, round_layers=qkv)"
+            steps.append(f"AdaRound{where} on the precomputed objective ({o.num_iters} Adam steps, lr {o.lr}, rounding "
                          f"weight {o.round_weight_qkv} q/k/v and {o.round_weight} elsewhere; the OPTQ rounding is kept "
                          "where it scores better)")
         return (f"aespa W{spec.w_bits} {'symmetric' if spec.w_symmetric else 'asymmetric'} {g}: {obj}; "

@@ -315,3 +315,74 @@ def test_aespa_attention_error_below_gptq_and_rtn(bits):
     assert e_aespa < e_gptq < e_rtn, (e_aespa, e_gptq, e_rtn)
     again = _aespa_qkv(attn, obs, H, spec, opts)
     assert all(torch.equal(aespa[n], again[n]) for n in aespa)  # deterministic
+
+
+# -- the registered method on the tiny Llava (CLIP vision tower, Llama GQA language model) ---------------------------
+FAST = {"num_iters": 20, "clip_steps": 5}
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    from harness import plugins
+    from harness.calibration import CalibrationSet
+
+    return CalibrationSet.from_task(plugins.tasks.get("sqa")(), 4, 0)
+
+
+def _quantize(tiny_model_dir, calibration, bits, scope=("vision", "projector", "lm"), **options):
+    from harness import plugins
+    from harness.models.llava import LlavaAdapter
+
+    adapter = LlavaAdapter.load(tiny_model_dir)
+    method = plugins.methods.get("aespa")(**(FAST | options))
+    return adapter, method, method.quantize(adapter, calibration, QuantSpec.parse(bits), scope)
+
+
+def _logits(adapter, calibration):
+    with torch.no_grad():
+        return adapter.model(**adapter.encode(calibration.requests[:2])).logits
+
+
+@pytest.mark.slow  # three aespa passes over the whole tiny model: about a minute on the shared 2-core machine
+def test_method_on_tiny_llava_is_deterministic_and_round_trips(tiny_model_dir, calibration, tmp_path):
+    from harness.checkpoint import load_quantized, save_quantized
+    from harness.quant.qlinear import QLinear
+
+    adapter, method, qm = _quantize(tiny_model_dir, calibration, "w3a16")
+    report = qm.report
+    assert qm.execution == "simulated" and len(qm.quantized_modules) == 28
+    assert report["rtn_fallback"] == []
+    assert report["attention_layers"] == {"rope": 2, "plain": 2}  # 2 Llama (RoPE, GQA) + 2 CLIP attentions
+    assert set(report["objective_after_rounding_vs_optq_median"]) == {"value", "query", "key", "layer"}
+    assert all(r <= 1.0 for r in report["objective_after_rounding_vs_optq_median"].values())
+    assert qm.search_cost.seconds > 0 and {"statistics", "rounding"} <= set(qm.search_cost.stages)
+    mods = dict(adapter.model.named_modules())
+    assert all(isinstance(mods[f], QLinear) and mods[f].w_qparams.bits == 3 for f in qm.quantized_modules)
+    again, _, _ = _quantize(tiny_model_dir, calibration, "w3a16")
+    before = _logits(adapter, calibration)
+    assert torch.equal(before, _logits(again, calibration))
+    folder = save_quantized(qm, tmp_path / "aespa", describe=method.describe(QuantSpec.parse("w3a16")),
+                            base_model="tiny", fingerprint="x", scope=("vision", "projector", "lm"))
+    loaded, _ = load_quantized(folder)
+    assert torch.equal(before, _logits(loaded, calibration))
+
+
+def test_method_options_and_low_bits_on_the_gqa_language_model(tiny_model_dir, calibration):
+    from harness import plugins
+    from harness.quant.qlinear import QLinear
+
+    assert QuantSpec.parse("w2a16").w_bits == 2 and QuantSpec.parse("w3a16").w_bits == 3
+    with pytest.raises(HarnessError, match="round_layers"):
+        plugins.methods.get("aespa")(round_layers="mlp")._opts()
+    with pytest.raises(HarnessError, match="true or false"):
+        plugins.methods.get("aespa")(attention="yes")._opts()
+    assert "attention=false" in plugins.methods.get("aespa")(attention=False).describe(QuantSpec.parse("w4a16"))
+    adapter, method, qm = _quantize(tiny_model_dir, calibration, "w2a16", scope=("lm",), round_layers="qkv")
+    assert qm.report["attention_layers"] == {"rope": 2, "plain": 0}  # Llama: 4 query heads on 2 KV heads, RoPE
+    assert set(qm.report["objective_after_rounding_vs_optq_median"]) == {"value", "query", "key", "layer"}
+    assert qm.report["objective_after_rounding_vs_optq_median"]["layer"] == 1.0  # OPTQ rounding kept outside q/k/v
+    mods = dict(adapter.model.named_modules())
+    assert len(qm.quantized_modules) == 14 and all(mods[f].w_qparams.bits == 2 for f in qm.quantized_modules)
+    assert all(isinstance(mods[f], QLinear) for f in qm.quantized_modules)
+    text = method.describe(QuantSpec.parse("w2a16"))
+    assert "W2" in text and "q/k/v only" in text

@@ -56,6 +56,7 @@ class AespaOptions:
     optq_init: bool = True
     act_order: bool = True
     learn_rounding: bool = True
+    round_layers: str = "all"  # "all" (the paper) or "qkv": learned rounding only where the attention objectives are
     num_iters: int = 2000
     lr: float = 0.015
     round_weight: float = 1.0
@@ -98,8 +99,9 @@ def _rows(qp: QParams, sl: slice) -> QParams:
 
 
 def quantize_layer(W: Tensor, obj: Objective, spec: QuantSpec, opts: AespaOptions, *,
-                   round_weight: float) -> tuple[Tensor, QParams, float, float]:
-    """Codes, QParams, and the objective after OPTQ and after learned rounding, for one weight ``[out, in]``."""
+                   round_weight: float, learn: bool | None = None) -> tuple[Tensor, QParams, float, float]:
+    """Codes, QParams, and the objective after OPTQ and after learned rounding, for one weight ``[out, in]``
+    (`learn` overrides ``opts.learn_rounding`` for this layer)."""
     W = W.detach().float()
     bits, sym, group = spec.w_bits, spec.w_symmetric, spec.w_group_size
     raw, obj = obj, obj.damped(opts.percdamp)
@@ -118,53 +120,51 @@ def quantize_layer(W: Tensor, obj: Objective, spec: QuantSpec, opts: AespaOption
             W_init[sl] = res.updated
     else:
         W_init = W
-    iters = opts.num_iters if opts.learn_rounding else 0
+    iters = opts.num_iters if (opts.learn_rounding if learn is None else learn) else 0
     r = learn_rounding(W, W_init, obj, qp, iters=iters, lr=opts.lr, round_weight=round_weight)
     return r.codes, qp, r.loss_init, r.loss
 
 
-def _objectives(group: list[str], H: Tensor, obs: AttentionObserver | None,
+def _objectives(group: list[str], H: dict[str, Tensor], obs: AttentionObserver | None,
                 names: dict[str, str] | None) -> dict[str, tuple[str, Objective]]:
     out: dict[str, tuple[str, Objective]] = {}
     role = {v: k for k, v in (names or {}).items()}
     for f in group:
         kind = role.get(f)
         if obs is None or kind is None:
-            out[f] = ("layer", Objective(H))
+            out[f] = ("layer", Objective(H[f]))
         elif kind == "v_proj":
             out[f] = ("value", Objective(obs.value_hessians()))
         elif kind == "q_proj":
-            out[f] = ("query", Objective(H, obs.query_row_covariance()))
+            out[f] = ("query", Objective(H[f], obs.query_row_covariance()))
         else:
-            out[f] = ("key", Objective(H, obs.key_row_covariance()))
+            out[f] = ("key", Objective(H[f], obs.key_row_covariance()))
     return out
 
 
-def collect_statistics(ctx, group: list[str], attention: str | None
-                       ) -> tuple[HessianAccumulator, AttentionObserver | None]:
-    """One run of the block on its calibration inputs: the group's input Hessian, and the attention statistics
-    when the group is an attention's q/k/v (`attention`: that module's FQN)."""
+def collect_statistics(ctx, group: list[str], attention: tuple[str, dict[str, str]] | None
+                       ) -> tuple[dict[str, HessianAccumulator], AttentionObserver | None]:
+    """One run of the block on its calibration inputs: each layer's input Hessian, and the attention statistics
+    when the group holds an attention's q/k/v (`attention`: that module's FQN and its q/k/v FQNs)."""
     from harness.quant.sequential import valid_rows
 
-    first = group[0]
-    acc = HessianAccumulator(ctx.module(first).in_features)
+    accs = {f: HessianAccumulator(ctx.module(f).in_features) for f in group}
     obs = None
     if attention is not None:
-        amod = ctx.module(attention)
-        obs = AttentionObserver(AttentionGeometry.of(amod), acc.H.shape[0])
+        obs = AttentionObserver(AttentionGeometry.of(ctx.module(attention[0])), accs[attention[1]["q_proj"]].H.shape[0])
+        q_name = attention[1]["q_proj"]
 
     def see(f, x, b) -> None:
-        if f == first:
-            acc.add(valid_rows(x.detach(), b.mask))
-            if obs is not None:
-                obs.mask = b.mask
+        accs[f].add(valid_rows(x.detach(), b.mask))
+        if obs is not None and f == q_name:
+            obs.mask = b.mask
 
     if obs is None:
         ctx.run_with_inputs(group, see)
     else:
-        with attention_capture(ctx.module(attention), obs):
+        with attention_capture(ctx.module(attention[0]), obs):
             ctx.run_with_inputs(group, see)
-    return acc, obs
+    return accs, obs
 
 
 def aespa_pass(adapter, calibration, scope, *, layer_spec: Callable[[str, nn.Module], QuantSpec],
@@ -191,25 +191,29 @@ def aespa_pass(adapter, calibration, scope, *, layer_spec: Callable[[str, nn.Mod
         for group in ctx.input_groups():
             attn = attention_of(group, model) if opts.attention else None
             with stage("statistics"):
-                acc, obs = collect_statistics(ctx, group, attn[0] if attn else None)
-            if obs is not None:
+                accs, obs = collect_statistics(ctx, group, attn)
+            if obs is not None and obs.n > 0:
                 if obs.rope:
                     result.rope_attention += 1
                 else:
                     result.plain_attention += 1
-            if acc.n == 0:
-                for f in group:
+            reached = [f for f in group if accs[f].n > 0]
+            for f in group:
+                if f not in reached:
                     lin = ctx.module(f)
                     result.rtn_fallback.append(f)
                     install(f, QLinear.from_linear(lin, layer_spec(f, lin), name=f))
-                continue
-            objectives = _objectives(group, acc.value(), obs, attn[1] if attn else None)
-            for f in group:
+            objectives = _objectives(reached, {f: accs[f].value() for f in reached}, obs if obs and obs.n else None,
+                                     attn[1] if attn else None)
+            for f in reached:
                 lin = ctx.module(f)
                 kind, obj = objectives[f]
-                rw = opts.round_weight_qkv if f.rpartition(".")[2] in QKV else opts.round_weight
+                is_qkv = f.rpartition(".")[2] in QKV
+                rw = opts.round_weight_qkv if is_qkv else opts.round_weight
+                learn = opts.learn_rounding and (opts.round_layers == "all" or is_qkv)
                 with stage("rounding"):
-                    codes, qp, l0, l1 = quantize_layer(lin.weight, obj, layer_spec(f, lin), opts, round_weight=rw)
+                    codes, qp, l0, l1 = quantize_layer(lin.weight, obj, layer_spec(f, lin), opts, round_weight=rw,
+                                                       learn=learn)
                 result.layers[f] = LayerReport(kind, l0, l1)
                 bias = lin.bias.detach() if lin.bias is not None else None
                 install(f, QLinear.from_codes(codes, qp, bias, layer_spec(f, lin), dtype=lin.weight.dtype, name=f))
