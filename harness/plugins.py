@@ -25,6 +25,7 @@ methods.register("gptq", "methods.gptq:GPTQ", "GPTQ second-order weight quantiza
 methods.register("zeroquant-v2", "methods.zeroquant_v2:ZeroQuantV2",
                  "ZeroQuant-V2: group-wise GPTQ weights, per-token activations, LoRC low-rank compensation",
                  aliases=("zeroquant", "zqv2"))
+methods.register("aespa", "methods.aespa:Aespa", "aespa: layer-wise quantization, attention-wise objectives for q/k/v")
 methods.register("smoothquant", "methods.smoothquant:SmoothQuant",
                  "SmoothQuant: migrate activation outliers into weights (alpha 0.5), folded into norms")
 

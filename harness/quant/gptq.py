@@ -33,6 +33,7 @@ class GPTQResult:
     qparams: QParams  # per channel ([out, 1]) or per group ([out, in // g], group_size set)
     weight: Tensor  # dequantized float32 [out, in]
     loss: float  # sum over columns of the GPTQ objective increments (the reference's "error")
+    updated: Tensor | None = None  # float32 [out, in]: each column as it was when quantized (after error feedback)
 
 
 class HessianAccumulator:
@@ -67,8 +68,15 @@ def _range_qparams(w: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tenso
 
 
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, symmetric: bool = True, group_size: int | None = None, *,
-                  block_size: int = 128, percdamp: float = 0.01, act_order: bool = False) -> GPTQResult:
-    """Quantize ``W [out, in]`` with Hessian ``H [in, in]``; see the module docstring."""
+                  block_size: int = 128, percdamp: float = 0.01, act_order: bool = False,
+                  qparams: QParams | None = None) -> GPTQResult:
+    """Quantize ``W [out, in]`` with Hessian ``H [in, in]``; see the module docstring.
+
+    `qparams` fixes the grid instead of deriving it from min/max (scale ``[out, 1]`` per channel, or ``[out, in //
+    group_size]`` with ``group_size`` set): methods that search the ranges first (aespa's Hessian-weighted clipping)
+    then use GPTQ only for the rounding. `GPTQResult.updated` holds the error-fed weights GPTQ rounded, the
+    starting point of learned-rounding methods (aespa's OPTQ initialisation).
+    """
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     rows, cols = W.shape
@@ -77,19 +85,25 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, symmetric: bool = True, group
     if group_size is not None and cols % group_size:
         raise HarnessError(f"group size {group_size} does not divide the {cols} input columns")
     qmin, qmax = qrange(bits, symmetric)
+    if qparams is not None and (qparams.bits, qparams.symmetric, qparams.group_size) != (bits, symmetric,
+                                                                                            group_size):
+        raise HarnessError("gptq_quantize: the given qparams do not match bits/symmetric/group_size")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    fixed = qparams is not None
     if group_size is None:
-        qp0 = weight_qparams(W, bits, symmetric)
+        qp0 = qparams if fixed else weight_qparams(W, bits, symmetric)
         ch_scale, ch_zero = qp0.scale.reshape(-1).float(), qp0.zero_point.reshape(-1).float()
         g_scale = g_zero = None
     else:
         n_groups = cols // group_size
         g_scale = torch.zeros(rows, n_groups)
         g_zero = torch.zeros(rows, n_groups)
-        if act_order:  # static groups from the float weight
+        if fixed:
+            g_scale[:], g_zero[:] = qparams.scale.float(), qparams.zero_point.float()
+        elif act_order:  # static groups from the float weight
             for g in range(n_groups):
                 g_scale[:, g], g_zero[:, g] = _range_qparams(W[:, g * group_size:(g + 1) * group_size], bits,
                                                              symmetric)
@@ -110,6 +124,7 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, symmetric: bool = True, group
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
+    updated = torch.zeros_like(W)
     losses = torch.zeros(rows)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -124,10 +139,11 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, symmetric: bool = True, group
                 scale, zero = ch_scale, ch_zero
             else:
                 g = col // group_size
-                if not act_order and (i1 + i) % group_size == 0:
+                if not act_order and not fixed and (i1 + i) % group_size == 0:
                     g_scale[:, g], g_zero[:, g] = _range_qparams(W1[:, i:i + group_size], bits, symmetric)
                 scale, zero = g_scale[:, g], g_zero[:, g]
             c, q = _quant(w, scale, zero, qmin, qmax)
+            updated[:, i1 + i] = w
             codes[:, i1 + i] = c
             Q[:, i1 + i] = q
             losses += (w - q) ** 2 / d**2 / 2
@@ -137,12 +153,12 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, symmetric: bool = True, group
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)
-    codes, Q = codes[:, inv], Q[:, inv]
+    codes, Q, updated = codes[:, inv], Q[:, inv], updated[:, inv]
     if group_size is None:
         qp = QParams(ch_scale.reshape(-1, 1), ch_zero.reshape(-1, 1).to(torch.int32), bits, symmetric)
     else:
         qp = QParams(g_scale, g_zero.to(torch.int32), bits, symmetric, group_size)
-    return GPTQResult(codes.to(torch.int32), qp, Q, float(losses.sum()))
+    return GPTQResult(codes.to(torch.int32), qp, Q, float(losses.sum()), updated)
 
 
 def gptq_pass(adapter, calibration, spec, scope, *, layer_spec, make_module=None, act_order: bool = False,

@@ -221,11 +221,13 @@ class BlockContext:
             return [[f] for f in self.linears]
         seen: dict[tuple, list[str]] = {}
         order: list[tuple] = []
+        alive: list[Tensor] = []  # keeps each input alive: a freed tensor's address can be reused by a later input
         mods = {f: self.module(f) for f in self.linears}
         b = self.batches[0]
 
         def record(name: str, args: tuple, kwargs: dict) -> None:
             x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+            alive.append(x)
             key = (x.data_ptr(), tuple(x.shape))
             if key not in seen:
                 seen[key] = []
