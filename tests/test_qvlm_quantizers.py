@@ -146,3 +146,17 @@ def test_options_validation_names_the_fix():
         QVLMOptions.from_dict({"max_depth": 2.5})
     assert not QVLMOptions(eta=0.0).visual_optimisation
     assert QVLMOptions(eta=0.1).visual_optimisation
+
+
+def test_sharpen_keeps_the_hard_decisions_and_sets_soft_offsets():
+    lin = linear()
+    ada = AdaRoundWeight(lin.weight, init_weight_qparams(lin.weight, QuantSpec.parse("w4a4")))
+    with torch.no_grad():
+        ada.v.add_(torch.randn_like(ada.v))
+    codes = ada.codes().clone()
+    ada.sharpen_(0.6)
+    assert torch.equal(ada.codes(), codes)
+    h = ada.h().detach()
+    up = ada.v.detach() >= 0
+    assert torch.allclose(h[up], torch.full_like(h[up], 0.6), atol=1e-6)
+    assert torch.allclose(h[~up], torch.full_like(h[~up], 0.4), atol=1e-6)

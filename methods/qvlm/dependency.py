@@ -4,9 +4,11 @@ For a unit l and its successor l+1 (same stack) on the same calibration inputs:
 
 * layer-wise search: unit l's rounding is searched alone (target: l's FP output), then l+1's alone on l's
   quantized output (target: l+1's FP output) - the conventional sequential PTQ;
-* joint search: both are searched together on the pair's output error, starting from the layer-wise solution;
-  the better of start and result (on the measured data) is kept, so the joint error is never above the
-  layer-wise one on the pair's total error.
+* joint search: both are searched together on the pair's output error, warm-started from the layer-wise solution
+  (soft offsets moved near the decision boundary so that decisions can flip; `joint_factor` x the layer-wise
+  step budget); the joint search space contains the layer-wise solution, so the better of the two on the pair's
+  total error is the joint result and the joint error is never above the layer-wise one. With a small step
+  budget the joint search often does not improve on its warm start and DED is 0: raise `--iters` for a signal.
 
 DED = E_layerwise - E_joint, the pair-output relative squared error (hard rounding), per sample and in total. The
 paper's figure plots DED against the entropy of unit l's input, one point per multimodal sample (R^2 = 0.9718 at
@@ -26,6 +28,7 @@ from torch import Tensor
 from harness.config import QuantSpec
 from methods.qvlm.entropy import unit_entropy, unit_entropy_per_sample
 from methods.qvlm.options import QVLMOptions
+from methods.qvlm.quantizers import LearnableQLinear
 from methods.qvlm.search import BlockSearch
 from methods.qvlm.units import StackInput, Unit, run_unit
 
@@ -101,7 +104,8 @@ def _clone(unit: Unit) -> Unit:
     return Unit(unit.name, unit.stack, unit.index, copy.deepcopy(unit.module), unit.used)
 
 
-def pair_ded(a: Unit, b: Unit, inputs: Sequence[StackInput], spec: QuantSpec, opts: QVLMOptions, seed: int) -> PairDED:
+def pair_ded(a: Unit, b: Unit, inputs: Sequence[StackInput], spec: QuantSpec, opts: QVLMOptions, seed: int,
+             joint_factor: int = 2, warm_h: float = 0.6) -> PairDED:
     """DED of the pair (a, b) on `inputs` (FP inputs of a). Works on copies: the model is not modified."""
     with torch.no_grad():
         ya = {si.batch: run_unit(a, si.hidden, si) for si in inputs}
@@ -112,13 +116,19 @@ def pair_ded(a: Unit, b: Unit, inputs: Sequence[StackInput], spec: QuantSpec, op
     with torch.no_grad():
         qa = [StackInput(run_unit(a1, si.hidden, si), si.args, si.kwargs, si.mask, si.batch) for si in inputs]
     BlockSearch([b1], [1.0], spec, opts, seed).run(qa, {k: [v] for k, v in yb.items()}, eval_inputs=qa)
-    # joint: both on the pair's output, warm-started from the layer-wise solution (kept if not improved)
+    # joint: both searched together on the pair's output, warm-started from the layer-wise solution with its soft
+    # offsets moved near the decision boundary (h = warm_h / 1 - warm_h, same hard decisions) so that the joint
+    # loss can still flip them, for `joint_factor` times the steps of the two layer-wise searches
     a2, b2 = _clone(a1), _clone(b1)
+    for m in (*a2.module.modules(), *b2.module.modules()):
+        if isinstance(m, LearnableQLinear) and m.rounding is not None:
+            m.rounding.sharpen_(warm_h)
     BlockSearch([a2, b2], [0.0, 1.0], spec, opts, seed).run(inputs, {k: [ya[k], v] for k, v in yb.items()},
-                                                             eval_inputs=inputs, prewrapped=True)
+                                                             eval_inputs=inputs, prewrapped=True,
+                                                             steps=joint_factor * 2 * opts.iters)
     e_lw = _total([a1, b1], inputs, yb)
     e_joint = _total([a2, b2], inputs, yb)
-    if e_joint > e_lw:  # float-summation noise between the two evaluations: the warm start stands
+    if e_joint > e_lw:  # the joint search space contains the layer-wise solution: the better candidate stands
         a2.module.load_state_dict(a1.module.state_dict())
         b2.module.load_state_dict(b1.module.state_dict())
         e_joint = e_lw

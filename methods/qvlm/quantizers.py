@@ -73,6 +73,13 @@ def rectified_sigmoid(v: Tensor) -> Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
+def _inverse_h(h: float) -> float:
+    """V with rectified_sigmoid(V) = h for h in (0, 1); rectified_sigmoid(-V) = 1 - h (the map is odd-symmetric
+    around h = 0.5 because zeta - 1 = -gamma)."""
+    s = (h - GAMMA) / (ZETA - GAMMA)
+    return math.log(s / (1.0 - s))
+
+
 def _view(w: Tensor, qp: QParams) -> tuple[Tensor, Tensor, Tensor]:
     """(weight viewed for broadcasting, scale, zero point), grouping ``[out, in] -> [out, in/g, g]``."""
     if qp.group_size is None:
@@ -125,6 +132,15 @@ class AdaRoundWeight(nn.Module):
     def codes(self) -> Tensor:
         q = torch.clamp(self.floor + self.hard_offset() + self.zp, self.qp.qmin, self.qp.qmax)
         return q.reshape(self.shape)
+
+    def sharpen_(self, h: float = 0.9) -> None:
+        """Move every soft offset to `h` (rounded up) or `1 - h` (rounded down), keeping the hard decisions: a warm
+        start whose soft weight is close to its hard weight, with gradients still flowing (h inside (0, 1))."""
+        if not 0.5 < h < 1.0:
+            raise ValueError("h must be in (0.5, 1)")
+        up = _inverse_h(h)
+        with torch.no_grad():
+            self.v.copy_(torch.where(self.v >= 0, torch.full_like(self.v, up), torch.full_like(self.v, -up)))
 
     def regulariser(self, beta: float) -> Tensor:
         """Mean over variables of ``1 - |2h - 1|^beta`` (0 when every h is 0 or 1)."""

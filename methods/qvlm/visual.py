@@ -126,7 +126,7 @@ def optimise_visual_encoder(model: nn.Module, batches: Sequence[CalibBatch], lm_
                         ents.append(soft_histogram_entropy(v, *ranges[li], bins=opts.ve_bins))
                     ent = torch.stack(ents).mean()
                     loss = loss + opts.eta * ent
-                    ent_value = float(ent)
+                    ent_value = float(ent.detach())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
