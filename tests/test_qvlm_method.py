@@ -103,6 +103,10 @@ def test_qvlm_quantizes_every_linear_with_finite_scales_and_reports(fresh, calib
         assert isinstance(m, QLinear)
         assert torch.isfinite(m.w_scale).all() and bool((m.w_scale >= MIN_SCALE).all())
         assert m.act_qparams is not None and math.isfinite(float(m.a_scale)) and bool(m.a_scale >= MIN_SCALE)
+        # the integer-kernel converter's contract: a plain QLinear with integer codes on its grid, not calibrating
+        assert type(m) is QLinear and not m.calibrating and m.w_qparams is not None
+        assert not m.codes.is_floating_point()
+        assert int(m.codes.min()) >= m.w_qparams.qmin and int(m.codes.max()) <= m.w_qparams.qmax
     r = q.report
     assert q.execution == "simulated"
     for stack, sizes in r["partition"]["block_sizes_after"].items():
