@@ -50,7 +50,7 @@ def test_analyze_dependency_writes_table_json_and_plot(tiny_model_dir, tmp_path,
 def test_ablate_runs_the_grid_and_writes_both_tables(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ab"
     assert main(["ablate", "qvlm", "--param", "max_depth=1,2", "--param", "iters=0", "--model", str(tiny_model_dir),
-                 "--tasks", "sqa", "--bits", "w4a4", "--limit", "2", "--calib-samples", "4", "--no-progress",
+                 "--bits", "w4a4", "--limit", "2", "--calib-samples", "4", "--no-progress",
                  "--max-new-tokens", "2", "--output", str(out)]) == 0
     csv = next((out / "ablation").glob("qvlm-*.csv"))
     table = pd.read_csv(csv)
@@ -60,6 +60,5 @@ def test_ablate_runs_the_grid_and_writes_both_tables(tiny_model_dir, tmp_path, c
     assert by_depth.loc[1, "mean_block"] == 1.0 and by_depth.loc[2, "blocks"] <= by_depth.loc[1, "blocks"]
     assert "search cost" in (csv.with_suffix(".md")).read_text()
     capsys.readouterr()
-    assert main(["ablate", "qvlm", "--param", "depth=1", "--model", str(tiny_model_dir), "--tasks", "sqa",
-                 "--output", str(out)]) == 2
+    assert main(["ablate", "qvlm", "--param", "depth=1", "--model", str(tiny_model_dir), "--output", str(out)]) == 2
     assert "no option(s) depth" in capsys.readouterr().err

@@ -24,6 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="an option and its values; repeat for a grid, e.g. --param p=0.25,0.5 --param max_depth=1,3")
     add_run_arguments(p, methods_required=False)
+    for action in p._actions:  # an ablation defaults to ScienceQA (the paper's ablation task)
+        if "--tasks" in action.option_strings:
+            action.required, action.default = False, "sqa"
+            action.help = "comma list (default sqa), e.g. sqa,vqav2"
 
 
 def parse_params(pairs: list[str]) -> dict[str, list]:
