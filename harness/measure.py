@@ -97,7 +97,7 @@ def environment(device: str = "cpu") -> dict:
     from harness import __version__
 
     versions = {}
-    for pkg in ("torch", "transformers", "numpy", "bitsandbytes", "safetensors"):
+    for pkg in ("torch", "transformers", "numpy", "bitsandbytes", "safetensors", "accelerate", "tokenizers", "pillow"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -106,5 +106,8 @@ def environment(device: str = "cpu") -> dict:
         "harness_version": __version__, "git": git_hash(), "python": platform.python_version(),
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": device, "packages": versions,
+        "hostname": platform.node(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "accelerator": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available()
+        else None,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -103,15 +103,35 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = ".2f") -> str:
     return df.to_markdown(index=False, floatfmt=floatfmt, missingval="-")
 
 
-def to_latex(df: pd.DataFrame, caption: str = "", bold_best: Sequence[str] = ()) -> str:
-    """booktabs LaTeX; the best value of each column in `bold_best` is set in bold."""
+def best_cells(df: pd.DataFrame, higher: Sequence[str] = (), lower: Sequence[str] = (),
+               eligible: pd.Series | None = None) -> set[tuple[int, str]]:
+    """(row position, column) of the best value per column: max for `higher`, min for `lower`, among the
+    `eligible` rows (e.g. latency only among rows measured on real kernels); ties are all best."""
+    out: set[tuple[int, str]] = set()
+    mask = pd.Series(True, index=df.index) if eligible is None else eligible.reindex(df.index).fillna(False)
+    for cols, pick in ((higher, "max"), (lower, "min")):
+        for col in cols:
+            if col not in df.columns or not pd.api.types.is_numeric_dtype(df[col]):
+                continue
+            values = df[col][mask.astype(bool)].dropna()
+            if values.empty:
+                continue
+            best = getattr(values, pick)()
+            out |= {(df.index.get_loc(i), col) for i in values.index[values == best]}
+    return out
+
+
+def to_latex(df: pd.DataFrame, caption: str = "", bold_best: Sequence[str] = (), bold_min: Sequence[str] = (),
+             eligible: pd.Series | None = None, bold: set[tuple[int, str]] | None = None) -> str:
+    """booktabs LaTeX; the best value of each column is set in bold: the largest in `bold_best`, the smallest in
+    `bold_min` (among `eligible` rows when given), or exactly the cells in `bold`."""
     body = df.copy()
+    bold = best_cells(df, bold_best, bold_min, eligible) if bold is None else bold
     for col in body.columns:
         if pd.api.types.is_float_dtype(body[col]):
-            best = body[col].max() if col in bold_best else None
             body[col] = [("-" if (v is None or (isinstance(v, float) and math.isnan(v))) else
-                          (f"\\textbf{{{v:.2f}}}" if best is not None and v == best else f"{v:.2f}"))
-                         for v in body[col]]
+                          (f"\\textbf{{{v:.2f}}}" if (i, col) in bold else f"{v:.2f}"))
+                         for i, v in enumerate(body[col])]
         else:
             body[col] = [_latex_escape(str(v)) for v in body[col]]
     header = " & ".join(_latex_escape(str(c)) for c in body.columns) + r" \\"
@@ -148,4 +168,112 @@ def write_tables(rows: Sequence[ResultRow], folder: Path, *, caveat: str | None 
         (folder / f"{name}.tex").write_text(to_latex(df, caption=notes, bold_best=metric_cols))
         (folder / f"{name}.md").write_text(to_markdown(df) + f"\n\n{notes}\n")
         written[name] = folder / f"{name}.md"
+    return written
+
+
+# -- the paper's tables ----------------------------------------------------------------------------------------------
+TASK_ORDER = ("sqa", "vqav2", "vizwiz", "hm")
+EFFICIENCY_COLUMNS = ("Prefill ms", "Decode tok/s", "Weights MB", "Packed MB", "Peak RSS MB", "Search s")
+MEASURED_ON_REAL_KERNELS = ("Prefill ms", "Decode tok/s", "Weights MB", "Peak RSS MB")
+
+
+def primary_metric(task: str) -> str:
+    return "auroc" if task == "hm" else "acc"
+
+
+def _bits_label(bits: str) -> str:
+    return "FP" if bits == "fp" else bits.upper()
+
+
+def _task_sort_key(task: str, shots: int) -> tuple:
+    return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task, shots)
+
+
+def dedupe(rows: Sequence[ResultRow]) -> list[ResultRow]:
+    """One row per (model, method, bits, task, shots): the newest, so a store with reruns renders cleanly."""
+    newest: dict[tuple, ResultRow] = {}
+    for r in sorted(rows, key=lambda r: r.created):
+        newest[(r.model, r.method, r.bits, r.task, r.shots)] = r
+    return list(newest.values())
+
+
+def multi_dataset_table(rows: Sequence[ResultRow]) -> pd.DataFrame:
+    """The multi-dataset table: method x bits, one column per task (and shot count) with its primary metric."""
+    columns = sorted({(r.task, r.shots) for r in rows}, key=lambda k: _task_sort_key(*k))
+    groups: dict[tuple[str, str], list[ResultRow]] = {}
+    for r in sorted(rows, key=_method_sort_key):
+        groups.setdefault((r.method, r.bits), []).append(r)
+    records = []
+    for (method, bits), rs in groups.items():
+        rec: dict = {"Method": method, "Bits": _bits_label(bits), "Exec": rs[0].execution}
+        by_col = {(r.task, r.shots): r for r in rs}
+        for task, shots in columns:
+            r = by_col.get((task, shots))
+            label = f"{TASK_LABELS.get(task, task)}{f' {shots}-shot' if shots else ''}"
+            rec[label] = r.metrics.get(primary_metric(task), math.nan) if r else math.nan
+        records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
+def efficiency_table(rows: Sequence[ResultRow]) -> pd.DataFrame:
+    """Latency and memory per method x bits (averaged over the cells of that setting), with the execution label:
+    for "simulated" rows the timings and stored bytes are those of the float model."""
+    table = main_table(rows)
+    keep = ["Method", "Bits", "Exec", *EFFICIENCY_COLUMNS]
+    return table[[c for c in keep if c in table.columns]]
+
+
+def paper_tables(rows: Sequence[ResultRow]) -> dict[str, pd.DataFrame]:
+    """name -> table: "sqa" (ScienceQA categories, when present), "datasets", "efficiency"."""
+    out = {}
+    if any(r.task == "sqa" for r in rows):
+        out["sqa"] = task_table(rows, "sqa")
+    out["datasets"] = multi_dataset_table(rows)
+    out["efficiency"] = efficiency_table(rows)
+    return out
+
+
+def bold_cells(name: str, df: pd.DataFrame) -> set[tuple[int, str]]:
+    """The best cell of each column of a paper table. Accuracy columns: the largest. Efficiency: the fastest and
+    smallest, where timings and stored bytes count only for rows not "simulated" (those carry the float model's
+    figures), while the packed size counts for every row."""
+    if name == "efficiency":
+        real = df["Exec"] != "simulated"
+        return (best_cells(df, ["Decode tok/s"], ["Prefill ms", "Weights MB", "Peak RSS MB"], real)
+                | best_cells(df, lower=["Packed MB"]))
+    skip = {"Method", "Bits", "Exec", "Shots", "N", "Parse fail %"}
+    return best_cells(df, [c for c in df.columns if c not in skip and not c.endswith("±")])
+
+
+def table_to_latex(name: str, df: pd.DataFrame, caption: str = "") -> str:
+    return to_latex(df, caption=caption, bold=bold_cells(name, df))
+
+
+PAPER_CAPTIONS = {
+    "sqa": "ScienceQA accuracy (%) by category: natural science, social science, language science, text context, "
+           "image context, no context, grades 1-6 and 7-12, and the average.",
+    "datasets": "Primary metric per dataset: accuracy (%) for ScienceQA, VQAv2 and VizWiz, ROC AUC (%) for "
+                "Hateful Memes.",
+    "efficiency": "Latency (prefill ms per sample, decode tokens/s), weight memory (MB as stored and packed), peak "
+                  "RSS and quantization search time.",
+}
+
+
+def write_paper_tables(rows: Sequence[ResultRow], folder: Path, *, formats: Sequence[str] = ("csv", "tex", "md"),
+                       caveat: str | None = None) -> dict[str, dict[str, Path]]:
+    """Write the paper's tables in each format; returns {table: {format: path}}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    notes = SIMULATED_NOTE + (f" {caveat}" if caveat else "")
+    written: dict[str, dict[str, Path]] = {}
+    for name, df in paper_tables(rows).items():
+        paths = {}
+        if "csv" in formats:
+            df.to_csv(paths.setdefault("csv", folder / f"{name}.csv"), index=False)
+        if "tex" in formats:
+            paths["tex"] = folder / f"{name}.tex"
+            paths["tex"].write_text(table_to_latex(name, df, caption=f"{PAPER_CAPTIONS[name]} {notes}"))
+        if "md" in formats:
+            paths["md"] = folder / f"{name}.md"
+            paths["md"].write_text(to_markdown(df) + f"\n\n{notes}\n")
+        written[name] = paths
     return written

@@ -12,11 +12,12 @@ import hashlib
 import json
 import random
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -30,7 +31,7 @@ from harness.measure import PeakRSS, environment, weight_bytes
 from harness.method import Method, QuantizedModel
 from harness.models.llava import LlavaAdapter, set_threads
 from harness.store import ResultRow, SampleLog, Store
-from harness.task import Sample, Task
+from harness.task import Sample, Task, aggregate_trials
 
 FP_TAG = "fp"
 
@@ -80,9 +81,42 @@ def check_model_source(name: str) -> None:
         raise HarnessError(f"{path} is not a model folder (no config.json); pass a Llava checkpoint folder")
 
 
+@dataclass(frozen=True)
+class GroupJob:
+    """One unit of work: quantize a fresh model for (method, spec, calibration task), then evaluate `cells`."""
+
+    method: str
+    spec: QuantSpec
+    calib_task: str | None
+    cells: tuple[Cell, ...]
+
+
+class Executor(Protocol):
+    """Runs jobs somewhere else (e.g. `harness.executors.RayExecutor`) and yields finished rows; the runner stores
+    them. The local path does not go through an executor."""
+
+    def run(self, spec: RunSpec, jobs: Sequence[GroupJob], *, model_id: str, model_path: str,
+            run_id: str) -> Iterator[ResultRow]: ...
+
+
+def run_job(spec: RunSpec, job: GroupJob, *, model_id: str, model_path: str, run_id: str,
+            executor: str = "remote") -> list[ResultRow]:
+    """A job on its own: what a Ray task runs. Validates the spec, loads the model, quantizes and evaluates, with
+    the same seeding as the local path; the environment recorded is the worker's."""
+    runner = Runner(spec, log=lambda m: print(m, file=sys.stderr), progress=False)
+    runner.plan()
+    threads = set_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    env = environment(spec.device) | {"threads": threads, "executor": executor}
+    base = load_adapter(model_path, dtype=spec.dtype, device=spec.device, name=model_id)
+    return list(runner.run_group(job, base, model_id, base.fingerprint(), run_id, env))
+
+
 class Runner:
-    def __init__(self, spec: RunSpec, *, log: Callable[[str], None] = print, progress: bool = True):
+    def __init__(self, spec: RunSpec, *, log: Callable[[str], None] = print, progress: bool = True,
+                 executor: Executor | None = None):
         self.spec = spec
+        self.executor = executor
         self.log = log
         self.progress = progress
         self.methods: dict[str, Method] = {}
@@ -206,7 +240,14 @@ class Runner:
         done_before = len(cells) - len(pending)
         self.log(f"run {run_id}: {len(cells)} cells ({done_before} already in {self.spec.store_path}, "
                  f"{len(pending)} to compute); model {model_id}; {threads} threads")
-        env = environment(self.spec.device) | {"threads": threads}
+        env = environment(self.spec.device) | {"threads": threads, "executor": "local"}
+        if self.executor is not None:  # e.g. Ray: jobs quantize and evaluate on workers; rows come back here
+            by_method = {m: [c for c in pending if c.method == m] for m in dict.fromkeys(c.method for c in pending)}
+            jobs = [GroupJob(m, spec, calib, tuple(group)) for m, method_cells in by_method.items()
+                    for (spec, calib), group in self._quantization_groups(method_cells).items()]
+            for row in self.executor.run(self.spec, jobs, model_id=model_id, model_path=model_path, run_id=run_id):
+                self._store_row(store, row, result)
+            pending = []
         for method_name in dict.fromkeys(c.method for c in pending):
             method_cells = [c for c in pending if c.method == method_name]
             base = load_adapter(model_path, dtype=self.spec.dtype, device=self.spec.device, name=model_id)
@@ -216,22 +257,31 @@ class Runner:
                 last = i == len(groups) - 1
                 adapter = base if last else LlavaAdapter(copy.deepcopy(base.model), base.processor, base.name,
                                                          base.path)
-                quantized = self._quantize(self.methods[method_name], adapter, spec, calib_task)
-                for cell in group:
-                    row = self._evaluate(cell, quantized, model_id, fingerprint, run_id, env)
-                    store.put(row)
-                    result.computed += 1
-                    self.log(f"  done {cell.method} {cell.bits} {cell.task}"
-                             f"{f' {cell.shots}-shot' if cell.shots else ''}: "
-                             + ", ".join(f"{k}={v:.2f}" for k, v in list(row.metrics.items())[:4]
-                                         if isinstance(v, int | float)))
-                del quantized, adapter
+                job = GroupJob(method_name, spec, calib_task, tuple(group))
+                for row in self.run_group(job, adapter, model_id, fingerprint, run_id, env):
+                    self._store_row(store, row, result)
+                del adapter
             del base
         ids = [self.cell_id(c, model_id) for c in cells]
         rows = {r.cell_id: r for r in store.rows(cell_ids=ids)}
         result.rows = [rows[i] for i in ids if i in rows]
         result.reused = done_before
         return result
+
+    def run_group(self, job: GroupJob, adapter: LlavaAdapter, model_id: str, fingerprint: str, run_id: str,
+                  env: dict) -> Iterator[ResultRow]:
+        """The unit of work: quantize `adapter` in place for (method, bits, calibration), then evaluate each cell,
+        yielding its row the moment it is finished. Local runs call it per group; a Ray task calls it through
+        `run_job`."""
+        quantized = self._quantize(self.methods[job.method], adapter, job.spec, job.calib_task)
+        for cell in job.cells:
+            yield self._evaluate(cell, quantized, model_id, fingerprint, run_id, env)
+
+    def _store_row(self, store: Store, row: ResultRow, result: RunResult) -> None:
+        store.put(row)
+        result.computed += 1
+        self.log(f"  done {row.method} {row.bits} {row.task}{f' {row.shots}-shot' if row.shots else ''}: "
+                 + ", ".join(f"{k}={v:.2f}" for k, v in list(row.metrics.items())[:4] if isinstance(v, int | float)))
 
     def _quantization_groups(self, cells: Sequence[Cell]) -> dict[tuple[QuantSpec, str | None], list[Cell]]:
         groups: dict[tuple[QuantSpec, str | None], list[Cell]] = {}
@@ -306,7 +356,8 @@ class Runner:
                       "trials": trials, "calib_samples": s.calib_samples,
                       "calib_task": self._calib_source(cell, method), "spec": cell.spec.to_dict(),
                       "options": s.method_options.get(cell.method, {}),
-                      "quantized_modules": len(quantized.quantized_modules), "report": quantized.report},
+                      "quantized_modules": len(quantized.quantized_modules), "report": quantized.report,
+                      "samples_log": str(log.path.resolve())},
             environment=env, shots=cell.shots, sample_limit=s.limit, scoring=scoring,
             describe=method.describe(cell.spec), model_fingerprint=fingerprint,
             data_fingerprint=_data_fingerprint(samples),
@@ -338,18 +389,7 @@ class Runner:
         rng = random.Random(f"demos-{self.spec.seed}-{trial}-{sample.id}")
         return rng.sample(candidates, min(shots, len(candidates)))
 
-    @staticmethod
-    def _aggregate(task: Task, entries: list[dict], trials: int) -> dict[str, float]:
-        per_trial = []
-        for t in range(trials):
-            records = [e["record"] for e in entries if e["trial"] == t]
-            per_trial.append(task.aggregate(records))
-        if trials == 1:
-            return {k: float(v) for k, v in per_trial[0].items() if isinstance(v, int | float)}
-        keys = [k for k, v in per_trial[0].items() if isinstance(v, int | float)]
-        out = {k: statistics.fmean(p[k] for p in per_trial) for k in keys}
-        out |= {f"{k}_std": statistics.stdev(p[k] for p in per_trial) for k in keys if not k.startswith("n")}
-        return out | {"trials": float(trials)}
+    _aggregate = staticmethod(aggregate_trials)
 
     @staticmethod
     def _measurements(entries: list[dict], adapter: LlavaAdapter, quantized: QuantizedModel,

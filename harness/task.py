@@ -8,6 +8,7 @@ never sees a task's fields: that keeps every task usable with every model and me
 from __future__ import annotations
 
 import random
+import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,3 +99,22 @@ class Task(ABC):
 
     def describe_layout(self) -> str:
         return self.data_layout
+
+
+def aggregate_trials(task: Task, entries: Sequence[dict[str, Any]], trials: int) -> dict[str, float]:
+    """A cell's metrics from its per-sample log entries ({"trial", "record", ...}).
+
+    One trial: the task's aggregate. Several (seeded few-shot trials): the mean over trials of each metric, its
+    standard deviation as `<metric>_std`, and `trials`. Shared by the runner (which stores the result) and by
+    regression comparison (which recomputes it on bootstrap resamples), so both always agree.
+    """
+    per_trial = []
+    for t in range(trials):
+        records = [e["record"] for e in entries if e["trial"] == t]
+        per_trial.append(task.aggregate(records))
+    if trials == 1:
+        return {k: float(v) for k, v in per_trial[0].items() if isinstance(v, int | float)}
+    keys = [k for k, v in per_trial[0].items() if isinstance(v, int | float)]
+    out = {k: statistics.fmean(p[k] for p in per_trial) for k in keys}
+    out |= {f"{k}_std": statistics.stdev(p[k] for p in per_trial) for k in keys if not k.startswith("n")}
+    return out | {"trials": float(trials)}

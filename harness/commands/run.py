@@ -8,11 +8,16 @@ import sys
 import time
 
 from harness.commands.common import DEFAULT_MODEL_CAVEAT, add_run_arguments, run_folder, run_spec_from_args
+from harness.errors import HarnessError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="evaluate methods x bits x tasks; results go to the store and tables")
     add_run_arguments(p)
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where jobs run: this process (default) or a Ray cluster (one job per method x bits x task)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (e.g. auto, ray://head:10001); default: start a local Ray instance")
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -24,8 +29,16 @@ def execute_spec(spec, args: argparse.Namespace) -> int:
     from harness.report import SIMULATED_NOTE, main_table, task_table, to_markdown, write_tables
     from harness.runner import Runner
 
+    executor = None
+    if getattr(args, "executor", "local") == "ray":  # `eval` shares this function and has no executor flags
+        from harness.executors import RayExecutor
+
+        executor = RayExecutor(args.address)
+    elif getattr(args, "address", None):
+        raise HarnessError("--address is for --executor ray; add --executor ray or drop --address")
     t0 = time.time()
-    result = Runner(spec, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress).run()
+    result = Runner(spec, log=lambda m: print(m, file=sys.stderr), progress=not args.no_progress,
+                    executor=executor).run()
     folder = run_folder(spec.output, result.rows[0].model, result.run_id) if result.rows else spec.output
     caveat = DEFAULT_MODEL_CAVEAT if spec.model == "default" else None
     write_tables(result.rows, folder, caveat=caveat)

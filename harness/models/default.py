@@ -12,6 +12,8 @@ The cache folder name carries a hash of the trained asset, so a retrained asset 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -81,6 +83,23 @@ def _smollm2_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+@contextlib.contextmanager
+def _quiet_gguf_progress():
+    """transformers' GGUF reader draws a plain tqdm bar that its logging switch does not reach; in a harness run's
+    log it is noise, so the bar is disabled for the duration of the load."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # a transformers without GGUF support fails later with its own message
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def build_default(trained: Path | None = ASSET, seed: int = 0):
     """Assemble (model, processor); load the trained projector/LoRA weights from `trained` if given."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,14 +113,17 @@ def build_default(trained: Path | None = ASSET, seed: int = 0):
         LlavaProcessor,
     )
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+    from transformers.utils import logging as hf_logging
 
     from harness.models.dinov2_onnx import build_dinov2
 
+    hf_logging.disable_progress_bar()  # the GGUF de-quantisation bar is noise in a harness run
     torch.manual_seed(seed)
     dino = build_dinov2()
     lm_dir = _smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir, gguf_file=GGUF_FILE)
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    with _quiet_gguf_progress():
+        tokenizer = AutoTokenizer.from_pretrained(lm_dir, gguf_file=GGUF_FILE)
+        lm = AutoModelForCausalLM.from_pretrained(lm_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
     if tokenizer.add_tokens(["<image>"], special_tokens=True) != 1:
         raise ModelError("could not add the <image> token to the SmolLM2 tokenizer")
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -13,6 +13,8 @@ Recipe (LLaVA-1.5 stage 2 in miniature, on CPU):
 
 Writes `harness/models/assets/default_llava_trained.safetensors` (projector fp32, LoRA factors bf16) and a JSON
 log; then evaluates the merged model through the real adapter, including the shuffled-image control.
+The committed asset comes from two stages (`scripts/train_default_model.sh`): a balanced mixture, then a
+continuation weighted towards ScienceQA, whose option-letter format a 135M LM learns last.
 """
 
 from __future__ import annotations

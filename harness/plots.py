@@ -1,0 +1,179 @@
+"""The report's plots (matplotlib, headless): accuracy vs bits per method, accuracy vs memory and vs latency with
+the Pareto front, and Hateful Memes metrics vs shots.
+
+Honesty rules carried into the figures: latency is plotted only for rows that did not run as simulated
+quantization (their timings would be the float model's), and simulated rows on the memory plot are drawn hollow
+(their size is what a packed format would take, not a measurement).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from harness.config import QuantSpec  # noqa: E402
+from harness.report import TASK_LABELS, _task_sort_key, primary_metric  # noqa: E402
+from harness.store import ResultRow  # noqa: E402
+
+MARKERS = "osD^vP*Xh<>"
+PANEL = (4.2, 3.3)
+
+
+def _bits_order(bits: str) -> tuple:
+    if bits == "fp":
+        return (0, 0, 0, "")
+    spec = QuantSpec.parse(bits)
+    return (1, -spec.w_bits, -spec.a_bits, bits)
+
+
+def _colors(methods: Sequence[str]) -> dict[str, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {m: cycle[i % len(cycle)] for i, m in enumerate(sorted(methods))}
+
+
+def _panels(rows: Sequence[ResultRow]) -> list[tuple[str, int]]:
+    return sorted({(r.task, r.shots) for r in rows}, key=lambda k: _task_sort_key(*k))
+
+
+def _title(task: str, shots: int) -> str:
+    metric = "ROC AUC" if primary_metric(task) == "auroc" else "accuracy"
+    return f"{TASK_LABELS.get(task, task)}{f' {shots}-shot' if shots else ''} ({metric}, %)"
+
+
+def _figure(n: int) -> tuple[Figure, list]:
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL[0] * cols, PANEL[1] * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _value(row: ResultRow) -> float:
+    return float(row.metrics.get(primary_metric(row.task), math.nan))
+
+
+def accuracy_vs_bits(rows: Sequence[ResultRow]) -> Figure | None:
+    """One panel per task: each quantized method's primary metric over bit settings (high to low precision);
+    unquantized baselines as dashed horizontal lines."""
+    quantized = [r for r in rows if r.bits != "fp"]
+    if not quantized:
+        return None
+    panels = _panels(rows)
+    colors = _colors({r.method for r in rows})
+    order = sorted({r.bits for r in quantized}, key=_bits_order)
+    fig, axes = _figure(len(panels))
+    for ax, (task, shots) in zip(axes, panels, strict=True):
+        cell = [r for r in rows if r.task == task and r.shots == shots]
+        for r in (r for r in cell if r.bits == "fp"):
+            ax.axhline(_value(r), color=colors[r.method], linestyle="--", linewidth=1.2, label=f"{r.method} (FP)")
+        for method in sorted({r.method for r in cell if r.bits != "fp"}):
+            pts = sorted((r for r in cell if r.method == method and r.bits != "fp"), key=lambda r: _bits_order(r.bits))
+            ax.plot([order.index(r.bits) for r in pts], [_value(r) for r in pts], marker="o", color=colors[method],
+                    label=method)
+        ax.set_xticks(range(len(order)), [b.upper() for b in order])
+        ax.set_title(_title(task, shots), fontsize=10)
+        ax.set_xlabel("bits (weights/activations)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Accuracy vs bits", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (smaller x, larger y), sorted by x."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def accuracy_vs_cost(rows: Sequence[ResultRow], cost: str) -> Figure | None:
+    """Primary metric against packed weight memory (cost="memory") or prefill latency (cost="latency"), one
+    panel per task, with the Pareto front of each panel."""
+    if cost == "memory":
+        key, label = "weight_mb_packed", "weights (MB, packed)"
+        usable = [r for r in rows if r.measurements.get(key) is not None]
+    elif cost == "latency":
+        key, label = "prefill_ms_per_sample", "prefill latency (ms / sample)"
+        usable = [r for r in rows if r.measurements.get(key) is not None and r.execution != "simulated"]
+    else:
+        raise ValueError(f"cost must be 'memory' or 'latency', got {cost!r}")
+    if not usable:
+        return None
+    panels = _panels(usable)
+    colors = _colors({r.method for r in rows})
+    fig, axes = _figure(len(panels))
+    for ax, (task, shots) in zip(axes, panels, strict=True):
+        cell = [r for r in usable if r.task == task and r.shots == shots and math.isfinite(_value(r))]
+        bits_all = sorted({r.bits for r in cell}, key=_bits_order)
+        for r in cell:
+            hollow = r.execution == "simulated"
+            ax.scatter(r.measurements[key], _value(r), s=42, marker=MARKERS[bits_all.index(r.bits) % len(MARKERS)],
+                       facecolors="none" if hollow else colors[r.method], edgecolors=colors[r.method], linewidths=1.5)
+            ax.annotate(f"{r.method} {r.bits.upper() if r.bits != 'fp' else 'FP'}",
+                        (r.measurements[key], _value(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front([(r.measurements[key], _value(r)) for r in cell])
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], drawstyle="steps-post", color="0.35", linewidth=1,
+                    linestyle=":", marker="o", markersize=12, markerfacecolor="none", label="Pareto front")
+        ax.set_title(_title(task, shots), fontsize=10)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    note = "hollow = simulated (size a packed format would take)" if cost == "memory" else \
+        "simulated rows omitted: their timings are the float model's"
+    fig.suptitle(f"Accuracy vs {cost} ({note})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def hm_vs_shots(rows: Sequence[ResultRow]) -> Figure | None:
+    """Hateful Memes ROC AUC and accuracy against the number of in-context examples, per method x bits, with
+    the spread over seeded trials as error bars."""
+    hm = [r for r in rows if r.task == "hm"]
+    if len({r.shots for r in hm}) < 2:
+        return None
+    colors = _colors({r.method for r in rows})
+    fig, axes = _figure(2)
+    settings = sorted({(r.method, r.bits) for r in hm}, key=lambda k: (_bits_order(k[1]), k[0]))
+    bits_all = sorted({r.bits for r in hm}, key=_bits_order)
+    for ax, metric, name in ((axes[0], "auroc", "ROC AUC (%)"), (axes[1], "acc", "accuracy (%)")):
+        for method, bits in settings:
+            pts = sorted((r for r in hm if (r.method, r.bits) == (method, bits)), key=lambda r: r.shots)
+            ys = [r.metrics.get(metric, math.nan) for r in pts]
+            errs = [r.metrics.get(f"{metric}_std", 0.0) or 0.0 for r in pts]
+            ax.errorbar([r.shots for r in pts], ys, yerr=errs, marker=MARKERS[bits_all.index(bits) % len(MARKERS)],
+                        color=colors[method], capsize=3, linestyle="--" if bits == "fp" else "-",
+                        label=f"{method} {'FP' if bits == 'fp' else bits.upper()}")
+        ax.set_xlabel("shots")
+        ax.set_title(f"Hateful Memes {name}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Hateful Memes vs shots (error bars: std over trials)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def report_figures(rows: Sequence[ResultRow]) -> dict[str, Figure]:
+    """name -> figure, for the plots the rows can support (a plot without data is left out, not drawn empty)."""
+    figures = {"accuracy_vs_bits": accuracy_vs_bits(rows), "accuracy_vs_memory": accuracy_vs_cost(rows, "memory"),
+               "accuracy_vs_latency": accuracy_vs_cost(rows, "latency"), "hm_vs_shots": hm_vs_shots(rows)}
+    return {k: v for k, v in figures.items() if v is not None}
+
+
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
