@@ -28,6 +28,9 @@ methods.register("zeroquant-v2", "methods.zeroquant_v2:ZeroQuantV2",
 methods.register("aespa", "methods.aespa:Aespa", "aespa: layer-wise quantization, attention-wise objectives for q/k/v")
 methods.register("smoothquant", "methods.smoothquant:SmoothQuant",
                  "SmoothQuant: migrate activation outliers into weights (alpha 0.5), folded into norms")
+methods.register("qvlm", "methods.qvlm:QVLM", "Q-VLM (paper): entropy-guided blocks, block-wise rounding search")
+methods.register("qvlm-official", "methods.qvlm_official:QVLMOfficial",
+                 "Q-VLM as released: NF4 weights, gated per-channel A4 ranges (vision in FP)")
 
 # -- tasks ---------------------------------------------------------------------------------------------------------
 tasks.register("sqa", "tasks.sqa:ScienceQA", "ScienceQA multiple choice with category breakdown",

@@ -158,7 +158,12 @@ class Runner:
             specs = [QuantSpec()] if method.fixed_precision else list(s.bits)
             for spec in specs:
                 if not method.supports(spec):
-                    raise HarnessError(f"method {m} does not support {spec.tag}; see `harness ls methods`")
+                    reason = getattr(method, "unsupported_reason", lambda _s: None)(spec)
+                    message = f"method {m} does not support {spec.tag}" + (f" ({reason})" if reason else "")
+                    if len(method_names) * len(specs) == 1:
+                        raise HarnessError(f"{message}; see `harness ls methods`")
+                    self.log(f"skipping: {message}")
+                    continue
                 for t in task_names:
                     task = self.tasks[t]
                     shots = s.shots if task.supports_shots else (0,)
@@ -166,6 +171,8 @@ class Runner:
                         raise HarnessError(f"task {t} cannot score by {s.scoring!r}; use one of "
                                            f"{', '.join(task.scoring_modes)}")
                     cells += [Cell(m, spec, t, k) for k in shots]
+        if not cells:
+            raise HarnessError("no method supports any of the requested bit-widths; see `harness ls methods`")
         for t in task_names:  # data problems surface now, before any model is loaded
             self.samples(t)
             if any(c.shots for c in cells if c.task == t):

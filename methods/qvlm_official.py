@@ -1,0 +1,402 @@
+"""`qvlm-official`: what the released Q-VLM repository (github.com/ChangyuanWang17/QVLM) actually does.
+
+Reproduced from its `custom_bitsandbytes` fork (quant_modules.py / quant_utils.py / nn/modules.py) and its
+ScienceQA evaluation script (model_vqa_science.py), so users can put the released behaviour next to the
+paper-faithful `qvlm`:
+
+* Weights: bitsandbytes NF4 (block 64, double quantization of the absmax: mean offset, 8-bit dynamic code in
+  blocks of 256), round to nearest, through the harness's NF4 primitive (`harness.quant.nf4`, bitsandbytes'
+  own state when it imports).
+* Activations of every language-model linear: asymmetric uniform quantization with one range *per input
+  channel* (the released code hard-codes 4 bits; here `a_bits` of the spec). Calibration on 8 ScienceQA-train
+  prompts (prefill only; the released code's decode steps pass through during calibration): a running min/max
+  per channel, widened on a sample only when the gate is open: ``last_layer_entropy >= mean(entropies so far)
+  or block % 3 == 1`` (always on the first sample and at the first layer), where the gate value is the
+  token-normalised entropy ``-sum a log a`` (a = L2-normalised |Q(x)| over tokens) at the first and last linear
+  of a block and the released code's "DED" ``compute_DED`` between consecutive linears elsewhere. Then two
+  search samples (the next two with an image): the first records entropies, the second picks per layer the
+  range shrink in {1.0, 0.9, ..., 0.4} minimising ``mean(|Q(x) - x|^0.5)``.
+* At inference the calibrated ranges are used by q/k/v/gate/up; o_proj and down_proj (``count_layer == 4`` and
+  ``dim != 4096`` in the released code, i.e. the non-hidden-width input on LLaMA-7B) recompute per-channel
+  ranges from each prompt; generated tokens widen the prompt's range token by token.
+* Vision tower and projector: left in floating point, as the released code leaves them (CLIPVisionModel is
+  loaded without a quantization config; the projector is rebuilt in fp16). ``quantize_vision=true`` enables
+  the released code's otherwise dead per-token-row branch for the vision tower (NF4 + static per-position
+  ranges, shrink grid {1.0, 0.999, 0.998}).
+
+Deliberate differences: ranges and scales are clamped (the released code divides by ``max - min`` and yields
+NaN for a constant channel); no random answer is substituted for unparseable outputs (the harness scores them
+wrong); the hidden width, not the literal 4096, decides which layers are dynamic (``literal_4096=true`` gives
+the literal rule, under which every layer of a model whose width is not 4096 is dynamic); no learned rounding
+and no visual-encoder tuning exist in the released code, so none are done. Execution is simulated
+(per-input-channel activation scales cannot run on integer GEMM kernels: they lie along the reduction dim).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.config import ALL_SCOPES, FLOAT_BITS, QuantSpec, Scope
+from harness.errors import HarnessError
+from harness.measure import PeakRSS
+from harness.method import Method, QuantizedModel, SearchCost
+from harness.quant import MIN_SCALE
+from harness.quant.nf4 import nf_quantize
+
+# -- the released activation quantizer ------------------------------------------------------------------------------
+
+
+def official_fake_quant(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> Tensor:
+    """The released `QuantAct.quantization`: ``s = (2^b - 1) / (max - min)``, ``z = round(s * min) + 2^(b-1)``,
+    ``q = clamp(round(s * x - z), -2^(b-1), 2^(b-1) - 1)``, ``x^ = (q + z) / s``; ranges broadcast against x.
+    The range width is floored so that a constant channel cannot give an infinite scale (the released code
+    returns NaN there)."""
+    n = 2**bits - 1
+    width = torch.clamp(hi - lo, min=n * MIN_SCALE)
+    scale = n / width
+    zero = torch.round(scale * lo) + 2 ** (bits - 1)
+    q = torch.clamp(torch.round(scale * x - zero), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return (q + zero) / scale
+
+
+def token_entropy(a: Tensor) -> float:
+    """`cal_entropy`: L2-normalise over tokens (dim 1 of [1, T, d]), ``-sum a log(a + 1e-7)`` over tokens, mean."""
+    a = F.normalize(a, dim=1)
+    return float((-(a * torch.log(a + 1e-7)).sum(dim=1)).mean())
+
+
+def official_ded(p_k: Tensor, p_k1: Tensor) -> float:
+    """`compute_DED` of the released code, between the |Q(x)| of two consecutive linears ([1, T, d] each)."""
+    p_k = F.normalize(p_k, p=1, dim=1)
+    p_k1 = F.normalize(p_k1, p=1, dim=1)
+    joint = p_k * p_k1
+    joint = joint / joint.sum(dim=1, keepdim=True)
+    cond = p_k1 / (p_k + 1e-5)
+    cond = cond / cond.sum(dim=1, keepdim=True)
+    return float((-(joint * torch.log(cond + 1e-5)).sum(dim=1)).mean())
+
+
+@dataclass
+class CalibState:
+    """The released code's module-level globals (`last_layer_entropy`, `llama_entropy`, the last |Q(x)|)."""
+
+    last_entropy: float = 0.0
+    entropies: list[float] = field(default_factory=list)
+    last_distribution: Tensor | None = None
+    mask: Tensor | None = None  # [b, T] attention mask of the current prefill (set by a hook on the LM)
+    widened: int = 0
+    gated: int = 0
+
+
+class OfficialQLinear(nn.Module):
+    """NF4 weights + the released activation quantizer of one linear (LM: per input channel; vision: per row)."""
+
+    def __init__(self, linear: nn.Linear, a_bits: int, kind: str, block: int, position: int, dynamic: bool,
+                 state: CalibState, name: str):
+        super().__init__()
+        self.name = name
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.nf4 = nf_quantize(linear.weight, backend="auto")  # bitsandbytes' own state when it imports
+        self.register_buffer("weight", self.nf4.dequantize(linear.weight.dtype))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.a_bits = a_bits
+        self.kind = kind  # "channel" (language model) | "row" (vision) | "none" (A16)
+        self.block, self.position = block, position  # count_block (1-based), count_layer (1-based)
+        self.dynamic = dynamic
+        self.state = state
+        width = linear.in_features if kind == "channel" else 0  # rows: sized by the first calibration image
+        self.register_buffer("range_min", torch.zeros(width))
+        self.register_buffer("range_max", torch.zeros(width))
+        self.phase = "off"  # "calibrate" | "first_search" | "search" | "off" (inference)
+        self.samples = 0
+        self.shrink = 1.0
+        self._run_min: Tensor | None = None  # per-row running range while generating
+        self._run_max: Tensor | None = None
+
+    # -- released helpers ---------------------------------------------------------------------------------------
+    def _q(self, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        if self.kind == "row":  # ranges per token row: broadcast over the feature dim
+            return official_fake_quant(x, lo.unsqueeze(-1), hi.unsqueeze(-1), self.a_bits)
+        return official_fake_quant(x, lo, hi, self.a_bits)
+
+    def _gate(self) -> bool:
+        s = self.state
+        self.samples += 1
+        mean = sum(s.entropies) / len(s.entropies) if s.entropies else float("nan")
+        flag = s.last_entropy >= mean or self.block % 3 == 1
+        if (self.block == 1 and self.position == 1) or self.samples <= 1:
+            flag = True
+            s.entropies = []
+        return flag
+
+    def _calibrate(self, x: Tensor) -> Tensor:
+        """One calibration call (batch of one prompt): gated widening of the running per-channel range."""
+        s = self.state
+        if self.kind == "row":  # one range per token position, over the features (batch of one image)
+            x_min, x_max = x.amin(dim=-1)[0], x.amax(dim=-1)[0]
+            if self.range_min.numel() != x_min.numel():
+                if self.samples:
+                    raise HarnessError(f"{self.name}: the number of vision tokens changed during calibration")
+                self.range_min = torch.zeros_like(x_min)
+                self.range_max = torch.zeros_like(x_max)
+            self.samples += 1
+            self.range_min = torch.minimum(self.range_min, x_min)
+            self.range_max = torch.maximum(self.range_max, x_max)
+            return self._q(x, self.range_min, self.range_max)
+        flag = self._gate()
+        s.gated += 1
+        if flag:
+            s.widened += 1
+            self.range_min = torch.minimum(self.range_min, x.amin(dim=1)[0])
+            self.range_max = torch.maximum(self.range_max, x.amax(dim=1)[0])
+        qa = self._q(x, self.range_min, self.range_max)
+        a = qa.abs().float()
+        prev = s.last_distribution
+        if self.position in (1, 7) or prev is None or prev.shape != a.shape:
+            s.last_entropy = token_entropy(a)
+        else:
+            s.last_entropy = official_ded(prev, a)
+        s.last_distribution = a
+        if not math.isnan(s.last_entropy):
+            s.entropies.append(s.last_entropy)
+        return qa
+
+    def _grid(self, x: Tensor, factors: Sequence[float]) -> None:
+        """Pick the range shrink minimising mean(|Q(x) - x|^0.5) on this prompt (strict improvements only)."""
+        best, best_f = math.inf, 1.0
+        rows = x.shape[1]
+        lo = self.range_min[:rows] if self.kind == "row" else self.range_min
+        hi = self.range_max[:rows] if self.kind == "row" else self.range_max
+        for f in factors:
+            score = float((self._q(x, lo * f, hi * f) - x).abs().pow(0.5).mean())
+            if score < best:
+                best, best_f = score, f
+        self.range_min = self.range_min * best_f
+        self.range_max = self.range_max * best_f
+        self.shrink *= best_f
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def quantize_input(self, x: Tensor) -> Tensor:
+        if self.kind == "none":
+            return x
+        xf = x.float()
+        if self.phase != "off":
+            if xf.shape[1] == 1:
+                return x
+            if self.phase == "calibrate":
+                return self._calibrate(xf).to(x.dtype)
+            if self.phase == "first_search":
+                if self.kind == "channel":
+                    qa = self._calibrate(xf)
+                    e = token_entropy(qa.abs())
+                    if not math.isnan(e):
+                        self.state.entropies.append(e)
+                else:
+                    self._calibrate(xf)
+                self.phase = "search"
+            elif self.phase == "search":
+                factors = ([1.0 - 0.1 * i for i in range(7)] if self.kind == "channel"
+                           else [1.0 - 0.001 * i for i in range(3)])
+                self._grid(xf, factors)
+        return self._infer(xf).to(x.dtype)
+
+    def _infer(self, x: Tensor) -> Tensor:
+        if self.kind == "row":
+            rows = x.shape[1]
+            return self._q(x, self.range_min[:rows], self.range_max[:rows])
+        b, t = x.shape[0], x.shape[1]
+        if t == 1 and self._run_min is not None and self._run_min.shape[0] == b:
+            self._run_min = torch.minimum(self._run_min, x[:, 0])
+            self._run_max = torch.maximum(self._run_max, x[:, 0])
+            return self._q(x, self._run_min.unsqueeze(1), self._run_max.unsqueeze(1))
+        if self.dynamic:
+            mask = self.state.mask
+            valid = (mask.to(torch.bool) if mask is not None and tuple(mask.shape) == (b, t)
+                     else torch.ones(b, t, dtype=torch.bool, device=x.device)).unsqueeze(-1)
+            lo = torch.where(valid, x, torch.full_like(x, math.inf)).amin(dim=1)
+            hi = torch.where(valid, x, torch.full_like(x, -math.inf)).amax(dim=1)
+        else:
+            lo = self.range_min.expand(b, -1)
+            hi = self.range_max.expand(b, -1)
+        self._run_min, self._run_max = lo.clone(), hi.clone()
+        return self._q(x, lo.unsqueeze(1), hi.unsqueeze(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xq = self.quantize_input(x)
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        b = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return F.linear(xq, w, b)
+
+    def weight_storage_bytes(self, packed: bool) -> int:
+        s = self.nf4
+        if packed:  # two codes a byte, one byte per block absmax, fp32 second-level scales and offset
+            return math.ceil(s.codes.numel() / 2) + s.absmax_q.numel() + 4 * s.absmax2.numel() + 4
+        return self.weight.numel() * self.weight.element_size() + s.codes.numel() + s.absmax_q.numel()
+
+    def extra_repr(self) -> str:
+        act = "a16 float" if self.kind == "none" else (
+            f"a{self.a_bits} asym per-{'input-channel' if self.kind == 'channel' else 'token-row'} "
+            f"{'dynamic' if self.dynamic else 'static'}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 block64 double-quant, "
+                f"{act}, block {self.block} layer {self.position}, simulated")
+
+
+# -- the method ------------------------------------------------------------------------------------------------------
+
+
+def _layers(root: nn.Module) -> nn.ModuleList | None:
+    best = None
+    for m in root.modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(any(isinstance(c, nn.Linear) for c in x.modules())
+                                                          for x in m) and (best is None or len(m) > len(best)):
+            best = m
+    return best
+
+
+class QVLMOfficial(Method):
+    name = "qvlm-official"
+    default_options = {"n_calib": 8, "n_search": 2, "quantize_vision": False, "literal_4096": False}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        options = self.options
+        self.n_calib = int(options["n_calib"])
+        self.n_search = int(options["n_search"])
+        if self.n_calib < 1 or self.n_search not in (0, 1, 2):
+            raise HarnessError("qvlm-official needs n_calib >= 1 and n_search in 0, 1, 2 (released: 8 and 2)")
+        self.quantize_vision = _flag(options["quantize_vision"])
+        self.literal_4096 = _flag(options["literal_4096"])
+
+    def unsupported_reason(self, spec: QuantSpec) -> str | None:
+        if spec.w_bits != 4:
+            return "the released code has NF4 (4-bit) weights only; use w4a4 or w4a16"
+        if spec.w_group_size not in (None, 64):
+            return "NF4 uses blocks of 64; drop the group suffix"
+        if spec.quantizes_activations and (spec.a_granularity != "token" or spec.a_symmetric or not spec.a_dynamic):
+            return "the released activation scheme is fixed (asymmetric per input channel); use plain w4aN"
+        return None
+
+    def supports(self, spec: QuantSpec) -> bool:
+        return self.unsupported_reason(spec) is None
+
+    def needs_calibration(self, spec: QuantSpec) -> bool:
+        return spec.quantizes_activations
+
+    def describe(self, spec: QuantSpec) -> str:
+        a = (f"A{spec.a_bits} asymmetric per-input-channel ranges (gated running min/max on 8 prompts, shrink grid "
+             f"1.0..0.4 on a search prompt; o/down_proj dynamic per prompt)" if spec.quantizes_activations
+             else "A16 (float)")
+        vis = ("vision tower NF4 + per-token-row ranges (released dead code, enabled)" if self.quantize_vision
+               else "vision tower and projector in floating point, as in the released code")
+        return (f"Q-VLM released code: NF4 weights (block 64, double quant, round to nearest), {a}; {vis}; "
+                "simulated (per-channel activation scales cannot use integer kernels)")
+
+    def quantize(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope] = ALL_SCOPES) -> QuantizedModel:
+        reason = self.unsupported_reason(spec)
+        if reason:
+            raise HarnessError(f"qvlm-official does not support {spec.tag}: {reason}")
+        t0 = time.perf_counter()
+        stages: dict[str, float] = {}
+        model = adapter.model
+        state = CalibState()
+        swapped: list[OfficialQLinear] = []
+        a_bits = spec.a_bits if spec.quantizes_activations else FLOAT_BITS
+        with PeakRSS() as rss:
+            lm = _layers(model.model.language_model)
+            if lm is None:
+                raise HarnessError("qvlm-official: cannot find the language model's decoder layers")
+            hidden = model.config.text_config.hidden_size
+            if "lm" in scope:
+                for bi, layer in enumerate(lm):
+                    for pos, (name, lin) in enumerate(
+                            [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)], start=1):
+                        dyn = (lin.in_features != (4096 if self.literal_4096 else hidden)) or pos == 4
+                        mod = OfficialQLinear(lin, a_bits, "channel" if a_bits < FLOAT_BITS else "none", bi + 1, pos,
+                                              dyn, state, f"{_name(model, layer)}.{name}")
+                        _swap(layer, name, mod)
+                        swapped.append(mod)
+            if self.quantize_vision and "vision" in scope:
+                vis = _layers(model.model.vision_tower)
+                for bi, layer in enumerate(vis or []):
+                    for pos, (name, lin) in enumerate(
+                            [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)], start=1):
+                        mod = OfficialQLinear(lin, a_bits, "row" if a_bits < FLOAT_BITS else "none", bi + 1, pos,
+                                              False, state, f"{_name(model, layer)}.{name}")
+                        _swap(layer, name, mod)
+                        swapped.append(mod)
+            stages["nf4"] = time.perf_counter() - t0
+            # the per-prompt (dynamic) ranges must ignore left padding: the LM's 2-D attention mask, per call
+            model.model.language_model.register_forward_pre_hook(_mask_hook(state), with_kwargs=True)
+            report: dict = {"calibration_ids": [], "search_ids": []}
+            if a_bits < FLOAT_BITS:
+                t1 = time.perf_counter()
+                report |= self._calibrate(adapter, calibration, swapped, state)
+                stages["calibrate"] = time.perf_counter() - t1
+        report |= {
+            "layers": len(swapped),
+            "dynamic_layers": sum(m.dynamic for m in swapped),
+            "shrink": {m.name: round(m.shrink, 3) for m in swapped if m.kind != "none"},
+            "gate": {"calls": state.gated, "widened": state.widened},
+            "float_parts": (["vision"] if not (self.quantize_vision and "vision" in scope) else []) + ["projector"],
+        }
+        cost = SearchCost(time.perf_counter() - t0, rss.peak_mb, {k: round(v, 3) for k, v in stages.items()})
+        return QuantizedModel(adapter, self.name, spec, "simulated", [m.name for m in swapped], cost, report)
+
+    def _calibrate(self, adapter, calibration, modules: list[OfficialQLinear], state: CalibState) -> dict:
+        if calibration is None or len(calibration) == 0:
+            raise HarnessError("qvlm-official needs calibration samples (the released code uses 8 + 2)")
+        reqs = list(calibration.requests)
+        calib = reqs[: self.n_calib]
+        search = [r for r in reqs[self.n_calib:] if r.image is not None][: self.n_search]
+
+        def forward(req) -> None:
+            batch = adapter.encode([req])
+            with torch.no_grad():
+                adapter.model.model(**batch, use_cache=False)
+
+        for m in modules:
+            m.phase = "calibrate"
+        for r in calib:
+            forward(r)
+        for phase, req in zip(("first_search", "search"), search, strict=False):
+            for m in modules:
+                m.phase = phase if phase == "first_search" else ("search" if m.phase == "search" else "off")
+            forward(req)
+        for m in modules:
+            m.phase = "off"
+        return {"calibration_ids": [r.sample_id for r in calib], "search_ids": [r.sample_id for r in search],
+                "entropies_last_sample": [round(e, 4) for e in state.entropies[-64:]]}
+
+
+def _flag(v) -> bool:
+    if isinstance(v, str):
+        return v.lower() in ("1", "true", "yes")
+    return bool(v)
+
+
+def _swap(layer: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    setattr(parent, child, new)
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    for n, m in model.named_modules():
+        if m is module:
+            return n
+    return "?"
+
+
+def _mask_hook(state: CalibState):
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        state.mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+    return hook
