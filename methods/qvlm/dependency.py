@@ -19,7 +19,7 @@ the coefficient of determination of the least-squares line (the squared Pearson 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,9 +47,10 @@ def r_squared(x: Sequence[float], y: Sequence[float]) -> float:
     return float((xc * yc).sum()) ** 2 / (sxx * syy)
 
 
-def per_sample_errors(units: Sequence[Unit], inputs: Sequence[StackInput], targets: dict[int, Tensor]) -> list[float]:
-    """Relative squared error of the units' output per sample (valid tokens), in input order."""
-    out: list[float] = []
+def _sample_errors(units: Sequence[Unit], inputs: Sequence[StackInput],
+                   targets: dict[int, Tensor]) -> Iterator[tuple[float, float]]:
+    """(squared error, squared reference) of the units' output per sample over its valid tokens, in input order:
+    the one propagation both the per-sample and the pooled error are read from."""
     with torch.no_grad():
         for si in inputs:
             h = si.hidden
@@ -61,27 +62,22 @@ def per_sample_errors(units: Sequence[Unit], inputs: Sequence[StackInput], targe
             for i in range(h.shape[0]):
                 if si.mask is not None:
                     m = si.mask[i]
-                    d, r = float(diff[i][m].sum()), float(ref[i][m].sum())
+                    yield float(diff[i][m].sum()), float(ref[i][m].sum())
                 else:
-                    d, r = float(diff[i].sum()), float(ref[i].sum())
-                out.append(d / r if r > 0 else 0.0)
-    return out
+                    yield float(diff[i].sum()), float(ref[i].sum())
+
+
+def per_sample_errors(units: Sequence[Unit], inputs: Sequence[StackInput], targets: dict[int, Tensor]) -> list[float]:
+    """Relative squared error of the units' output per sample (valid tokens), in input order."""
+    return [d / r if r > 0 else 0.0 for d, r in _sample_errors(units, inputs, targets)]
 
 
 def _total(units: Sequence[Unit], inputs: Sequence[StackInput], targets: dict[int, Tensor]) -> float:
+    """Relative squared error pooled over all samples' valid tokens."""
     num = den = 0.0
-    with torch.no_grad():
-        for si in inputs:
-            h = si.hidden
-            for u in units:
-                h = run_unit(u, h, si)
-            y = targets[si.batch]
-            d = (h.float() - y.float()).square().sum(dim=-1)
-            r = y.float().square().sum(dim=-1)
-            if si.mask is not None:
-                d, r = d[si.mask], r[si.mask]
-            num += float(d.sum())
-            den += float(r.sum())
+    for d, r in _sample_errors(units, inputs, targets):
+        num += d
+        den += r
     return num / den if den > 0 else 0.0
 
 
