@@ -74,3 +74,17 @@ def test_fp16_and_bf16_loading(tiny_model_dir):
         assert adapter.dtype == torch_dtype
         out = adapter.generate([Request("a", "What color?", _img((5, 5, 5)), max_new_tokens=2)])
         assert isinstance(out[0].text, str)
+
+
+def test_fingerprint_ignores_load_folder_but_sees_weight_changes(tiny_model_dir, tmp_path):
+    """The CI checkout builds the default model in another folder than a developer's cache: the same weights must
+    fingerprint alike wherever they were loaded from, and a changed weight must change the fingerprint."""
+    import shutil
+
+    copy = tmp_path / "elsewhere" / "tiny-copy"
+    shutil.copytree(tiny_model_dir, copy)
+    here, there = LlavaAdapter.load(tiny_model_dir), LlavaAdapter.load(copy)
+    assert here.fingerprint() == there.fingerprint()
+    with torch.no_grad():
+        next(there.model.parameters()).view(-1)[0] += 1.0
+    assert here.fingerprint() != there.fingerprint()

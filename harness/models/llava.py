@@ -34,6 +34,20 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+# Config keys that say where and with what a checkpoint was loaded, not what it is: the same weights loaded from
+# another folder (a CI checkout, a user's cache) or saved by another transformers release must fingerprint alike.
+_VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "_commit_hash", "transformers_version"})
+
+
+def _without_volatile_keys(value):
+    """`value` (a nested config dict) without the keys that record provenance rather than the model."""
+    if isinstance(value, dict):
+        return {k: _without_volatile_keys(v) for k, v in value.items() if k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(value, list):
+        return [_without_volatile_keys(v) for v in value]
+    return value
+
+
 @dataclass
 class Timing:
     """Wall-clock seconds of one batch: prefill (prompt forward, up to the first new token) and decode."""
@@ -127,7 +141,8 @@ class LlavaAdapter:
     def fingerprint(self) -> str:
         """A short hash of the config and of a sample of every weight tensor: equal fingerprints mean the same
         weights for all practical purposes, without hashing gigabytes."""
-        h = hashlib.sha256(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
+        config = _without_volatile_keys(self.model.config.to_dict())
+        h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for name, t in sorted(self.model.state_dict().items()):
             flat = t.detach().reshape(-1)
             step = max(1, flat.numel() // 64)
