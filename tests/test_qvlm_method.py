@@ -184,6 +184,9 @@ def test_joint_search_is_never_worse_than_layerwise(fresh, calib):
         res = pair_ded(lm[0], lm[1], entries["lm"], QuantSpec.parse(spec), QVLMOptions(iters=6), seed=0)
         assert res.error_joint <= res.error_layerwise
         assert res.ded >= 0
+        if spec == "w3a16":  # the flip search finds a real joint gain (about 40% of the pair error here)
+            assert res.error_joint < 0.9 * res.error_layerwise
+            assert sum(d > 0 for d in res.sample_ded) >= len(res.sample_ded) // 2
         assert len(res.sample_ded) == len(res.sample_entropy) == len(calib)
     # the model itself was not modified by the analysis
     assert not any(isinstance(m, QLinear | LearnableQLinear) for u in lm for m in u.module.modules())

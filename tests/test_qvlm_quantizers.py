@@ -160,3 +160,31 @@ def test_sharpen_keeps_the_hard_decisions_and_sets_soft_offsets():
     up = ada.v.detach() >= 0
     assert torch.allclose(h[up], torch.full_like(h[up], 0.6), atol=1e-6)
     assert torch.allclose(h[~up], torch.full_like(h[~up], 0.4), atol=1e-6)
+
+
+def test_flip_inverts_exactly_the_masked_decisions_and_probe_gradient_is_first_order():
+    """`flip_` moves each masked code by one step (up <-> down, inside the grid) and nothing else; flipping twice
+    restores the codes; the probe's gradient predicts the loss change of a flip to first order (the loss is
+    linear in the weight here, so exactly)."""
+    lin = linear()
+    ada = AdaRoundWeight(lin.weight, init_weight_qparams(lin.weight, QuantSpec.parse("w4a16")))
+    codes0 = ada.codes().clone()
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(ada.v.shape, generator=gen) < 0.1
+    up0 = ada.hard_offset().bool()
+    ada.flip_(mask)
+    assert torch.equal(ada.hard_offset().bool(), up0 ^ mask)
+    moved = (ada.codes() - codes0).abs()
+    assert moved[~mask.reshape(moved.shape)].sum() == 0 and moved.max() <= 1 and moved.sum() > 0
+    ada.flip_(mask)
+    assert torch.equal(ada.codes(), codes0)
+    # first-order prediction of the change of a linear loss <c, W_hard> equals the real change
+    c = torch.randn(ada.shape, generator=gen)
+    ada.probe = ada.hard_offset().requires_grad_(True)
+    (c * ada.hard_weight()).sum().backward()
+    gain = (ada.probe.grad * (1 - 2 * ada.probe.detach()) * ada.flippable())[mask].sum()
+    ada.probe = None
+    before = float((c * ada.hard_weight()).sum())
+    ada.flip_(mask)
+    # a flip that the grid's edge clamps to the same code changes nothing: `flippable` says which do
+    assert float((c * ada.hard_weight()).sum()) - before == pytest.approx(float(gain), rel=1e-4, abs=1e-4)

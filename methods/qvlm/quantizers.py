@@ -108,6 +108,10 @@ class AdaRoundWeight(nn.Module):
         v0 = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
         self.register_buffer("v_init", v0.clone())
         self.v = nn.Parameter(v0.clone())
+        # when set, the hard weight is built from this float 0/1 offset tensor instead of sign(v): a leaf that
+        # collects the gradient of a loss with respect to each rounding decision (the dependency analysis's
+        # flip search reads it)
+        self.probe: Tensor | None = None
 
     def reset(self) -> None:
         with torch.no_grad():
@@ -127,7 +131,23 @@ class AdaRoundWeight(nn.Module):
         return (self.v.detach() >= 0).float()
 
     def hard_weight(self) -> Tensor:
-        return self._dequant(self.hard_offset())
+        return self._dequant(self.hard_offset() if self.probe is None else self.probe)
+
+    def flippable(self) -> Tensor:
+        """True where inverting the rounding decision changes the code (false where the grid's edge clamps both
+        choices to the same code), shaped like `floor`."""
+        off = self.hard_offset()
+        lo, hi = self.qp.qmin, self.qp.qmax
+        now = torch.clamp(self.floor + off + self.zp, lo, hi)
+        other = torch.clamp(self.floor + 1.0 - off + self.zp, lo, hi)
+        return now != other
+
+    def flip_(self, mask: Tensor) -> None:
+        """Invert the hard rounding decision wherever `mask` (shaped like `floor`) is true."""
+        with torch.no_grad():
+            up = self.v >= 0
+            self.v.copy_(torch.where(mask & up, -self.v.abs().clamp(min=1e-3),
+                                     torch.where(mask & ~up, self.v.abs().clamp(min=1e-3), self.v)))
 
     def codes(self) -> Tensor:
         q = torch.clamp(self.floor + self.hard_offset() + self.zp, self.qp.qmin, self.qp.qmax)
