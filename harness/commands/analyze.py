@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", default="w4a4", help="the quantization setting the searches use (default w4a4)")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration samples (points per layer)")
     p.add_argument("--iters", type=int, default=8, help="search steps per unit (paper scale: thousands)")
+    p.add_argument("--flip-rounds", type=int, default=24,
+                   help="rounds of the joint search's greedy flip stage (0: block search only; DED is then often 0)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--stack", choices=["lm", "vision", "all"], default="lm", help="which layer stack(s) to analyse")
     p.add_argument("--layers", default=None, help="first-layer indices of the pairs, e.g. 10-20 or 3,7 (default all)")
@@ -52,6 +54,11 @@ def _indices(text: str | None) -> list[int] | None:
     except ValueError:
         raise HarnessError(f"--layers takes indices and ranges like 10-20 or 3,7; got {text!r}") from None
     return sorted(set(out))
+
+
+def _print_pair(pair, seconds: float) -> None:
+    print(f"  {pair.unit} -> {pair.successor}: entropy {pair.entropy:.3f}, layer-wise {pair.error_layerwise:.5f}, "
+          f"joint {pair.error_joint:.5f}, DED {pair.ded:.5f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -94,7 +101,8 @@ def execute(args: argparse.Namespace) -> int:
             continue
         print(f"analysing {stack}: {len(used) - 1 if wanted is None else len(wanted)} layer pairs on "
               f"{len(calibration)} samples ({spec.tag}, {opts.iters} steps per unit)", file=sys.stderr)
-        results[stack] = analyze_stack(used, entries[stack], spec, opts, args.seed, wanted)
+        results[stack] = analyze_stack(used, entries[stack], spec, opts, args.seed, wanted,
+                                       flip_rounds=args.flip_rounds, progress=_print_pair)
     if not results:
         raise HarnessError("nothing to analyse: no layer pair was reached by the calibration data")
 

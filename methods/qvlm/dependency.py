@@ -23,7 +23,8 @@ the coefficient of determination of the least-squares line (the squared Pearson 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -210,14 +211,19 @@ def pair_ded(a: Unit, b: Unit, inputs: Sequence[StackInput], spec: QuantSpec, op
 
 
 def analyze_stack(units: Sequence[Unit], inputs: Sequence[StackInput], spec: QuantSpec, opts: QVLMOptions, seed: int,
-                  indices: Sequence[int] | None = None) -> list[PairDED]:
-    """DED and entropy for consecutive pairs of a stack, propagating the FP inputs unit by unit."""
+                  indices: Sequence[int] | None = None, flip_rounds: int = 24,
+                  progress: Callable[[PairDED, float], None] | None = None) -> list[PairDED]:
+    """DED and entropy for consecutive pairs of a stack, propagating the FP inputs unit by unit; `progress` is
+    called after each pair with its result and seconds (a pair can take minutes on a CPU)."""
     wanted = set(range(len(units) - 1)) if indices is None else set(indices)
     out: list[PairDED] = []
     stream = list(inputs)
     for i in range(len(units) - 1):
         if i in wanted:
-            out.append(pair_ded(units[i], units[i + 1], stream, spec, opts, seed))
+            t0 = time.perf_counter()
+            out.append(pair_ded(units[i], units[i + 1], stream, spec, opts, seed, flip_rounds=flip_rounds))
+            if progress is not None:
+                progress(out[-1], time.perf_counter() - t0)
         if i + 1 >= len(units) - 1 or not any(j > i for j in wanted):
             break
         with torch.no_grad():
