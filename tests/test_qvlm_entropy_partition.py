@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.qvlm.dependency import r_squared
+from methods.qvlm.dependency import pearson_r, r_squared
 from methods.qvlm.entropy import (
     histogram_entropy,
     histogram_entropy_per_sample,
@@ -131,4 +131,6 @@ def test_r_squared_matches_numpy():
     y = 2 * x + rng.normal(scale=0.5, size=30)
     assert r_squared(list(x), list(y)) == pytest.approx(float(np.corrcoef(x, y)[0, 1] ** 2), abs=1e-12)
     assert r_squared([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
+    assert pearson_r(list(x), list(y)) == pytest.approx(float(np.corrcoef(x, y)[0, 1]), abs=1e-12)
+    assert pearson_r([1.0, 2.0, 3.0], [6.0, 4.0, 2.0]) == pytest.approx(-1.0)  # the sign R^2 hides
     assert math.isnan(r_squared([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))

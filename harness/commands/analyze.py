@@ -69,7 +69,7 @@ def execute(args: argparse.Namespace) -> int:
     from harness.config import QuantSpec
     from harness.models.llava import LlavaAdapter, set_threads
     from harness.runner import check_model_source, resolve_model
-    from methods.qvlm.dependency import analyze_stack, r_squared
+    from methods.qvlm.dependency import analyze_stack, pearson_r, r_squared
     from methods.qvlm.options import QVLMOptions
     from methods.qvlm.units import build_batches, capture_stack_inputs, find_units
 
@@ -113,16 +113,18 @@ def execute(args: argparse.Namespace) -> int:
         ents = [p.entropy for p in pairs]
         deds = [p.ded for p in pairs]
         summary["stacks"][stack] = {
-            "r2_layers": r_squared(ents, deds),
+            "r2_layers": r_squared(ents, deds), "r_layers": pearson_r(ents, deds),
             "pairs": [{"unit": p.unit, "successor": p.successor, "entropy": p.entropy, "ded": p.ded,
                        "error_layerwise": p.error_layerwise, "error_joint": p.error_joint,
                        "r2_samples": r_squared(p.sample_entropy, p.sample_ded),
+                       "r_samples": pearson_r(p.sample_entropy, p.sample_ded),
                        "sample_entropy": p.sample_entropy, "sample_ded": p.sample_ded} for p in pairs],
         }
         for p in pairs:
             rows.append({"stack": stack, "layer": p.unit.rsplit(".", 1)[-1] if stack != "projector" else "projector",
                          "entropy": p.entropy, "ded": p.ded, "error_layerwise": p.error_layerwise,
-                         "error_joint": p.error_joint, "r2_samples": r_squared(p.sample_entropy, p.sample_ded)})
+                         "error_joint": p.error_joint, "r2_samples": r_squared(p.sample_entropy, p.sample_ded),
+                         "r_samples": pearson_r(p.sample_entropy, p.sample_ded)})
     focus_stack = "lm" if "lm" in results else next(iter(results))
     pairs = results[focus_stack]
     layer = args.layer
@@ -132,7 +134,8 @@ def execute(args: argparse.Namespace) -> int:
             raise HarnessError(f"--layer {layer} was not analysed; pick one of the analysed pairs (see --layers)")
         focus = pairs[len(pairs) // 2]
     summary["focus"] = {"stack": focus_stack, "unit": focus.unit,
-                        "r2_samples": r_squared(focus.sample_entropy, focus.sample_ded)}
+                        "r2_samples": r_squared(focus.sample_entropy, focus.sample_ded),
+                        "r_samples": pearson_r(focus.sample_entropy, focus.sample_ded)}
     summary["seconds"] = round(time.time() - t0, 1)
 
     out = args.output / model_id.replace("/", "_")
@@ -148,11 +151,19 @@ def execute(args: argparse.Namespace) -> int:
 
     print(table.to_markdown(index=False, floatfmt=".4g"))
     for stack in results:
-        print(f"\n{stack}: R^2(entropy, DED) over layers = {summary['stacks'][stack]['r2_layers']:.4f}")
+        st = summary["stacks"][stack]
+        print(f"\n{stack}: R^2(entropy, DED) over layers = {st['r2_layers']:.4f} ({_direction(st['r_layers'])})")
     print(f"{focus.unit}: R^2 over samples = {summary['focus']['r2_samples']:.4f} "
-          f"(paper: 0.9718 at LLaVA-13B layer 15 on ScienceQA)")
+          f"({_direction(summary['focus']['r_samples'])}; paper: 0.9718 at LLaVA-13B layer 15 on ScienceQA, "
+          f"DED rising with entropy)")
     print(f"\nwrote {png}, {out / (stem + '.json')}, {out / (stem + '.csv')}; {summary['seconds']:.0f}s")
     return 0
+
+
+def _direction(r: float) -> str:
+    if r != r:
+        return "r undefined"
+    return f"r = {r:+.3f}: DED {'rises' if r > 0 else 'falls'} as entropy rises"
 
 
 def _json(x):

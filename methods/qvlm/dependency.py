@@ -38,9 +38,9 @@ from methods.qvlm.search import BlockSearch
 from methods.qvlm.units import StackInput, Unit, run_unit
 
 
-def r_squared(x: Sequence[float], y: Sequence[float]) -> float:
-    """Coefficient of determination of the least-squares line y ~ a x + b (NaN for fewer than 3 points or a
-    constant variable)."""
+def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation (signed: the paper's claim is that DED *rises* with entropy, which R^2 cannot show);
+    NaN for fewer than 3 points or a constant variable."""
     if len(x) != len(y) or len(x) < 3:
         return float("nan")
     xt = torch.tensor(list(x), dtype=torch.float64)
@@ -49,7 +49,12 @@ def r_squared(x: Sequence[float], y: Sequence[float]) -> float:
     sxx, syy = float((xc * xc).sum()), float((yc * yc).sum())
     if sxx == 0 or syy == 0:
         return float("nan")
-    return float((xc * yc).sum()) ** 2 / (sxx * syy)
+    return float((xc * yc).sum()) / (sxx * syy) ** 0.5
+
+
+def r_squared(x: Sequence[float], y: Sequence[float]) -> float:
+    """Coefficient of determination of the least-squares line y ~ a x + b (the squared Pearson correlation)."""
+    return pearson_r(x, y) ** 2
 
 
 def _sample_errors(units: Sequence[Unit], inputs: Sequence[StackInput],
