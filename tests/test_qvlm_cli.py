@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -42,6 +43,18 @@ def test_analyze_dependency_writes_table_json_and_plot(tiny_model_dir, tmp_path,
     summary = json.loads(next(out.rglob("*.json")).read_text())
     pair = summary["stacks"]["lm"]["pairs"][0]
     assert pair["error_joint"] <= pair["error_layerwise"] and len(pair["sample_ded"]) == 4
+    # the sequence-length control: valid tokens per sample, in the analysis's sample order, from an independent
+    # tokenisation of the same seeded calibration samples
+    from harness import plugins
+    from harness.calibration import CalibrationSet
+    from harness.models.llava import LlavaAdapter
+    from methods.qvlm.units import build_batches
+
+    calib = CalibrationSet.from_task(plugins.tasks.get("sqa")(), 4, 0, None)
+    batches = build_batches(LlavaAdapter.load(tiny_model_dir), calib, 2)
+    assert pair["sample_tokens"] == [int(m.sum()) for b in batches for m in b.token_mask]
+    assert pair["r_tokens_ded"] == pytest.approx(float(np.corrcoef(pair["sample_tokens"], pair["sample_ded"])[0, 1]))
+    assert "control: r(tokens, DED)" in printed
     table = pd.read_csv(next(out.rglob("*.csv")))
     assert list(table["ded"]) == pytest.approx([pair["ded"]])
     assert main(["analyze", "dependency", "--model", str(tiny_model_dir), "--calib-samples", "2"]) == 2

@@ -118,13 +118,17 @@ def execute(args: argparse.Namespace) -> int:
                        "error_layerwise": p.error_layerwise, "error_joint": p.error_joint,
                        "r2_samples": r_squared(p.sample_entropy, p.sample_ded),
                        "r_samples": pearson_r(p.sample_entropy, p.sample_ded),
-                       "sample_entropy": p.sample_entropy, "sample_ded": p.sample_ded} for p in pairs],
+                       "r_tokens_ded": pearson_r(p.sample_tokens, p.sample_ded),
+                       "r_tokens_entropy": pearson_r(p.sample_tokens, p.sample_entropy),
+                       "sample_entropy": p.sample_entropy, "sample_ded": p.sample_ded,
+                       "sample_tokens": p.sample_tokens} for p in pairs],
         }
         for p in pairs:
             rows.append({"stack": stack, "layer": p.unit.rsplit(".", 1)[-1] if stack != "projector" else "projector",
                          "entropy": p.entropy, "ded": p.ded, "error_layerwise": p.error_layerwise,
                          "error_joint": p.error_joint, "r2_samples": r_squared(p.sample_entropy, p.sample_ded),
-                         "r_samples": pearson_r(p.sample_entropy, p.sample_ded)})
+                         "r_samples": pearson_r(p.sample_entropy, p.sample_ded),
+                         "r_tokens_ded": pearson_r(p.sample_tokens, p.sample_ded)})
     focus_stack = "lm" if "lm" in results else next(iter(results))
     pairs = results[focus_stack]
     layer = args.layer
@@ -135,7 +139,9 @@ def execute(args: argparse.Namespace) -> int:
         focus = pairs[len(pairs) // 2]
     summary["focus"] = {"stack": focus_stack, "unit": focus.unit,
                         "r2_samples": r_squared(focus.sample_entropy, focus.sample_ded),
-                        "r_samples": pearson_r(focus.sample_entropy, focus.sample_ded)}
+                        "r_samples": pearson_r(focus.sample_entropy, focus.sample_ded),
+                        "r_tokens_ded": pearson_r(focus.sample_tokens, focus.sample_ded),
+                        "r_tokens_entropy": pearson_r(focus.sample_tokens, focus.sample_entropy)}
     summary["seconds"] = round(time.time() - t0, 1)
 
     out = args.output / model_id.replace("/", "_")
@@ -156,6 +162,9 @@ def execute(args: argparse.Namespace) -> int:
     print(f"{focus.unit}: R^2 over samples = {summary['focus']['r2_samples']:.4f} "
           f"({_direction(summary['focus']['r_samples'])}; paper: 0.9718 at LLaVA-13B layer 15 on ScienceQA, "
           f"DED rising with entropy)")
+    fo = summary["focus"]
+    print(f"control: r(tokens, DED) = {fo['r_tokens_ded']:+.3f}, r(tokens, entropy) = {fo['r_tokens_entropy']:+.3f} "
+          f"(when both are near +-1, sequence length explains the entropy/DED relation)")
     print(f"\nwrote {png}, {out / (stem + '.json')}, {out / (stem + '.csv')}; {summary['seconds']:.0f}s")
     return 0
 

@@ -100,6 +100,9 @@ class PairDED:
     error_joint: float
     sample_entropy: list[float] = field(default_factory=list)
     sample_ded: list[float] = field(default_factory=list)
+    # valid tokens per sample: a control, because both errors and both entropy estimators can follow sequence
+    # length (on the default model the released proxy is a function of it, and image samples are the long ones)
+    sample_tokens: list[int] = field(default_factory=list)
 
     @property
     def ded(self) -> float:
@@ -212,7 +215,9 @@ def pair_ded(a: Unit, b: Unit, inputs: Sequence[StackInput], spec: QuantSpec, op
     masks = [si.mask for si in inputs]
     ent = unit_entropy(chunks, masks, opts.entropy, opts.bins)
     ent_s = unit_entropy_per_sample(chunks, masks, opts.entropy, opts.bins)
-    return PairDED(a.name, b.name, ent, e_lw, e_joint, ent_s, [x - y for x, y in zip(lw, jt, strict=True)])
+    tokens = [int(m[i].sum()) if m is not None else int(si.hidden.shape[1])
+              for si, m in zip(inputs, masks, strict=True) for i in range(si.hidden.shape[0])]
+    return PairDED(a.name, b.name, ent, e_lw, e_joint, ent_s, [x - y for x, y in zip(lw, jt, strict=True)], tokens)
 
 
 def analyze_stack(units: Sequence[Unit], inputs: Sequence[StackInput], spec: QuantSpec, opts: QVLMOptions, seed: int,
