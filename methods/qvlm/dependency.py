@@ -57,19 +57,24 @@ def r_squared(x: Sequence[float], y: Sequence[float]) -> float:
     return pearson_r(x, y) ** 2
 
 
+def _token_errors(units: Sequence[Unit], si: StackInput, targets: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
+    """(squared error, squared reference) per token ``[b, T]`` of the units' output on one batch (differentiable
+    when grad is enabled)."""
+    h = si.hidden
+    for u in units:
+        h = run_unit(u, h, si)
+    y = targets[si.batch]
+    return (h.float() - y.float()).square().sum(dim=-1), y.float().square().sum(dim=-1)
+
+
 def _sample_errors(units: Sequence[Unit], inputs: Sequence[StackInput],
                    targets: dict[int, Tensor]) -> Iterator[tuple[float, float]]:
     """(squared error, squared reference) of the units' output per sample over its valid tokens, in input order:
     the one propagation both the per-sample and the pooled error are read from."""
     with torch.no_grad():
         for si in inputs:
-            h = si.hidden
-            for u in units:
-                h = run_unit(u, h, si)
-            y = targets[si.batch]
-            diff = (h.float() - y.float()).square().sum(dim=-1)
-            ref = y.float().square().sum(dim=-1)
-            for i in range(h.shape[0]):
+            diff, ref = _token_errors(units, si, targets)
+            for i in range(diff.shape[0]):
                 if si.mask is not None:
                     m = si.mask[i]
                     yield float(diff[i][m].sum()), float(ref[i][m].sum())
@@ -139,12 +144,7 @@ def flip_search(units: Sequence[Unit], inputs: Sequence[StackInput], targets: di
             den = 0.0
             with torch.enable_grad():
                 for si in inputs:
-                    h = si.hidden
-                    for u in units:
-                        h = run_unit(u, h, si)
-                    y = targets[si.batch]
-                    diff = (h.float() - y.float()).square().sum(dim=-1)
-                    ref = y.float().square().sum(dim=-1)
+                    diff, ref = _token_errors(units, si, targets)
                     if si.mask is not None:
                         diff, ref = diff[si.mask], ref[si.mask]
                     den += float(ref.sum())
