@@ -23,25 +23,22 @@ import torch
 
 from harness.config import ALL_SCOPES, QuantSpec, Scope
 from harness.errors import HarnessError
-from harness.method import Method, QuantizedModel
+from harness.method import QuantizedModel
 from harness.quant.aespa import AespaOptions, aespa_pass
-from harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, measure_search
+from harness.quant.methodkit import (
+    HessianSolverMethod,
+    activation_text,
+    calibrate_activations,
+    layer_spec,
+    measure_search,
+)
 
 _DEFAULTS = AespaOptions()
 
 
-class Aespa(Method):
+class Aespa(HessianSolverMethod):
     name = "aespa"
     default_options = {"group_size": None} | {f.name: getattr(_DEFAULTS, f.name) for f in fields(AespaOptions)}
-
-    def supports(self, spec: QuantSpec) -> bool:
-        return spec.quantizes_weights
-
-    def needs_calibration(self, spec: QuantSpec) -> bool:
-        return True
-
-    def _group(self, spec: QuantSpec) -> int | None:
-        return self.options["group_size"] or spec.w_group_size
 
     def _opts(self) -> AespaOptions:
         values = {}

@@ -13,23 +13,20 @@ from collections.abc import Sequence
 
 from harness.config import ALL_SCOPES, QuantSpec, Scope
 from harness.errors import HarnessError
-from harness.method import Method, QuantizedModel
+from harness.method import QuantizedModel
 from harness.quant.gptq import gptq_pass
-from harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, measure_search
+from harness.quant.methodkit import (
+    HessianSolverMethod,
+    activation_text,
+    calibrate_activations,
+    layer_spec,
+    measure_search,
+)
 
 
-class GPTQ(Method):
+class GPTQ(HessianSolverMethod):
     name = "gptq"
     default_options = {"group_size": None, "act_order": False, "percdamp": 0.01, "block_size": 128, "batch_size": 8}
-
-    def supports(self, spec: QuantSpec) -> bool:
-        return spec.quantizes_weights
-
-    def needs_calibration(self, spec: QuantSpec) -> bool:
-        return True
-
-    def _group(self, spec: QuantSpec) -> int | None:
-        return self.options["group_size"] or spec.w_group_size
 
     def quantize(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope] = ALL_SCOPES) -> QuantizedModel:
         if calibration is None:

@@ -13,8 +13,23 @@ from torch import nn
 from harness.config import FLOAT_BITS, QuantSpec
 from harness.errors import HarnessError
 from harness.measure import PeakRSS
-from harness.method import SearchCost
+from harness.method import Method, SearchCost
 from harness.quant.apply import act_quant_modules, calibrate_static_activations
+
+
+class HessianSolverMethod(Method):
+    """What GPTQ and aespa share as methods: they quantize weights (any activation bits), always calibrate (their
+    objectives are built from calibration inputs), and take the group size from the `group_size` option, else from
+    the bits string."""
+
+    def supports(self, spec: QuantSpec) -> bool:
+        return spec.quantizes_weights
+
+    def needs_calibration(self, spec: QuantSpec) -> bool:
+        return True
+
+    def _group(self, spec: QuantSpec) -> int | None:
+        return self.options["group_size"] or spec.w_group_size
 
 
 def effective_group(in_features: int, group_size: int | None) -> int | None:
