@@ -23,12 +23,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from harness.config import QuantSpec  # noqa: E402
-from harness.kernels import cpu as cpu_kernels  # noqa: E402
-from harness.kernels.convert import pack_qlinear  # noqa: E402
-from harness.kernels.linear import IntLinear  # noqa: E402
-from harness.kernels.timing import round_samples  # noqa: E402
-from harness.quant import QLinear  # noqa: E402
+from qvlm_harness.config import QuantSpec  # noqa: E402
+from qvlm_harness.kernels import cpu as cpu_kernels  # noqa: E402
+from qvlm_harness.kernels.convert import pack_qlinear  # noqa: E402
+from qvlm_harness.kernels.linear import IntLinear  # noqa: E402
+from qvlm_harness.kernels.timing import round_samples  # noqa: E402
+from qvlm_harness.quant import QLinear  # noqa: E402
 
 DEFAULT_SHAPES = "576x576,576x1536,1536x576,384x384,384x1536,1536x384"
 

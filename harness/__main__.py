@@ -1,5 +1,5 @@
-"""`python -m harness ...` is the same as the `harness` console script."""
+"""`python -m qvlm_harness ...` is the same as the `harness` console script."""
 
-from harness.cli import main
+from qvlm_harness.cli import main
 
 raise SystemExit(main())

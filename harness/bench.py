@@ -1,7 +1,7 @@
 """`harness bench`: real speed and memory of quantized models, each as a ratio to the FP32 baseline of the same run.
 
 For every (method, bits) the model is quantized through the method registry and converted to packed kernels
-(`harness.kernels.convert_to_packed`); what cannot be converted stays simulated and is labelled so. All variants
+(`qvlm_harness.kernels.convert_to_packed`); what cannot be converted stays simulated and is labelled so. All variants
 are held in one process and timed in interleaved rounds (every round runs each variant once, in the same order),
 so the machine's slow phases hit all of them alike; the figures are medians over rounds. Measured per variant and
 batch size: prefill latency (prompt forward up to the first new token), decode tokens/s (the remaining tokens,
@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness import plugins
-from harness.config import ALL_SCOPES, QuantSpec, Scope
-from harness.errors import HarnessError
-from harness.measure import PeakRSS, current_rss_mb, weight_bytes
+from qvlm_harness import plugins
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.measure import PeakRSS, current_rss_mb, weight_bytes
 
 BASELINE = "fp32"
 
@@ -88,9 +88,9 @@ def variant_specs(cfg: BenchConfig) -> list[tuple[str, QuantSpec]]:
 
 def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, copy_model: bool = True) -> Variant:
     """Quantize a copy of `base` (a LlavaAdapter) with the registered method and pack it."""
-    from harness.calibration import CalibrationSet
-    from harness.kernels.convert import convert_to_packed
-    from harness.models.llava import LlavaAdapter
+    from qvlm_harness.calibration import CalibrationSet
+    from qvlm_harness.kernels.convert import convert_to_packed
+    from qvlm_harness.models.llava import LlavaAdapter
 
     t0 = time.perf_counter()
     method = plugins.methods.get(method_name)(**cfg.method_options.get(method_name, {}))
@@ -210,7 +210,7 @@ def rss_child_main() -> None:
     import json
     import sys
 
-    from harness.models.llava import LlavaAdapter, set_threads
+    from qvlm_harness.models.llava import LlavaAdapter, set_threads
 
     job = json.loads(sys.stdin.read())
     raw = job["cfg"]
@@ -254,7 +254,7 @@ def peak_rss(cfg: BenchConfig, model_path: str, method: str, spec: QuantSpec, ba
     job = {"cfg": _config_json(cfg), "model_path": model_path, "method": method,
            "bits": "fp" if spec.is_float else spec.tag, "batch_size": batch_size}
     try:
-        out = subprocess.run([sys.executable, "-c", "from harness.bench import rss_child_main; rss_child_main()"],
+        out = subprocess.run([sys.executable, "-c", "from qvlm_harness.bench import rss_child_main; rss_child_main()"],
                              input=json.dumps(job), capture_output=True, text=True, timeout=1800,
                              cwd=str(Path(__file__).resolve().parent.parent))
     except subprocess.TimeoutExpired:
@@ -329,9 +329,9 @@ def profile_decode(variant: Variant, cfg: BenchConfig, batch_size: int = 1, top:
 
 def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], None] = print) -> dict:
     """Build every variant, time them, measure memory; returns {"rows": [...], "profiles": [...], "env": {...}}."""
-    from harness.kernels import cpu as cpu_kernels
-    from harness.models.llava import LlavaAdapter, set_threads
-    from harness.runner import resolve_model
+    from qvlm_harness.kernels import cpu as cpu_kernels
+    from qvlm_harness.models.llava import LlavaAdapter, set_threads
+    from qvlm_harness.runner import resolve_model
 
     threads = set_threads(cfg.threads)
     pairs = variant_specs(cfg)

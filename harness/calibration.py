@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from harness.task import Request, Task
+from qvlm_harness.task import Request, Task
 
 if TYPE_CHECKING:
-    from harness.models.llava import LlavaAdapter
+    from qvlm_harness.models.llava import LlavaAdapter
 
 
 @dataclass

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.config import QuantSpec
-from harness.errors import HarnessError
-from harness.method import Method, QuantizedModel, SearchCost
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.method import Method, QuantizedModel, SearchCost
 
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
@@ -83,8 +83,8 @@ def _spec(d: dict) -> QuantSpec:
 
 
 def _qlinear_build(meta: dict, t: dict[str, Tensor]) -> nn.Module:
-    from harness.quant.qlinear import QLinear
-    from harness.quant.quantizer import QParams
+    from qvlm_harness.quant.qlinear import QLinear
+    from qvlm_harness.quant.quantizer import QParams
 
     spec = _spec(meta["spec"])
     dtype = _DTYPES[meta["dtype"]]
@@ -120,8 +120,8 @@ def _nf_meta(m) -> dict:
 
 
 def _nf_build(meta: dict, t: dict[str, Tensor]) -> nn.Module:
-    from harness.quant.nf4 import NFState, bnb_available, unpack_4bit
-    from harness.quant.nflinear import NFLinear
+    from qvlm_harness.quant.nf4 import NFState, bnb_available, unpack_4bit
+    from qvlm_harness.quant.nflinear import NFLinear
 
     what = meta.get("name", "NFLinear")
     stats = {"absmax_q", "absmax2", "code2", "offset"} if meta["double_quant"] else {"absmax"}
@@ -157,7 +157,7 @@ def _lorc_meta(m) -> dict:
 
 
 def _lorc_build(meta: dict, t: dict[str, Tensor]) -> nn.Module:
-    from harness.quant.lorc import LoRCLinear
+    from qvlm_harness.quant.lorc import LoRCLinear
 
     inner_t = {k[len("qlinear."):]: v for k, v in t.items() if k.startswith("qlinear.")}
     own = {k: v for k, v in t.items() if not k.startswith("qlinear.")}
@@ -186,9 +186,9 @@ def _lorc_exclude(m) -> set[str]:
 
 
 def _register_builtins() -> None:
-    from harness.quant.lorc import LoRCLinear
-    from harness.quant.nflinear import NFLinear
-    from harness.quant.qlinear import QLinear
+    from qvlm_harness.quant.lorc import LoRCLinear
+    from qvlm_harness.quant.nflinear import NFLinear
+    from qvlm_harness.quant.qlinear import QLinear
 
     register_module_type("QLinear", ModuleCodec(QLinear, _qlinear_meta, _qlinear_build, _qlinear_exclude))
     register_module_type("NFLinear", ModuleCodec(NFLinear, _nf_meta, _nf_build))
@@ -294,8 +294,8 @@ def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None 
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
-    from harness.models.llava import LlavaAdapter
-    from harness.quant.apply import _set_submodule
+    from qvlm_harness.models.llava import LlavaAdapter
+    from qvlm_harness.quant.apply import _set_submodule
 
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
@@ -346,7 +346,7 @@ def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None 
 
 def load_adapter(path: str, *, dtype: str = "fp32", device: str = "cpu", name: str | None = None):
     """A model for the runner: a quantized checkpoint folder as stored, anything else through LlavaAdapter."""
-    from harness.models.llava import LlavaAdapter
+    from qvlm_harness.models.llava import LlavaAdapter
 
     if read_manifest(path) is not None:
         return load_quantized(path, device=device, name=name)[0]

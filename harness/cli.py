@@ -11,8 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from harness import __version__
-from harness.errors import HarnessError
+from qvlm_harness import __version__
+from qvlm_harness.errors import HarnessError
 
 # name -> module in harness.commands (imported when the parser is built; modules import heavy deps lazily)
 SUBCOMMANDS = ["run", "ls", "models", "report", "quantize", "eval", "compare", "bench", "analyze", "ablate"]
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"qvlm-harness {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
-        importlib.import_module(f"harness.commands.{name.replace('-', '_')}").add_parser(sub)
+        importlib.import_module(f"qvlm_harness.commands.{name.replace('-', '_')}").add_parser(sub)
     return ap
 
 
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         args = build_parser().parse_args(argv)
-        module = importlib.import_module(f"harness.commands.{args.command.replace('-', '_')}")
+        module = importlib.import_module(f"qvlm_harness.commands.{args.command.replace('-', '_')}")
         return module.execute(args)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 WGranularity = Literal["tensor", "channel", "group"]
 AGranularity = Literal["tensor", "token"]

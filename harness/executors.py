@@ -2,11 +2,11 @@
 
 `RayExecutor` submits one Ray task per method x bits x task (a quantization group split by task, so calibrated
 methods and cheap ones alike parallelise), each requesting `--threads` CPUs (default 1) and one GPU when the
-cluster has GPUs and the run's device is not the CPU. Each task runs `harness.runner.run_job`: the same code as
+cluster has GPUs and the run's device is not the CPU. Each task runs `qvlm_harness.runner.run_job`: the same code as
 the local path, loading its own copy of the model. Finished rows return to the driver, which writes them to the
 store as they arrive, so an interrupted cluster run resumes like a local one. Per-sample logs are written by the
 workers under `--output`: on a multi-node cluster that folder must be on a shared filesystem (as must the model
-and data), and qvlm-harness must be importable on every node (installed, or the same checkout on PYTHONPATH).
+and data), and qvlm-harness must be installed on every node (it installs as the package `qvlm_harness`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
-from harness.config import RunSpec
-from harness.errors import HarnessError
-from harness.runner import GroupJob, run_job
-from harness.store import ResultRow
+from qvlm_harness.config import RunSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.runner import GroupJob, run_job
+from qvlm_harness.store import ResultRow
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds harness/, methods/, tasks/
 FORWARDED_ENV = ("QVLM_HARNESS_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
 
 
@@ -48,8 +46,7 @@ class RayExecutor:
         if ray.is_initialized():
             return
         self._started = True
-        python_path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ} | {"PYTHONPATH": python_path}
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         kwargs = {"runtime_env": {"env_vars": env}, "include_dashboard": False, "log_to_driver": True}
         if self.address is None:
             kwargs |= {"num_cpus": self.local_cpus or os.cpu_count() or 1, "object_store_memory": 200 * 2**20}

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 from jinja2 import Environment
 
-from harness import __version__
-from harness.report import bold_cells
-from harness.store import ResultRow
+from qvlm_harness import __version__
+from qvlm_harness.report import bold_cells
+from qvlm_harness.store import ResultRow
 
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>

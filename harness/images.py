@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from harness.errors import DataError
+from qvlm_harness.errors import DataError
 
 
 def load_image(source: str | Path | bytes | Image.Image, *, what: str = "image") -> Image.Image:

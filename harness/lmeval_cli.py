@@ -1,10 +1,10 @@
-"""`python -m harness.lmeval_cli ...`: lm-eval's own command line with the `qvlm-harness` model registered.
+"""`python -m qvlm_harness.lmeval_cli ...`: lm-eval's own command line with the `qvlm-harness` model registered.
 
-    python -m harness.lmeval_cli run --model qvlm-harness \\
+    python -m qvlm_harness.lmeval_cli run --model qvlm-harness \\
         --model_args model=default,method=rtn,bits=w4a4 --tasks mmmu_val_art --apply_chat_template
-    python -m harness.lmeval_cli --model qvlm-harness ...      # lm-eval's legacy spelling works too
-    python -m harness.lmeval_cli install-hook                  # afterwards plain `lm-eval --model qvlm-harness`
-    python -m harness.lmeval_cli uninstall-hook | hook-status
+    python -m qvlm_harness.lmeval_cli --model qvlm-harness ...      # lm-eval's legacy spelling works too
+    python -m qvlm_harness.lmeval_cli install-hook                  # afterwards plain `lm-eval --model qvlm-harness`
+    python -m qvlm_harness.lmeval_cli uninstall-hook | hook-status
 
 Every argument is lm-eval's (`lm-eval run --help`); model arguments are listed in `harness/lmeval/model.py`.
 """
@@ -16,18 +16,18 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 HOOK_COMMANDS = ("install-hook", "uninstall-hook", "hook-status")
 
 
 def _hook_command(command: str) -> int:
-    from harness.lmeval import hook
+    from qvlm_harness.lmeval import hook
 
     if command == "install-hook":
         path = hook.install_hook()
         print(f"wrote {path}: `lm-eval --model qvlm-harness ...` now works in this environment")
-        probe = subprocess.run([sys.executable, "-c", "import harness.lmeval.hook"], cwd=os.path.expanduser("~"),
+        probe = subprocess.run([sys.executable, "-c", "import qvlm_harness.lmeval.hook"], cwd=os.path.expanduser("~"),
                                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, capture_output=True)
         if probe.returncode != 0:
             print("warning: `harness` is not importable outside this folder, so the hook stays inactive until the "
@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             raise HarnessError("lm-eval is not installed: pip install -c constraints.txt 'qvlm-harness[lmeval]'"
                                ) from None
-        from harness.lmeval import register
+        from qvlm_harness.lmeval import register
 
         register()
         sys.argv = ["lm-eval", *args]

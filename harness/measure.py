@@ -94,7 +94,7 @@ def git_hash() -> str | None:
 
 def environment(device: str = "cpu") -> dict:
     """What makes a result reproducible: versions, code revision, hardware, threads."""
-    from harness import __version__
+    from qvlm_harness import __version__
 
     versions = {}
     for pkg in ("torch", "transformers", "numpy", "bitsandbytes", "safetensors", "accelerate", "tokenizers", "pillow"):

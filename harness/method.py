@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from harness.config import ALL_SCOPES, QuantSpec, Scope
-from harness.errors import HarnessError
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.errors import HarnessError
 
 if TYPE_CHECKING:
-    from harness.calibration import CalibrationSet
-    from harness.models.llava import LlavaAdapter
+    from qvlm_harness.calibration import CalibrationSet
+    from qvlm_harness.models.llava import LlavaAdapter
 
 Execution = Literal["float", "simulated", "real"]
 

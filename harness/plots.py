@@ -18,9 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from harness.config import QuantSpec  # noqa: E402
-from harness.report import TASK_LABELS, _task_sort_key, primary_metric  # noqa: E402
-from harness.store import ResultRow  # noqa: E402
+from qvlm_harness.config import QuantSpec  # noqa: E402
+from qvlm_harness.report import TASK_LABELS, _task_sort_key, primary_metric  # noqa: E402
+from qvlm_harness.store import ResultRow  # noqa: E402
 
 MARKERS = "osD^vP*Xh<>"
 PANEL = (4.2, 3.3)

@@ -6,7 +6,7 @@ import torch-heavy plugin modules. Third-party packages add entries through the 
 did-you-mean hint.
 
 Prefix factories cover open-ended families of names that cannot be listed up front: after
-``register_prefix("lmeval", "tasks.lmeval:LMEvalTask")``, the name ``lmeval:arc_easy`` resolves to
+``register_prefix("lmeval", "qvlm_harness.tasks.lmeval:LMEvalTask")``, the name ``lmeval:arc_easy`` resolves to
 ``functools.partial(LMEvalTask, "arc_easy")`` (the factory receives the rest of the name as its first argument).
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
-from harness.errors import UnknownNameError
+from qvlm_harness.errors import UnknownNameError
 
 T = TypeVar("T")
 

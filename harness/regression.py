@@ -3,7 +3,7 @@
 A *baseline* is a JSON file (results/baselines/<name>.json) holding, for every cell (method x bits x task x
 shots), its metrics and its per-sample records, so a later run can be paired with it sample by sample: the same
 questions answered by the old and the new code. The change of each metric comes with a seeded paired bootstrap
-interval (`harness.metrics.classification.paired_bootstrap_ci`), where the statistic is the task's own
+interval (`qvlm_harness.metrics.classification.paired_bootstrap_ci`), where the statistic is the task's own
 `aggregate` recomputed on each resample: the interval is about exactly the number the tables report (ROC AUC,
 category accuracies, the mean over few-shot trials), not about a proxy.
 
@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from harness import __version__, plugins
-from harness.errors import HarnessError
-from harness.metrics.classification import ConfidenceInterval, paired_bootstrap_ci
-from harness.store import ResultRow, SampleLog, Store, _dumps
-from harness.task import Task, aggregate_trials
+from qvlm_harness import __version__, plugins
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.metrics.classification import ConfidenceInterval, paired_bootstrap_ci
+from qvlm_harness.store import ResultRow, SampleLog, Store, _dumps
+from qvlm_harness.task import Task, aggregate_trials
 
 BASELINE_FORMAT = "qvlm-harness-baseline"
 BASELINE_VERSION = 1

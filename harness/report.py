@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.config import QuantSpec
-from harness.store import ResultRow
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.store import ResultRow
 
 TASK_LABELS = {"sqa": "ScienceQA", "vqav2": "VQAv2", "vizwiz": "VizWiz", "hm": "HM"}
 METRIC_LABELS = {"parse_fail": "Parse fail %", "auroc": "AUROC", "unans_precision": "Unans P",

@@ -22,16 +22,16 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from harness import plugins
-from harness.calibration import CalibrationSet
-from harness.checkpoint import StoredQuantization, load_adapter, read_manifest
-from harness.config import QuantSpec, RunSpec
-from harness.errors import HarnessError
-from harness.measure import PeakRSS, environment, weight_bytes
-from harness.method import Method, QuantizedModel
-from harness.models.llava import LlavaAdapter, set_threads
-from harness.store import ResultRow, SampleLog, Store
-from harness.task import Sample, Task, aggregate_trials
+from qvlm_harness import plugins
+from qvlm_harness.calibration import CalibrationSet
+from qvlm_harness.checkpoint import StoredQuantization, load_adapter, read_manifest
+from qvlm_harness.config import QuantSpec, RunSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.measure import PeakRSS, environment, weight_bytes
+from qvlm_harness.method import Method, QuantizedModel
+from qvlm_harness.models.llava import LlavaAdapter, set_threads
+from qvlm_harness.store import ResultRow, SampleLog, Store
+from qvlm_harness.task import Sample, Task, aggregate_trials
 
 FP_TAG = "fp"
 
@@ -92,7 +92,7 @@ class GroupJob:
 
 
 class Executor(Protocol):
-    """Runs jobs somewhere else (e.g. `harness.executors.RayExecutor`) and yields finished rows; the runner stores
+    """Runs jobs somewhere else (e.g. `qvlm_harness.executors.RayExecutor`) and yields finished rows; the runner stores
     them. The local path does not go through an executor."""
 
     def run(self, spec: RunSpec, jobs: Sequence[GroupJob], *, model_id: str, model_path: str,
@@ -314,7 +314,7 @@ class Runner:
 
     def _pack(self, quantized: QuantizedModel) -> None:
         """Convert the fake-quant layers to real packed kernels; execution becomes "real" if any converted."""
-        from harness.kernels.convert import convert_to_packed
+        from qvlm_harness.kernels.convert import convert_to_packed
 
         report = convert_to_packed(quantized.adapter.model)
         quantized.report["packing"] = report.to_dict()

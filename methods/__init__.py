@@ -1,1 +1,1 @@
-"""Quantization method plugins for qvlm-harness, each registered in `harness.plugins`."""
+"""Quantization method plugins for qvlm-harness, each registered in `qvlm_harness.plugins`."""

@@ -1,7 +1,7 @@
 """AWQ (`awq`, Lin et al. 2023; reference: mit-han-lab/llm-awq auto_scale.py / auto_clip.py).
 
 Block by block over the language model (and, with the `search` option, the vision tower):
-1. Scale search per scale group (layers sharing an input; `harness.quant.smoothing`): the per-input-channel
+1. Scale search per scale group (layers sharing an input; `qvlm_harness.quant.smoothing`): the per-input-channel
    statistic ``x_mean = mean |x|`` over calibration tokens; for alpha in {0, 0.05, ..., 0.95}
    ``s = x_mean^alpha`` (duo_scaling: ``/ (w_mean^(1-alpha) + 1e-4)``), clamped at 1e-4 and normalised by
    ``sqrt(max(s) min(s))``; the group's linears get ``Q(W s) / s`` and the output of the inspected module
@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config import ALL_SCOPES, QuantSpec, Scope
-from harness.errors import HarnessError
-from harness.method import Method, QuantizedModel
-from harness.quant.apply import _set_submodule, quantize_linears
-from harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, measure_search
-from harness.quant.qlinear import QLinear
-from harness.quant.quantizer import compute_qparams, fake_quantize_weight, qrange
-from harness.quant.sequential import BlockContext, first_output, run_sequential, valid_rows
-from harness.quant.smoothing import fold_scales, scale_groups
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.method import Method, QuantizedModel
+from qvlm_harness.quant.apply import _set_submodule, quantize_linears
+from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, measure_search
+from qvlm_harness.quant.qlinear import QLinear
+from qvlm_harness.quant.quantizer import compute_qparams, fake_quantize_weight, qrange
+from qvlm_harness.quant.sequential import BlockContext, first_output, run_sequential, valid_rows
+from qvlm_harness.quant.smoothing import fold_scales, scale_groups
 
 DEFAULT_GROUP = 128
 N_GRID = 20

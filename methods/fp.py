@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from harness.config import ALL_SCOPES, QuantSpec, Scope
-from harness.method import Method, QuantizedModel
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.method import Method, QuantizedModel
 
 
 class _FloatBaseline(Method):

@@ -1,7 +1,7 @@
 """GPTQ (`gptq`, Frantar et al. 2022): second-order weight quantization with error feedback.
 
 Weights: the run's spec (symmetric per output channel by default, `g<N>` bits suffix or the `group_size` option
-for groups, `-wasym` for asymmetric) quantized column by column by `harness.quant.gptq` with Hessians from
+for groups, `-wasym` for asymmetric) quantized column by column by `qvlm_harness.quant.gptq` with Hessians from
 calibration inputs of the already-quantized prefix (block by block, and inside a block q/k/v -> o -> gate/up
 -> down). Options: `act_order` (false), `group_size`, `percdamp` (0.01), `block_size` (128), `batch_size` (8).
 Activations (a weight-only method originally) get the harness's shared activation quantizer when A < 16.
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from harness.config import ALL_SCOPES, QuantSpec, Scope
-from harness.errors import HarnessError
-from harness.method import QuantizedModel
-from harness.quant.gptq import gptq_pass
-from harness.quant.methodkit import (
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.method import QuantizedModel
+from qvlm_harness.quant.gptq import gptq_pass
+from qvlm_harness.quant.methodkit import (
     HessianSolverMethod,
     activation_text,
     calibrate_activations,

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from harness.config import ALL_SCOPES, QuantSpec, Scope
-from harness.errors import HarnessError
-from harness.method import Method, QuantizedModel
-from harness.quant.apply import quantize_linears
-from harness.quant.methodkit import activation_text, calibrate_activations, measure_search
-from harness.quant.nf4 import bnb_available, nf_quantize
-from harness.quant.nflinear import NFLinear
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.method import Method, QuantizedModel
+from qvlm_harness.quant.apply import quantize_linears
+from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, measure_search
+from qvlm_harness.quant.nf4 import bnb_available, nf_quantize
+from qvlm_harness.quant.nflinear import NFLinear
 
 
 class QLoRA(Method):

@@ -5,7 +5,7 @@ ScienceQA evaluation script (model_vqa_science.py), so users can put the release
 paper-faithful `qvlm`:
 
 * Weights: bitsandbytes NF4 (block 64, double quantization of the absmax: mean offset, 8-bit dynamic code in
-  blocks of 256), round to nearest, through the harness's NF4 primitive (`harness.quant.nf4`, bitsandbytes'
+  blocks of 256), round to nearest, through the harness's NF4 primitive (`qvlm_harness.quant.nf4`, bitsandbytes'
   own state when it imports).
 * Activations of every language-model linear: asymmetric uniform quantization with one range *per input
   channel* (the released code hard-codes 4 bits; here `a_bits` of the spec). Calibration on 8 ScienceQA-train
@@ -43,12 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config import ALL_SCOPES, FLOAT_BITS, QuantSpec, Scope
-from harness.errors import HarnessError
-from harness.measure import PeakRSS
-from harness.method import Method, QuantizedModel, SearchCost
-from harness.quant import MIN_SCALE
-from harness.quant.nf4 import nf_quantize
+from qvlm_harness.config import ALL_SCOPES, FLOAT_BITS, QuantSpec, Scope
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.measure import PeakRSS
+from qvlm_harness.method import Method, QuantizedModel, SearchCost
+from qvlm_harness.quant import MIN_SCALE
+from qvlm_harness.quant.nf4 import nf_quantize
 
 # -- the released activation quantizer ------------------------------------------------------------------------------
 

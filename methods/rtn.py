@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from harness.config import ALL_SCOPES, QuantSpec, Scope
-from harness.measure import PeakRSS
-from harness.method import Method, QuantizedModel, SearchCost
-from harness.quant import QLinear, calibrate_static_activations, quantize_linears
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.measure import PeakRSS
+from qvlm_harness.method import Method, QuantizedModel, SearchCost
+from qvlm_harness.quant import QLinear, calibrate_static_activations, quantize_linears
 
 
 class RTN(Method):

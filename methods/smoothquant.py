@@ -16,13 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
-from harness.config import ALL_SCOPES, QuantSpec, Scope
-from harness.errors import HarnessError
-from harness.method import Method, QuantizedModel
-from harness.quant import QLinear, collect_activation_stats, quantize_linears
-from harness.quant.methodkit import activation_text, calibrate_activations, measure_search
-from harness.quant.sequential import find_stages
-from harness.quant.smoothing import fold_scales, scale_groups
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.method import Method, QuantizedModel
+from qvlm_harness.quant import QLinear, collect_activation_stats, quantize_linears
+from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, measure_search
+from qvlm_harness.quant.sequential import find_stages
+from qvlm_harness.quant.smoothing import fold_scales, scale_groups
 
 
 def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:

@@ -5,7 +5,7 @@
   activations token-wise (the harness's dynamic per-token quantizer, the default activation spec).
 * LoRC: the quantization error of every layer, ``E = W - Q(W)``, is approximated by its rank-`rank` truncated
   SVD (default 8) whose factors are kept in `factor_bits` (default 8) and added back as a side path
-  (`harness.quant.lorc.LoRCLinear`, wrapping the quantized layer as a child).
+  (`qvlm_harness.quant.lorc.LoRCLinear`, wrapping the quantized layer as a child).
 
 Rank 8: the value this project's reference notes recall from the paper's LoRC experiments; the paper text could
 not be checked from this machine (the search tool only found abstracts), so treat it as a documented choice.
@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from harness.config import ALL_SCOPES, QuantSpec, Scope
-from harness.errors import HarnessError
-from harness.method import Method, QuantizedModel
-from harness.quant.apply import quantize_linears
-from harness.quant.gptq import gptq_pass
-from harness.quant.lorc import LoRCLinear, lorc_factors
-from harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, measure_search
-from harness.quant.qlinear import QLinear
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.method import Method, QuantizedModel
+from qvlm_harness.quant.apply import quantize_linears
+from qvlm_harness.quant.gptq import gptq_pass
+from qvlm_harness.quant.lorc import LoRCLinear, lorc_factors
+from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, measure_search
+from qvlm_harness.quant.qlinear import QLinear
 
 DEFAULT_GROUP = 128
 DEFAULT_RANK = 8

@@ -9,11 +9,11 @@ cd "$(dirname "$0")/.."
 OUT=${REGRESSION_OUTPUT:-$(mktemp -d)/suite}
 BASELINE=results/baselines/default-ci.json
 mkdir -p "$(dirname "$OUT")"
-python -m harness run --model default --methods fp32,rtn --bits w8a8,w4a4 --tasks sqa,vqav2,hm \
+python -m qvlm_harness run --model default --methods fp32,rtn --bits w8a8,w4a4 --tasks sqa,vqav2,hm \
     --limit 32 --seed 0 --threads 2 --output "$OUT" --no-progress > "$OUT.tables.md"
 echo "suite run: tables in $OUT.tables.md, store $OUT/harness.db"
 if [[ "${1:-}" == "--save" ]]; then
-    python -m harness compare --output "$OUT" --save-baseline "$BASELINE"
+    python -m qvlm_harness compare --output "$OUT" --save-baseline "$BASELINE"
 else
-    python -m harness compare --output "$OUT" --baseline "$BASELINE" --json "$OUT/compare.json"
+    python -m qvlm_harness compare --output "$OUT" --baseline "$BASELINE" --json "$OUT/compare.json"
 fi

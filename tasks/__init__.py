@@ -1,1 +1,1 @@
-"""Task plugins (benchmarks) for qvlm-harness, each registered in `harness.plugins`."""
+"""Task plugins (benchmarks) for qvlm-harness, each registered in `qvlm_harness.plugins`."""

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.errors import DataError
+from qvlm_harness.errors import DataError
 
 EMBEDDED = Path(__file__).resolve().parent / "data"
 

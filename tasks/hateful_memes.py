@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.metrics.classification import binary_accuracy, roc_auc
-from harness.task import Request, Response, Sample, Task
-from tasks._common import data_folder, read_jsonl
+from qvlm_harness.metrics.classification import binary_accuracy, roc_auc
+from qvlm_harness.task import Request, Response, Sample, Task
+from qvlm_harness.tasks._common import data_folder, read_jsonl
 
 LAYOUT = "train.jsonl / dev_seen.jsonl / test_seen.jsonl (lines {id, img, label, text}) + img/"
 IMAGE = "<image>"

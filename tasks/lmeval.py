@@ -4,7 +4,7 @@ The task's documents become harness samples (one per document, id = its index in
 the runner's seeded `--limit`, per-sample logs, resume and store work as for native tasks. Answering goes through
 lm-eval's own machinery: `fewshot_context` and `construct_requests` build the instances (with the model's chat
 template, as `lm-eval --apply_chat_template` does, the harness's convention for every task), the `qvlm-harness` LM
-(`harness.lmeval.model`) answers them on the quantized adapter, and the task's filters and `process_results` score
+(`qvlm_harness.lmeval.model`) answers them on the quantized adapter, and the task's filters and `process_results` score
 each document. Metrics keep lm-eval's names and scale: `acc,none`, `exact_match,strict-match`, ... as fractions, with
 lm-eval's aggregation functions and standard errors (`acc_stderr,none`).
 
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import DataError, HarnessError, UnknownNameError
-from harness.task import Request, Response, Sample, Task
+from qvlm_harness.errors import DataError, HarnessError, UnknownNameError
+from qvlm_harness.task import Request, Response, Sample, Task
 
 LAYOUT = "the dataset named in the lm-eval task's YAML (dataset_path/custom_dataset); --data-dir is not used"
 _MANAGERS: dict[tuple[tuple[str, ...], bool], Any] = {}
@@ -198,7 +198,7 @@ class LMEvalTask(Task):
 
     def answer(self, adapter: Any, requests: Sequence[Request], batch_size: int = 8) -> list[Response]:
         """Build lm-eval instances with the model's chat template, answer them, filter and score per document."""
-        from harness.lmeval.model import QVLMHarnessLM
+        from qvlm_harness.lmeval.model import QVLMHarnessLM
 
         t = self.lm_task
         lm = QVLMHarnessLM.from_adapter(adapter, batch_size=batch_size, seed=self.fewshot_seed)

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.errors import DataError
-from harness.metrics.sqa import aggregate_sqa, parse_answer, sqa_categories
-from harness.task import Request, Response, Sample, Task
-from tasks._common import data_folder, read_json
+from qvlm_harness.errors import DataError
+from qvlm_harness.metrics.sqa import aggregate_sqa, parse_answer, sqa_categories
+from qvlm_harness.task import Request, Response, Sample, Task
+from qvlm_harness.tasks._common import data_folder, read_json
 
 LAYOUT = ("problems.json + pid_splits.json + images/{split}/{pid}/image.png (official ScienceQA), "
           "or {split}-*.parquet (HF layout)")

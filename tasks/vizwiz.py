@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.errors import DataError
-from harness.metrics.vqa import aggregate_vqa, normalize_answer, unanswerable_precision_recall, vqa_accuracy
-from harness.task import Request, Response, Sample, Task
-from tasks._common import data_folder, read_json
+from qvlm_harness.errors import DataError
+from qvlm_harness.metrics.vqa import aggregate_vqa, normalize_answer, unanswerable_precision_recall, vqa_accuracy
+from qvlm_harness.task import Request, Response, Sample, Task
+from qvlm_harness.tasks._common import data_folder, read_json
 
 LAYOUT = "{split}.json (official VizWiz annotations) + {split}/VizWiz_{split}_NNNNNNNN.jpg"
 POST_PROMPT = ("When the provided information is insufficient, respond with 'Unanswerable'.\n"

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.errors import DataError
-from harness.metrics.vqa import aggregate_vqa, normalize_answer, vqa_accuracy
-from harness.task import Request, Response, Sample, Task
-from tasks._common import data_folder, read_json
+from qvlm_harness.errors import DataError
+from qvlm_harness.metrics.vqa import aggregate_vqa, normalize_answer, vqa_accuracy
+from qvlm_harness.task import Request, Response, Sample, Task
+from qvlm_harness.tasks._common import data_folder, read_json
 
 LAYOUT = ("v2_OpenEnded_mscoco_{split}2014_questions.json + v2_mscoco_{split}2014_annotations.json + "
           "{split}2014/COCO_{split}2014_{image_id:012d}.jpg, or {split}-*.parquet (HF layout)")

@@ -14,13 +14,13 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from harness.models.tiny import tiny_model_path
+    from qvlm_harness.models.tiny import tiny_model_path
 
     return tiny_model_path(tmp_path_factory.mktemp("tiny") / "tiny-llava")
 
 
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_model_dir):
-    from harness.models.llava import LlavaAdapter
+    from qvlm_harness.models.llava import LlavaAdapter
 
     return LlavaAdapter.load(tiny_model_dir)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.store import ResultRow
+from qvlm_harness.store import ResultRow
 
 SQA_KEYS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 

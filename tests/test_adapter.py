@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from harness.models.llava import LlavaAdapter
-from harness.task import Request
+from qvlm_harness.models.llava import LlavaAdapter
+from qvlm_harness.task import Request
 
 
 def _img(color):

@@ -10,19 +10,19 @@ from transformers import Dinov2Config, LlamaConfig
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Attention
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-from harness.config import QuantSpec
-from harness.errors import HarnessError
-from harness.quant.adaround import Objective, learn_rounding, qparams_for_ratio
-from harness.quant.aespa import AespaOptions, quantize_layer
-from harness.quant.attention_capture import (
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant.adaround import Objective, learn_rounding, qparams_for_ratio
+from qvlm_harness.quant.aespa import AespaOptions, quantize_layer
+from qvlm_harness.quant.attention_capture import (
     AttentionGeometry,
     AttentionObserver,
     attention_capture,
     rope_mean,
     rotate_half,
 )
-from harness.quant.gptq import HessianAccumulator, gptq_quantize
-from harness.quant.quantizer import dequantize, fake_quantize_weight, weight_qparams
+from qvlm_harness.quant.gptq import HessianAccumulator, gptq_quantize
+from qvlm_harness.quant.quantizer import dequantize, fake_quantize_weight, weight_qparams
 
 
 # -- tiny attention layers ---------------------------------------------------------------------------------------
@@ -323,15 +323,15 @@ FAST = {"num_iters": 20, "clip_steps": 5}
 
 @pytest.fixture(scope="module")
 def calibration():
-    from harness import plugins
-    from harness.calibration import CalibrationSet
+    from qvlm_harness import plugins
+    from qvlm_harness.calibration import CalibrationSet
 
     return CalibrationSet.from_task(plugins.tasks.get("sqa")(), 4, 0)
 
 
 def _quantize(tiny_model_dir, calibration, bits, scope=("vision", "projector", "lm"), **options):
-    from harness import plugins
-    from harness.models.llava import LlavaAdapter
+    from qvlm_harness import plugins
+    from qvlm_harness.models.llava import LlavaAdapter
 
     adapter = LlavaAdapter.load(tiny_model_dir)
     method = plugins.methods.get("aespa")(**(FAST | options))
@@ -345,8 +345,8 @@ def _logits(adapter, calibration):
 
 @pytest.mark.slow  # three aespa passes over the whole tiny model: about a minute on the shared 2-core machine
 def test_method_on_tiny_llava_is_deterministic_and_round_trips(tiny_model_dir, calibration, tmp_path):
-    from harness.checkpoint import load_quantized, save_quantized
-    from harness.quant.qlinear import QLinear
+    from qvlm_harness.checkpoint import load_quantized, save_quantized
+    from qvlm_harness.quant.qlinear import QLinear
 
     adapter, method, qm = _quantize(tiny_model_dir, calibration, "w3a16")
     report = qm.report
@@ -368,8 +368,8 @@ def test_method_on_tiny_llava_is_deterministic_and_round_trips(tiny_model_dir, c
 
 
 def test_method_options_and_low_bits_on_the_gqa_language_model(tiny_model_dir, calibration):
-    from harness import plugins
-    from harness.quant.qlinear import QLinear
+    from qvlm_harness import plugins
+    from qvlm_harness.quant.qlinear import QLinear
 
     assert QuantSpec.parse("w2a16").w_bits == 2 and QuantSpec.parse("w3a16").w_bits == 3
     with pytest.raises(HarnessError, match="round_layers"):

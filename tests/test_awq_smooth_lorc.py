@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.quant.lorc import LoRCLinear, lorc_factors
-from harness.quant.quantizer import fake_quantize_per_token, fake_quantize_weight
-from harness.quant.smoothing import fold_scales, scale_groups
-from methods.awq import awq_scales, search_clip, search_scale
-from methods.smoothquant import smooth_scales
+from qvlm_harness.methods.awq import awq_scales, search_clip, search_scale
+from qvlm_harness.methods.smoothquant import smooth_scales
+from qvlm_harness.quant.lorc import LoRCLinear, lorc_factors
+from qvlm_harness.quant.quantizer import fake_quantize_per_token, fake_quantize_weight
+from qvlm_harness.quant.smoothing import fold_scales, scale_groups
 
 
 class ToyBlock(nn.Module):
@@ -123,8 +123,8 @@ def test_lorc_reduces_the_error_by_the_truncated_svd_amount():
         U, V = lorc_factors(E, rank)
         resid = (E - U @ V).norm()
         assert torch.isclose(resid.double(), S[rank:].pow(2).sum().sqrt(), rtol=1e-4)
-    from harness.config import QuantSpec
-    from harness.quant.qlinear import QLinear
+    from qvlm_harness.config import QuantSpec
+    from qvlm_harness.quant.qlinear import QLinear
 
     lin = nn.Linear(96, 48)
     with torch.no_grad():

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from harness.cli import main
-from harness.store import Store
+from qvlm_harness.cli import main
+from qvlm_harness.store import Store
 
 
 def test_quantize_then_eval_uses_the_stored_model(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -18,12 +18,12 @@ def test_quantize_then_eval_uses_the_stored_model(tiny_model_dir, tmp_path, caps
     manifest = json.loads((ck / "manifest.json").read_text())
     assert manifest["method"] == "qlora" and manifest["execution"] == "real"
     assert (ck / "tokenizer_config.json").exists() and (ck / "config.json").exists()
-    import methods.qlora
+    import qvlm_harness.methods.qlora
 
     def boom(*a, **k):
         raise AssertionError("eval must not re-quantize")
 
-    monkeypatch.setattr(methods.qlora.QLoRA, "quantize", boom)
+    monkeypatch.setattr(qvlm_harness.methods.qlora.QLoRA, "quantize", boom)
     out = tmp_path / "out"
     assert main(["eval", "--model", str(ck), "--tasks", "sqa", "--limit", "2", "--output", str(out),
                  "--no-progress", "--max-new-tokens", "2"]) == 0

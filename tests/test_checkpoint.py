@@ -8,15 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness import plugins
-from harness.calibration import CalibrationSet
-from harness.checkpoint import load_quantized, save_quantized
-from harness.config import QuantSpec
-from harness.errors import HarnessError
-from harness.models.llava import LlavaAdapter
-from harness.quant.lorc import LoRCLinear
-from harness.quant.nflinear import NFLinear
-from harness.quant.qlinear import QLinear
+from qvlm_harness import plugins
+from qvlm_harness.calibration import CalibrationSet
+from qvlm_harness.checkpoint import load_quantized, save_quantized
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.models.llava import LlavaAdapter
+from qvlm_harness.quant.lorc import LoRCLinear
+from qvlm_harness.quant.nflinear import NFLinear
+from qvlm_harness.quant.qlinear import QLinear
 
 SLOW = pytest.mark.slow  # the searches take tens of seconds on a shared 2-core machine
 CASES = [
@@ -88,7 +88,7 @@ def test_tampered_or_missing_tensors_raise(tiny_model_dir, calibration, tmp_path
         partial = {k: v for k, v in original.items() if k != drop}
         save_file(partial, str(path))
         manifest = json.loads((folder / "manifest.json").read_text())
-        from harness.checkpoint import _sha256
+        from qvlm_harness.checkpoint import _sha256
 
         manifest["tensors_sha256"] = _sha256(path)
         (folder / "manifest.json").write_text(json.dumps(manifest))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.cli import main
+from qvlm_harness.cli import main
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -71,7 +71,7 @@ def test_corrupt_image_is_reported_and_finished_cells_are_kept(capsys, tmp_path,
                            "--no-progress", "--max-new-tokens", "2")
     line = one_line_error(err)
     assert code == 2 and "corrupt image" in line and "image.png" in line
-    from harness.store import Store
+    from qvlm_harness.store import Store
 
     rows = list(Store(out / "harness.db").rows())
     assert [r.method for r in rows] == ["fp32"]  # the finished fp32 cell survived the failing rtn cell

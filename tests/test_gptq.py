@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.quant.gptq import HessianAccumulator, gptq_quantize
-from harness.quant.quantizer import compute_qparams, dequantize, fake_quantize_weight, qrange
+from qvlm_harness.quant.gptq import HessianAccumulator, gptq_quantize
+from qvlm_harness.quant.quantizer import compute_qparams, dequantize, fake_quantize_weight, qrange
 
 
 def textbook_gptq(W, H, bits, symmetric, group=None, percdamp=0.01):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.html_report import render_html
-from harness.plots import png_bytes, report_figures
-from harness.report import paper_tables
+from qvlm_harness.html_report import render_html
+from qvlm_harness.plots import png_bytes, report_figures
+from qvlm_harness.report import paper_tables
 from tests.report_rows import synthetic_rows
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from harness.config import QuantSpec
-from harness.errors import HarnessError
-from harness.kernels.actquant import quantize_activations
-from harness.kernels.convert import conversion_blocker, convert_to_packed, pack_qlinear
-from harness.kernels.gemm import CUDA_RULE, int_mm
-from harness.kernels.linear import IntLinear, WeightOnlyLinear
-from harness.kernels.packing import (
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.kernels.actquant import quantize_activations
+from qvlm_harness.kernels.convert import conversion_blocker, convert_to_packed, pack_qlinear
+from qvlm_harness.kernels.gemm import CUDA_RULE, int_mm
+from qvlm_harness.kernels.linear import IntLinear, WeightOnlyLinear
+from qvlm_harness.kernels.packing import (
     code_centre,
     pack_codes,
     pack_int4,
@@ -25,9 +25,9 @@ from harness.kernels.packing import (
     storage_format,
     unpack_int4,
 )
-from harness.measure import weight_bytes
-from harness.quant import QLinear, QParams
-from harness.quant.quantizer import per_tensor_qparams, per_token_qparams, qrange, quantize
+from qvlm_harness.measure import weight_bytes
+from qvlm_harness.quant import QLinear, QParams
+from qvlm_harness.quant.quantizer import per_tensor_qparams, per_token_qparams, qrange, quantize
 
 ODD_WIDTHS = [1, 5, 31, 63, 64, 65, 127, 129, 200]
 
@@ -298,8 +298,8 @@ def test_w8a8_storage_is_one_byte_per_weight():
 
 
 def _quantized_tiny(tiny_model_dir, tag: str):
-    from harness.models.llava import LlavaAdapter
-    from methods.rtn import RTN
+    from qvlm_harness.methods.rtn import RTN
+    from qvlm_harness.models.llava import LlavaAdapter
 
     adapter = LlavaAdapter.load(tiny_model_dir)
     RTN().quantize(adapter, None, QuantSpec.parse(tag))
@@ -309,7 +309,7 @@ def _quantized_tiny(tiny_model_dir, tag: str):
 def _requests(n: int = 4):
     from PIL import Image
 
-    from harness.task import Request
+    from qvlm_harness.task import Request
 
     out = []
     for i in range(n):
@@ -331,7 +331,7 @@ def test_tiny_llava_packed_matches_fake_quant(tiny_model_dir, tag):
     """
     import copy
 
-    from harness.models.llava import LlavaAdapter
+    from qvlm_harness.models.llava import LlavaAdapter
 
     adapter = _quantized_tiny(tiny_model_dir, tag)
     requests = _requests()
@@ -364,7 +364,7 @@ def test_tiny_llava_packed_matches_fake_quant(tiny_model_dir, tag):
 def test_lorc_wrapper_inner_layer_is_packed(tag):
     """ZeroQuant-V2's LoRC wrapper: its inner QLinear is packed, and the low-rank path still sees the same
     quantized input (IntLinear.quantize_input equals QLinear.quantize_input)."""
-    from harness.quant.lorc import LoRCLinear, lorc_factors
+    from qvlm_harness.quant.lorc import LoRCLinear, lorc_factors
 
     torch.manual_seed(4)
     lin = nn.Linear(128, 64)
@@ -390,17 +390,17 @@ def _auto_layer(tag: str = "w4a4"):
 
 
 def test_auto_backend_falls_back_when_disabled(monkeypatch, caplog):
-    from harness.kernels import cpu as cpu_kernels
+    from qvlm_harness.kernels import cpu as cpu_kernels
 
     monkeypatch.setenv("QVLM_HARNESS_NO_CPP", "1")
     monkeypatch.setattr(cpu_kernels, "_state", {})
     auto, plain = _auto_layer()
     x = torch.randn(3, 128)
-    with caplog.at_level("WARNING", logger="harness.kernels"):
+    with caplog.at_level("WARNING", logger="qvlm_harness.kernels"):
         assert auto.resolved_backend(x) == "torch"
         y1, y2 = auto(x), auto(x)
     assert torch.equal(y1, plain(x)) and torch.equal(y2, y1)
-    lines = [r.getMessage() for r in caplog.records if r.name == "harness.kernels"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "qvlm_harness.kernels"]
     assert len(lines) == 1 and "QVLM_HARNESS_NO_CPP" in lines[0] and "torch._int_mm" in lines[0]
     cpp = pack_qlinear(QLinear.from_linear(nn.Linear(64, 16), QuantSpec.parse("w8a8")), backend="cpp")
     with pytest.raises(HarnessError, match="'torch' kernel backend"):
@@ -409,7 +409,7 @@ def test_auto_backend_falls_back_when_disabled(monkeypatch, caplog):
 
 def test_auto_backend_falls_back_when_the_build_fails(monkeypatch, caplog):
     """No compiler / no ninja: the build raises, `available()` says why, and layers run on torch._int_mm."""
-    from harness.kernels import cpu as cpu_kernels
+    from qvlm_harness.kernels import cpu as cpu_kernels
 
     monkeypatch.delenv("QVLM_HARNESS_NO_CPP", raising=False)
     monkeypatch.setattr(cpu_kernels, "_state", {})
@@ -420,21 +420,21 @@ def test_auto_backend_falls_back_when_the_build_fails(monkeypatch, caplog):
     monkeypatch.setattr(cpu_kernels, "_load", broken_build)
     auto, plain = _auto_layer("w8a8")
     x = torch.randn(2, 128)
-    with caplog.at_level("WARNING", logger="harness.kernels"):
+    with caplog.at_level("WARNING", logger="qvlm_harness.kernels"):
         y = auto(x)
     assert not cpu_kernels.available() and "Ninja is required" in str(cpu_kernels.unavailable_reason())
     assert torch.equal(y, plain(x))
-    lines = [r.getMessage() for r in caplog.records if r.name == "harness.kernels"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "qvlm_harness.kernels"]
     assert len(lines) == 1 and "Ninja is required" in lines[0]
 
 
 def test_auto_backend_skips_a_kernel_built_without_vnni(monkeypatch, caplog):
     """A CPU without AVX512-VNNI gets the scalar build: exact, but 'auto' prefers torch._int_mm."""
-    from harness.kernels import cpu as cpu_kernels
+    from qvlm_harness.kernels import cpu as cpu_kernels
 
     monkeypatch.delenv("QVLM_HARNESS_NO_CPP", raising=False)
     monkeypatch.setattr(cpu_kernels, "_state", {"ok": True, "vnni": False})
-    with caplog.at_level("WARNING", logger="harness.kernels"):
+    with caplog.at_level("WARNING", logger="qvlm_harness.kernels"):
         assert not cpu_kernels.auto_uses_cpp()
     assert any("AVX512-VNNI" in r.getMessage() for r in caplog.records)
 
@@ -454,9 +454,9 @@ def test_every_qlinear_method_converts_and_agrees(tiny_model_dir, method):
     """
     import copy
 
-    from harness import plugins
-    from harness.calibration import CalibrationSet
-    from harness.models.llava import LlavaAdapter
+    from qvlm_harness import plugins
+    from qvlm_harness.calibration import CalibrationSet
+    from qvlm_harness.models.llava import LlavaAdapter
 
     spec = QuantSpec.parse("w8a8")
     adapter = LlavaAdapter.load(tiny_model_dir)

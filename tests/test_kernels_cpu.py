@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from harness.config import QuantSpec
-from harness.errors import HarnessError
-from harness.kernels import cpu as cpu_kernels
-from harness.kernels.convert import convert_to_packed, pack_qlinear
-from harness.kernels.linear import IntLinear
-from harness.kernels.packing import code_centre, pack_codes
-from harness.quant import QLinear
-from harness.quant.quantizer import qrange
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.kernels import cpu as cpu_kernels
+from qvlm_harness.kernels.convert import convert_to_packed, pack_qlinear
+from qvlm_harness.kernels.linear import IntLinear
+from qvlm_harness.kernels.packing import code_centre, pack_codes
+from qvlm_harness.quant import QLinear
+from qvlm_harness.quant.quantizer import qrange
 
 pytestmark = [] if cpu_kernels.is_built() else [pytest.mark.slow]
 
@@ -117,8 +117,8 @@ def test_fused_kernel_handles_bf16_and_3d_inputs():
 def test_tiny_llava_fused_matches_torch_backend(tiny_model_dir, tag):
     """The whole tiny Llava on the fused kernel equals the plain-torch packed model bit for bit: same integer
     codes, and the epilogue's float operations run in the same order."""
-    from harness.models.llava import LlavaAdapter
-    from methods.rtn import RTN
+    from qvlm_harness.methods.rtn import RTN
+    from qvlm_harness.models.llava import LlavaAdapter
 
     adapter = LlavaAdapter.load(tiny_model_dir)
     RTN().quantize(adapter, None, QuantSpec.parse(tag))
@@ -127,7 +127,7 @@ def test_tiny_llava_fused_matches_torch_backend(tiny_model_dir, tag):
     for mod in fused.modules():
         if isinstance(mod, IntLinear):
             mod.backend = "cpp"
-    from harness.task import Request
+    from qvlm_harness.task import Request
 
     batch = adapter.encode([Request(sample_id="0", prompt="Which color is it?", image=None)])
     with torch.inference_mode():

@@ -15,11 +15,11 @@ pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `lmeval` (t
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from harness.errors import HarnessError  # noqa: E402
-from harness.images import load_image  # noqa: E402
-from harness.lmeval.model import QVLMHarnessLM, build_quantized  # noqa: E402
-from harness.task import Request  # noqa: E402
-from tasks.sqa import ScienceQA  # noqa: E402
+from qvlm_harness.errors import HarnessError  # noqa: E402
+from qvlm_harness.images import load_image  # noqa: E402
+from qvlm_harness.lmeval.model import QVLMHarnessLM, build_quantized  # noqa: E402
+from qvlm_harness.task import Request  # noqa: E402
+from qvlm_harness.tasks.sqa import ScienceQA  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "lmeval"
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_model_args_build_a_quantized_model(tiny_model_dir):
                        batch_size="auto")
     info = lm.get_model_info()
     assert info["qvlm_method"] == "rtn" and info["qvlm_bits"] == "w4a4" and info["qvlm_execution"] == "simulated"
-    from harness.quant import QLinear
+    from qvlm_harness.quant import QLinear
 
     swapped = [n for n, m in lm.adapter.model.named_modules() if isinstance(m, QLinear)]
     assert info["qvlm_quantized_modules"] == len(swapped) > 0
@@ -154,7 +154,7 @@ def test_model_args_build_a_quantized_model(tiny_model_dir):
 
 
 def test_register_keeps_lm_eval_builtins_in_a_fresh_process():
-    code = ("from harness.lmeval import register; register(); register()\n"
+    code = ("from qvlm_harness.lmeval import register; register(); register()\n"
             "from lm_eval.api.registry import get_model\n"
             "print(get_model('qvlm-harness').__name__, get_model('hf-multimodal').__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -163,7 +163,7 @@ def test_register_keeps_lm_eval_builtins_in_a_fresh_process():
 
 
 def test_quantized_checkpoint_folder_is_evaluated_as_stored(tiny_model_dir, tmp_path, capsys):
-    from harness.cli import main
+    from qvlm_harness.cli import main
 
     folder = tmp_path / "rtn-w4a4"
     assert main(["quantize", "--method", "rtn", "--bits", "w4a4", "--model", str(tiny_model_dir), "--quantize", "lm",

@@ -16,13 +16,13 @@ import pytest
 pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `lmeval` (tox installs it): "
                     "pip install -c constraints.txt -e '.[lmeval]'")
 
-from harness.calibration import CalibrationSet  # noqa: E402
-from harness.config import QuantSpec, RunSpec  # noqa: E402
-from harness.errors import HarnessError, UnknownNameError  # noqa: E402
-from harness.report import main_table  # noqa: E402
-from harness.runner import Runner  # noqa: E402
-from harness.task import Request  # noqa: E402
-from tasks.lmeval import LMEvalTask  # noqa: E402
+from qvlm_harness.calibration import CalibrationSet  # noqa: E402
+from qvlm_harness.config import QuantSpec, RunSpec  # noqa: E402
+from qvlm_harness.errors import HarnessError, UnknownNameError  # noqa: E402
+from qvlm_harness.report import main_table  # noqa: E402
+from qvlm_harness.runner import Runner  # noqa: E402
+from qvlm_harness.task import Request  # noqa: E402
+from qvlm_harness.tasks.lmeval import LMEvalTask  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "lmeval"
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +84,8 @@ def test_lmeval_task_shares_the_main_table(mc_run):
 def test_compare_rebuilds_lmeval_tasks_from_the_stored_include_path(mc_run):
     """`harness compare` recomputes lm-eval aggregates on bootstrap resamples: the task is rebuilt from the row's
     recorded --lmeval-include folder, and a run compared with itself passes with zero differences."""
-    from harness.regression import cells_from_store, compare
-    from harness.store import Store
+    from qvlm_harness.regression import cells_from_store, compare
+    from qvlm_harness.store import Store
 
     cells = cells_from_store(Store(mc_run[1] / "harness.db"))
     (cell,) = [c for c in cells if c.task == "lmeval:qvlm_sqa_mc"]
@@ -170,8 +170,9 @@ def test_lmeval_errors_name_the_fix(tmp_path):
 
 
 def test_lm_eval_cli_wrapper_agrees_with_the_harness_run(mc_run, tiny_model_dir, tmp_path):
-    """`python -m harness.lmeval_cli run --model qvlm-harness ...` (lm-eval's own CLI) gives the harness's scores."""
-    from harness.lmeval_cli import main
+    """`python -m qvlm_harness.lmeval_cli run --model qvlm-harness ...` (lm-eval's own CLI) gives the harness's
+    scores."""
+    from qvlm_harness.lmeval_cli import main
 
     result, _ = mc_run
     args = ["run", "--model", "qvlm-harness", "--model_args", f"model={tiny_model_dir},method=rtn,bits=w4a4",
@@ -197,8 +198,8 @@ def _harness_correct(mc_run) -> list[bool]:
 def test_harness_cli_mixes_native_and_lmeval_tasks_in_one_table(mc_run, tiny_model_dir, tmp_path, capsys):
     """`harness run --tasks sqa,lmeval:qvlm_sqa_mc --lmeval-include DIR`: one main table with both columns, rows in
     the store equal to the runner's, and the flags refused without an lmeval: task."""
-    from harness.cli import main
-    from harness.store import Store
+    from qvlm_harness.cli import main
+    from qvlm_harness.store import Store
 
     args = ["run", "--model", str(tiny_model_dir), "--methods", "rtn", "--bits", "w4a4", "--tasks",
             "sqa,lmeval:qvlm_sqa_mc", "--scoring", "loglik", "--lmeval-include", str(DATA), "--data-dir", str(DATA),
@@ -217,8 +218,8 @@ def test_harness_cli_mixes_native_and_lmeval_tasks_in_one_table(mc_run, tiny_mod
 
 
 def test_hook_commands_write_and_remove_the_pth_file(tmp_path, monkeypatch, capsys):
-    from harness.lmeval import hook
-    from harness.lmeval_cli import main
+    from qvlm_harness.lmeval import hook
+    from qvlm_harness.lmeval_cli import main
 
     monkeypatch.setattr(hook, "site_dir", lambda: str(tmp_path))
     pth = tmp_path / hook.PTH_NAME
@@ -230,10 +231,10 @@ def test_hook_commands_write_and_remove_the_pth_file(tmp_path, monkeypatch, caps
 
 # -- the real command lines in fresh interpreters (slow: each imports torch, transformers and lm-eval) ---------------
 def _env_with_hook(tmp_path: Path) -> dict[str, str]:
-    """The environment of a user who ran `python -m harness.lmeval_cli install-hook`: the hook's .pth file sits in a
-    site folder Python processes at start-up. A sitecustomize stands in for site-packages (the test must not write
+    """The environment of a user who ran `python -m qvlm_harness.lmeval_cli install-hook`: the hook's .pth file sits
+    in a site folder Python processes at start-up. A sitecustomize stands in for site-packages (the test must not write
     into the shared environment); `site.addsitedir` is what Python's own start-up runs on site-packages."""
-    from harness.lmeval.hook import install_hook
+    from qvlm_harness.lmeval.hook import install_hook
 
     site_dir, custom = tmp_path / "site", tmp_path / "custom"
     site_dir.mkdir()
@@ -245,7 +246,7 @@ def _env_with_hook(tmp_path: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_python_m_harness_run_in_a_fresh_process(tiny_model_dir, tmp_path):
-    """`python -m harness run --tasks sqa,lmeval:qvlm_sqa_mc --lmeval-include DIR` as a user types it: lm-eval's
+    """`python -m qvlm_harness run --tasks sqa,lmeval:qvlm_sqa_mc --lmeval-include DIR` as a user types it: lm-eval's
     per-document scores equal the native task's on every item, and the main table shows both."""
     cmd = [sys.executable, "-m", "harness", "run", "--model", str(tiny_model_dir), "--methods", "fp32,rtn", "--bits",
            "w4a4", "--tasks", "sqa,lmeval:qvlm_sqa_mc", "--scoring", "loglik", "--lmeval-include", str(DATA),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from harness.metrics.classification import (
+from qvlm_harness.metrics.classification import (
     UndefinedMetricWarning,
     binary_accuracy,
     bootstrap_ci,

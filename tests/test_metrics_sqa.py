@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from harness.metrics.sqa import SQA_KEYS, aggregate_sqa, parse_answer, parse_option_letter, sqa_categories
+from qvlm_harness.metrics.sqa import SQA_KEYS, aggregate_sqa, parse_answer, parse_option_letter, sqa_categories
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from harness.metrics.vqa import (
+from qvlm_harness.metrics.vqa import (
     CONTRACTIONS,
     NUMBER_MAP,
     aggregate_vqa,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.config import QuantSpec
-from harness.quant.nf4 import (
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.quant.nf4 import (
     NF4_CODE,
     dynamic_code,
     nf_quantize,
@@ -16,7 +16,7 @@ from harness.quant.nf4 import (
     to_bnb,
     unpack_4bit,
 )
-from harness.quant.nflinear import NFLinear
+from qvlm_harness.quant.nflinear import NFLinear
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -99,7 +99,7 @@ def test_nflinear_backends_agree_and_activation_quantizer_applies():
 
 
 def test_nf_codebook_construction_reproduces_nf4_and_generalises():
-    from harness.quant import nf4
+    from qvlm_harness.quant import nf4
 
     # the general construction at 4 bits lands on bitsandbytes' table
     n = 16

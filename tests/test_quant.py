@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.errors import HarnessError
-from harness.quant import (
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant import (
     MIN_SCALE,
     QParams,
     compute_qparams,

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import QuantSpec
-from harness.errors import HarnessError
-from harness.quant import (
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant import (
     MinMaxObserver,
     MSEObserver,
     QLinear,

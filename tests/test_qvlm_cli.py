@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness.cli import main
-from harness.store import Store
+from qvlm_harness.cli import main
+from qvlm_harness.store import Store
 
 
 def test_qvlm_checkpoint_saves_and_evaluates(tiny_model_dir, tmp_path, monkeypatch):
@@ -19,12 +19,12 @@ def test_qvlm_checkpoint_saves_and_evaluates(tiny_model_dir, tmp_path, monkeypat
     manifest = json.loads((ck / "manifest.json").read_text())
     assert manifest["method"] == "qvlm" and manifest["execution"] == "simulated"
     assert manifest["report"]["partition"]["block_sizes_after"]["lm"]
-    import methods.qvlm.method
+    import qvlm_harness.methods.qvlm.method
 
     def boom(*a, **k):
         raise AssertionError("eval must not re-quantize")
 
-    monkeypatch.setattr(methods.qvlm.method.QVLM, "quantize", boom)
+    monkeypatch.setattr(qvlm_harness.methods.qvlm.method.QVLM, "quantize", boom)
     out = tmp_path / "out"
     assert main(["eval", "--model", str(ck), "--tasks", "sqa", "--limit", "2", "--output", str(out),
                  "--no-progress", "--max-new-tokens", "2"]) == 0
@@ -45,10 +45,10 @@ def test_analyze_dependency_writes_table_json_and_plot(tiny_model_dir, tmp_path,
     assert pair["error_joint"] <= pair["error_layerwise"] and len(pair["sample_ded"]) == 4
     # the sequence-length control: valid tokens per sample, in the analysis's sample order, from an independent
     # tokenisation of the same seeded calibration samples
-    from harness import plugins
-    from harness.calibration import CalibrationSet
-    from harness.models.llava import LlavaAdapter
-    from methods.qvlm.units import build_batches
+    from qvlm_harness import plugins
+    from qvlm_harness.calibration import CalibrationSet
+    from qvlm_harness.methods.qvlm.units import build_batches
+    from qvlm_harness.models.llava import LlavaAdapter
 
     calib = CalibrationSet.from_task(plugins.tasks.get("sqa")(), 4, 0, None)
     batches = build_batches(LlavaAdapter.load(tiny_model_dir), calib, 2)

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from methods.qvlm.dependency import pearson_r, r_squared
-from methods.qvlm.entropy import (
+from qvlm_harness.methods.qvlm.dependency import pearson_r, r_squared
+from qvlm_harness.methods.qvlm.entropy import (
     histogram_entropy,
     histogram_entropy_per_sample,
     official_entropy,
     official_entropy_sample,
     soft_histogram_entropy,
 )
-from methods.qvlm.partition import partition, quantile
+from qvlm_harness.methods.qvlm.partition import partition, quantile
 
 
 def np_entropy(values: np.ndarray, bins: int, lo: float, hi: float) -> float:

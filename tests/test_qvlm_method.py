@@ -8,18 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from harness.calibration import CalibrationSet
-from harness.config import QuantSpec
-from harness.models.llava import LlavaAdapter
-from harness.quant import MIN_SCALE, QLinear
-from methods.qvlm import QVLM
-from methods.qvlm.dependency import pair_ded
-from methods.qvlm.options import QVLMOptions
-from methods.qvlm.quantizers import LearnableQLinear
-from methods.qvlm.search import BlockSearch
-from methods.qvlm.units import build_batches, capture_stack_inputs, find_units, run_unit
-from methods.qvlm.visual import optimise_visual_encoder, tunable_parameters
-from tasks.sqa import ScienceQA
+from qvlm_harness.calibration import CalibrationSet
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.methods.qvlm import QVLM
+from qvlm_harness.methods.qvlm.dependency import pair_ded
+from qvlm_harness.methods.qvlm.options import QVLMOptions
+from qvlm_harness.methods.qvlm.quantizers import LearnableQLinear
+from qvlm_harness.methods.qvlm.search import BlockSearch
+from qvlm_harness.methods.qvlm.units import build_batches, capture_stack_inputs, find_units, run_unit
+from qvlm_harness.methods.qvlm.visual import optimise_visual_encoder, tunable_parameters
+from qvlm_harness.models.llava import LlavaAdapter
+from qvlm_harness.quant import MIN_SCALE, QLinear
+from qvlm_harness.tasks.sqa import ScienceQA
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ def test_joint_search_is_never_worse_than_layerwise(fresh, calib):
 
 @pytest.mark.parametrize("bits", ["w4a4", "w4a8-tensor-static"])
 def test_saves_and_reloads_with_identical_logits(fresh, calib, tmp_path, bits):
-    from harness.checkpoint import load_quantized, save_quantized
+    from qvlm_harness.checkpoint import load_quantized, save_quantized
 
     a = fresh()
     spec = QuantSpec.parse(bits)

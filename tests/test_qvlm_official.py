@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from harness.calibration import CalibrationSet
-from harness.config import QuantSpec, RunSpec
-from harness.models.llava import LlavaAdapter
-from harness.quant import compute_qparams, fake_quantize
-from harness.quant.nf4 import nf_quantize
-from harness.runner import Runner
-from methods.qvlm_official import CalibState, OfficialQLinear, QVLMOfficial, official_fake_quant
-from tasks.sqa import ScienceQA
+from qvlm_harness.calibration import CalibrationSet
+from qvlm_harness.config import QuantSpec, RunSpec
+from qvlm_harness.methods.qvlm_official import CalibState, OfficialQLinear, QVLMOfficial, official_fake_quant
+from qvlm_harness.models.llava import LlavaAdapter
+from qvlm_harness.quant import compute_qparams, fake_quantize
+from qvlm_harness.quant.nf4 import nf_quantize
+from qvlm_harness.runner import Runner
+from qvlm_harness.tasks.sqa import ScienceQA
 
 
 def test_weights_are_the_shared_nf4_with_double_quantization():
@@ -119,7 +119,7 @@ def test_unsupported_bits_are_skipped_in_a_grid_and_refused_alone(tiny_model_dir
     cells = Runner(spec, log=logs.append, progress=False).plan()
     assert {(c.method, c.spec.tag) for c in cells} == {("rtn", "w6a6"), ("rtn", "w4a4"), ("qvlm-official", "w4a4")}
     assert any("skipping" in line and "qvlm-official" in line for line in logs)
-    from harness.errors import HarnessError
+    from qvlm_harness.errors import HarnessError
 
     alone = RunSpec(methods=["qvlm-official"], tasks=["sqa"], bits=[QuantSpec.parse("w6a6")],
                     model=str(tiny_model_dir), output=tmp_path)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from harness.config import QuantSpec
-from harness.quant import MIN_SCALE, QLinear, dequantize, quantize
-from methods.qvlm.options import QVLMOptions
-from methods.qvlm.quantizers import ActQuantizer, AdaRoundWeight, LearnableQLinear, init_weight_qparams
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.methods.qvlm.options import QVLMOptions
+from qvlm_harness.methods.qvlm.quantizers import ActQuantizer, AdaRoundWeight, LearnableQLinear, init_weight_qparams
+from qvlm_harness.quant import MIN_SCALE, QLinear, dequantize, quantize
 
 
 def linear(k=64, n=32, seed=0) -> nn.Linear:
@@ -135,7 +135,7 @@ def test_lsq_step_size_receives_gradient_and_moves():
 
 
 def test_options_validation_names_the_fix():
-    from harness.errors import HarnessError
+    from qvlm_harness.errors import HarnessError
 
     assert QVLMOptions.from_dict({"p": "0.25", "max_depth": 2, "weight_mse": "false"}).p == 0.25
     with pytest.raises(HarnessError, match="unknown qvlm option"):

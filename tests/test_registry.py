@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from harness import plugins
-from harness.errors import UnknownNameError
-from harness.registry import Registry
+from qvlm_harness import plugins
+from qvlm_harness.errors import UnknownNameError
+from qvlm_harness.registry import Registry
 
 
 def test_lazy_entry_is_imported_on_first_get_only():
@@ -55,7 +55,8 @@ def test_entry_points_are_loaded(monkeypatch):
     from importlib.metadata import EntryPoint
 
     ep = EntryPoint(name="myplugin", value="collections:Counter", group="qvlm_harness.methods")
-    monkeypatch.setattr("harness.registry.entry_points", lambda group: [ep] if group == "qvlm_harness.methods" else [])
+    monkeypatch.setattr("qvlm_harness.registry.entry_points",
+                        lambda group: [ep] if group == "qvlm_harness.methods" else [])
     reg: Registry = Registry("method", "qvlm_harness.methods")
     reg.register("rtn", "collections:OrderedDict")
     from collections import Counter

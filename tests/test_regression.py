@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from harness.regression import CellScores, compare, format_comparison, load_baseline, save_baseline
+from qvlm_harness.regression import CellScores, compare, format_comparison, load_baseline, save_baseline
 
 N = 200
 
@@ -166,7 +166,7 @@ def test_baseline_file_round_trip(tmp_path):
 
 
 def test_cli_compare_exit_codes(capsys, tmp_path, tiny_model_dir):
-    from harness.cli import main
+    from qvlm_harness.cli import main
 
     out = tmp_path / "out"
     assert main(["run", "--methods", "fp32", "--tasks", "hm", "--model", str(tiny_model_dir), "--limit", "24",

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.html_report import render_html
-from harness.plots import pareto_front, png_bytes, report_figures
-from harness.report import best_cells, dedupe, paper_tables, write_paper_tables
+from qvlm_harness.html_report import render_html
+from qvlm_harness.plots import pareto_front, png_bytes, report_figures
+from qvlm_harness.report import best_cells, dedupe, paper_tables, write_paper_tables
 from tests.report_rows import synthetic_rows
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.cli import main
+from qvlm_harness.cli import main
 
 
 def test_report_all_writes_tables_plots_and_html(capsys, tmp_path, tiny_model_dir):

@@ -7,10 +7,10 @@ import sqlite3
 
 import pytest
 
-from harness.config import QuantSpec, RunSpec
-from harness.models.llava import LlavaAdapter
-from harness.runner import Runner
-from harness.store import Store
+from qvlm_harness.config import QuantSpec, RunSpec
+from qvlm_harness.models.llava import LlavaAdapter
+from qvlm_harness.runner import Runner
+from qvlm_harness.store import Store
 
 
 def make_spec(tiny_model_dir, tmp_path, **kw) -> RunSpec:

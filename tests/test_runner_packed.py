@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from harness.config import QuantSpec, RunSpec
-from harness.runner import Runner
+from qvlm_harness.config import QuantSpec, RunSpec
+from qvlm_harness.runner import Runner
 
 
 def test_packed_execution_is_real_and_smaller(tiny_model_dir, tmp_path, monkeypatch):
@@ -26,8 +26,8 @@ def test_packed_execution_is_real_and_smaller(tiny_model_dir, tmp_path, monkeypa
 
 
 def test_execution_flag_parses():
-    from harness.cli import build_parser
-    from harness.commands.common import run_spec_from_args
+    from qvlm_harness.cli import build_parser
+    from qvlm_harness.commands.common import run_spec_from_args
 
     args = build_parser().parse_args(["run", "--methods", "rtn", "--tasks", "sqa", "--execution", "packed"])
     assert run_spec_from_args(args).execution == "packed"

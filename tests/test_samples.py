@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from tasks.samples import build as sample_build
-from tasks.samples import generators as g
+from qvlm_harness.tasks.samples import build as sample_build
+from qvlm_harness.tasks.samples import generators as g
 
 pytest.importorskip("easy_vqa")
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from harness.errors import DataError
-from harness.task import Response
-from tasks.hateful_memes import HatefulMemes
+from qvlm_harness.errors import DataError
+from qvlm_harness.task import Response
+from qvlm_harness.tasks.hateful_memes import HatefulMemes
 
 
 def write_hm(folder: Path) -> Path:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness.errors import DataError
-from harness.task import Response
-from tasks.sqa import ScienceQA, format_prompt
+from qvlm_harness.errors import DataError
+from qvlm_harness.task import Response
+from qvlm_harness.tasks.sqa import ScienceQA, format_prompt
 
 PROBLEMS = {
     # pid: (subject, hint, has image, grade, answer, choices)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness.errors import DataError
-from harness.task import Response
-from tasks.vizwiz import VizWiz
-from tasks.vqav2 import VQAv2
+from qvlm_harness.errors import DataError
+from qvlm_harness.task import Response
+from qvlm_harness.tasks.vizwiz import VizWiz
+from qvlm_harness.tasks.vqav2 import VQAv2
 
 
 def write_vqav2(folder: Path, split: str = "val") -> Path:

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from harness.commands.common import add_run_arguments, csv_list, run_spec_from_args
-from harness.errors import HarnessError
+from qvlm_harness.commands.common import add_run_arguments, csv_list, run_spec_from_args
+from qvlm_harness.errors import HarnessError
 
 
 def add_parser(sub) -> None:
@@ -57,9 +57,9 @@ def combinations(grid: dict[str, list]) -> list[dict]:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from harness import plugins
-    from harness.report import to_markdown
-    from harness.runner import Runner
+    from qvlm_harness import plugins
+    from qvlm_harness.report import to_markdown
+    from qvlm_harness.runner import Runner
 
     if args.methods:
         raise HarnessError("harness ablate takes the method as its first argument, not --methods")

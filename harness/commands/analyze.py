@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 
 def add_parser(sub) -> None:
@@ -64,14 +64,14 @@ def _print_pair(pair, seconds: float) -> None:
 def execute(args: argparse.Namespace) -> int:
     import torch
 
-    from harness import plugins
-    from harness.calibration import CalibrationSet
-    from harness.config import QuantSpec
-    from harness.models.llava import LlavaAdapter, set_threads
-    from harness.runner import check_model_source, resolve_model
-    from methods.qvlm.dependency import analyze_stack, pearson_r, r_squared
-    from methods.qvlm.options import QVLMOptions
-    from methods.qvlm.units import build_batches, capture_stack_inputs, find_units
+    from qvlm_harness import plugins
+    from qvlm_harness.calibration import CalibrationSet
+    from qvlm_harness.config import QuantSpec
+    from qvlm_harness.methods.qvlm.dependency import analyze_stack, pearson_r, r_squared
+    from qvlm_harness.methods.qvlm.options import QVLMOptions
+    from qvlm_harness.methods.qvlm.units import build_batches, capture_stack_inputs, find_units
+    from qvlm_harness.models.llava import LlavaAdapter, set_threads
+    from qvlm_harness.runner import check_model_source, resolve_model
 
     if args.calib_samples < 3:
         raise HarnessError("--calib-samples must be at least 3 (R^2 needs three points)")

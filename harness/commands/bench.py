@@ -1,5 +1,5 @@
 """`harness bench`: prefill latency, decode tokens/s, weight bytes and peak RSS of packed quantized models,
-each as a ratio to the FP32 baseline measured in the same run (see `harness.bench`)."""
+each as a ratio to the FP32 baseline measured in the same run (see `qvlm_harness.bench`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from harness.commands.common import csv_list, int_list, method_options, scope_list
-from harness.config import ALL_SCOPES, QuantSpec
-from harness.errors import HarnessError
+from qvlm_harness.commands.common import csv_list, int_list, method_options, scope_list
+from qvlm_harness.config import ALL_SCOPES, QuantSpec
+from qvlm_harness.errors import HarnessError
 
 COLUMNS = {"method": "Method", "bits": "Bits", "exec": "Exec", "batch": "Batch", "prefill_ms": "Prefill ms",
            "prefill_x": "Prefill x", "decode_tok_s": "Decode tok/s", "decode_x": "Decode x", "e2e_x": "E2E x",
@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from harness.bench import BenchConfig, run_bench
+    from qvlm_harness.bench import BenchConfig, run_bench
 
     if args.new_tokens < 2:
         raise HarnessError("--new-tokens must be at least 2 (one prefill token and at least one decode step)")

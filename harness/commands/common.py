@@ -7,9 +7,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness import plugins
-from harness.config import ALL_SCOPES, QuantSpec, RunSpec
-from harness.errors import HarnessError
+from qvlm_harness import plugins
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, RunSpec
+from qvlm_harness.errors import HarnessError
 
 DEFAULT_MODEL_CAVEAT = ("Model: the embedded default (DINOv2-S/14 + SmolLM2-135M-Instruct, trained projector/LoRA); "
                         "its LM weights come from a Q4_1 GGUF, so weight-only 4-bit results are optimistic; "

@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from harness.commands.common import csv_list
-from harness.errors import HarnessError
+from qvlm_harness.commands.common import csv_list
+from qvlm_harness.errors import HarnessError
 
 
 def _recovery_pair(text: str) -> tuple[str, float]:
@@ -48,8 +48,8 @@ def add_parser(sub) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from harness import regression
-    from harness.store import Store
+    from qvlm_harness import regression
+    from qvlm_harness.store import Store
 
     store_path = args.store or args.output / "harness.db"
     if not store_path.is_file():

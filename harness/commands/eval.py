@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from harness.commands.common import add_run_arguments, run_spec_from_args
-from harness.errors import HarnessError
+from qvlm_harness.commands.common import add_run_arguments, run_spec_from_args
+from qvlm_harness.errors import HarnessError
 
 
 def add_parser(sub) -> None:
@@ -15,8 +15,8 @@ def add_parser(sub) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from harness.checkpoint import read_manifest
-    from harness.commands.run import execute_spec
+    from qvlm_harness.checkpoint import read_manifest
+    from qvlm_harness.commands.run import execute_spec
 
     if read_manifest(args.model) is None:
         raise HarnessError(f"--model {args.model} is not a quantized checkpoint (no manifest.json); create one with "

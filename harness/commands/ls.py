@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from harness import plugins
+from qvlm_harness import plugins
 
 
 def add_parser(sub) -> None:

@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from harness.models.default import default_model_path
+    from qvlm_harness.models.default import default_model_path
 
     print(default_model_path(rebuild=args.rebuild and args.action == "build-default"))
     return 0

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.commands.common import method_options, scope_list
-from harness.config import ALL_SCOPES, QuantSpec
-from harness.errors import HarnessError
+from qvlm_harness.commands.common import method_options, scope_list
+from qvlm_harness.config import ALL_SCOPES, QuantSpec
+from qvlm_harness.errors import HarnessError
 
 
 def add_parser(sub) -> None:
@@ -30,11 +30,11 @@ def add_parser(sub) -> None:
 def execute(args: argparse.Namespace) -> int:
     import torch
 
-    from harness import plugins
-    from harness.calibration import CalibrationSet
-    from harness.checkpoint import read_manifest, save_quantized
-    from harness.models.llava import LlavaAdapter, set_threads
-    from harness.runner import check_model_source, resolve_model
+    from qvlm_harness import plugins
+    from qvlm_harness.calibration import CalibrationSet
+    from qvlm_harness.checkpoint import read_manifest, save_quantized
+    from qvlm_harness.models.llava import LlavaAdapter, set_threads
+    from qvlm_harness.runner import check_model_source, resolve_model
 
     method_name = plugins.methods.resolve_name(args.method)
     spec = QuantSpec.parse(args.bits)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness.commands.common import DEFAULT_MODEL_CAVEAT, csv_list, run_folder
-from harness.errors import HarnessError
+from qvlm_harness.commands.common import DEFAULT_MODEL_CAVEAT, csv_list, run_folder
+from qvlm_harness.errors import HarnessError
 
 FORMATS = ("csv", "tex", "md")
 
@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    from harness.report import dedupe, main_table, to_markdown, write_paper_tables, write_tables
-    from harness.store import Store
+    from qvlm_harness.report import dedupe, main_table, to_markdown, write_paper_tables, write_tables
+    from qvlm_harness.store import Store
 
     formats = csv_list(args.formats)
     if not formats or any(f not in FORMATS for f in formats):
@@ -77,9 +77,9 @@ def execute(args: argparse.Namespace) -> int:
 
 
 def write_plots_and_html(rows, folder: Path, *, title: str, caveat: str | None) -> Path:
-    from harness.html_report import render_html
-    from harness.plots import png_bytes, report_figures
-    from harness.report import SIMULATED_NOTE, paper_tables
+    from qvlm_harness.html_report import render_html
+    from qvlm_harness.plots import png_bytes, report_figures
+    from qvlm_harness.report import SIMULATED_NOTE, paper_tables
 
     plots = folder / "plots"
     plots.mkdir(parents=True, exist_ok=True)

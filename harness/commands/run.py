@@ -7,8 +7,8 @@ import json
 import sys
 import time
 
-from harness.commands.common import DEFAULT_MODEL_CAVEAT, add_run_arguments, run_folder, run_spec_from_args
-from harness.errors import HarnessError
+from qvlm_harness.commands.common import DEFAULT_MODEL_CAVEAT, add_run_arguments, run_folder, run_spec_from_args
+from qvlm_harness.errors import HarnessError
 
 
 def add_parser(sub) -> None:
@@ -26,12 +26,12 @@ def execute(args: argparse.Namespace) -> int:
 
 def execute_spec(spec, args: argparse.Namespace) -> int:
     """Run a RunSpec and print/write its tables (shared by `run` and `eval`)."""
-    from harness.report import SIMULATED_NOTE, main_table, task_table, to_markdown, write_tables
-    from harness.runner import Runner
+    from qvlm_harness.report import SIMULATED_NOTE, main_table, task_table, to_markdown, write_tables
+    from qvlm_harness.runner import Runner
 
     executor = None
     if getattr(args, "executor", "local") == "ray":  # `eval` shares this function and has no executor flags
-        from harness.executors import RayExecutor
+        from qvlm_harness.executors import RayExecutor
 
         executor = RayExecutor(args.address)
     elif getattr(args, "address", None):

@@ -1,6 +1,6 @@
 """Activation quantization on the fly, producing centred int8 codes for the integer GEMM.
 
-The arithmetic is exactly that of `harness.quant.compute_qparams` / `quantize` (float32, same operations in
+The arithmetic is exactly that of `qvlm_harness.quant.compute_qparams` / `quantize` (float32, same operations in
 the same order, division rather than multiplication by a reciprocal), so a packed layer sees the very codes the
 fake-quant `QLinear` it replaces rounds to; only the final float accumulation order differs. It is written out
 here rather than called because the generic helpers build intermediate `QParams`, reshape for groups and run
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.errors import HarnessError
-from harness.kernels.packing import code_centre
-from harness.quant.quantizer import MIN_SCALE, qrange
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.kernels.packing import code_centre
+from qvlm_harness.quant.quantizer import MIN_SCALE, qrange
 
 
 @dataclass

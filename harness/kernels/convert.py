@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from harness.config import FLOAT_BITS
-from harness.kernels.linear import IntLinear, PackedLinear, WeightOnlyLinear
-from harness.kernels.packing import code_centre, pack_codes
-from harness.quant.qlinear import QLinear
+from qvlm_harness.config import FLOAT_BITS
+from qvlm_harness.kernels.linear import IntLinear, PackedLinear, WeightOnlyLinear
+from qvlm_harness.kernels.packing import code_centre, pack_codes
+from qvlm_harness.quant.qlinear import QLinear
 
 
 @dataclass

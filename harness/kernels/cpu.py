@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "int_linear.cpp"
 #: Up to this many rows (tokens) the VNNI dot-product kernel runs; above it, oneDNN's int8 GEMM (at::_int_mm).
@@ -28,7 +28,7 @@ SMALL_M = 8
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-log = logging.getLogger("harness.kernels")
+log = logging.getLogger("qvlm_harness.kernels")
 
 
 def _cpu_flags() -> str:
@@ -45,7 +45,7 @@ def _cpu_flags() -> str:
 
 
 def build_dir() -> Path:
-    from harness.models.default import cache_root
+    from qvlm_harness.models.default import cache_root
 
     digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()
     return cache_root() / "torch_extensions" / f"harness_kernels_{digest[:12]}"

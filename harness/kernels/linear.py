@@ -2,7 +2,7 @@
 
 * `IntLinear` (WxAy, x, y <= 8): weights as int8 (5..8 bits) or two nibbles per byte (2..4 bits); the input is
   quantized on the fly (per token or per tensor, dynamic or static) to int8 codes; ``torch._int_mm`` (or the
-  fused CPU kernel of `harness.kernels.cpu`) computes the exact int32 products; the epilogue applies the
+  fused CPU kernel of `qvlm_harness.kernels.cpu`) computes the exact int32 products; the epilogue applies the
   scales and the zero-point corrections:
 
       y = s_x * s_w * (sum_k (x_q - z_x)(w_q - z_w))
@@ -15,7 +15,7 @@
   dequantized per call; on other devices the int4 codes are unpacked and dequantized per call.
 
 Every packed module reports `weight_storage_bytes` as the bytes it really holds (codes incl. padding, scales,
-zero points, precomputed row sums), so `harness.measure.weight_bytes` measures the real footprint.
+zero points, precomputed row sums), so `qvlm_harness.measure.weight_bytes` measures the real footprint.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.errors import HarnessError
-from harness.kernels import cpu as cpu_kernels
-from harness.kernels.actquant import quantize_activations
-from harness.kernels.gemm import int_mm
-from harness.kernels.packing import PackedCodes, unpack_int4
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.kernels import cpu as cpu_kernels
+from qvlm_harness.kernels.actquant import quantize_activations
+from qvlm_harness.kernels.gemm import int_mm
+from qvlm_harness.kernels.packing import PackedCodes, unpack_int4
 
 BACKENDS = ("auto", "torch", "cpp", "compile")
 

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 INT4_BLOCK = 64
 Format = Literal["int8", "int4"]

@@ -2,19 +2,19 @@
 
 Two directions:
 - lm-eval tasks inside the harness: `harness run --tasks lmeval:<task>` (the task plugin is `tasks/lmeval.py`);
-- the harness's quantized models inside lm-eval: the `qvlm-harness` lm-eval model (`harness.lmeval.model`), reached
-  through `python -m harness.lmeval_cli ...` or, after `python -m harness.lmeval_cli install-hook`, the plain
+- the harness's quantized models inside lm-eval: the `qvlm-harness` lm-eval model (`qvlm_harness.lmeval.model`), reached
+  through `python -m qvlm_harness.lmeval_cli ...` or, after `python -m qvlm_harness.lmeval_cli install-hook`, the plain
   `lm-eval --model qvlm-harness ...` command.
 
 lm-eval 0.4.13 has no entry-point discovery for models: a model exists in its registry only once some code has
-registered it in the running process. `register()` does that (and is idempotent); the hook in `harness.lmeval.hook`
+registered it in the running process. `register()` does that (and is idempotent); the hook in `qvlm_harness.lmeval.hook`
 calls it automatically whenever a process imports lm-eval's model registry.
 """
 
 from __future__ import annotations
 
 MODEL_NAME = "qvlm-harness"
-MODEL_TARGET = "harness.lmeval.model:QVLMHarnessLM"
+MODEL_TARGET = "qvlm_harness.lmeval.model:QVLMHarnessLM"
 
 
 def register() -> None:

@@ -3,10 +3,10 @@ entry-point discovery for models, so something must register it inside lm-eval's
 
 `install_hook()` writes one `.pth` file into site-packages. Python runs its single line at every start-up; that line
 imports this stdlib-only module and calls `install()`, which adds a meta-path finder costing nothing until a process
-imports `lm_eval.api.registry`. Right after that module has executed, the finder calls `harness.lmeval.register()`
+imports `lm_eval.api.registry`. Right after that module has executed, the finder calls `qvlm_harness.lmeval.register()`
 (built-ins first, then `qvlm-harness` as a lazy entry) and removes itself. Processes that never touch lm-eval pay
 one tiny import. `uninstall_hook()` deletes the file. Nothing is installed implicitly: the user runs
-`python -m harness.lmeval_cli install-hook` once per environment.
+`python -m qvlm_harness.lmeval_cli install-hook` once per environment.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 PTH_NAME = "qvlm_harness_lmeval.pth"
 TRIGGER = "lm_eval.api.registry"
-PTH_LINE = ('import sys; exec("try:\\n    from harness.lmeval.hook import install\\n    install()\\n'
+PTH_LINE = ('import sys; exec("try:\\n    from qvlm_harness.lmeval.hook import install\\n    install()\\n'
             'except ImportError:\\n    pass")\n')
 
 
@@ -33,7 +33,7 @@ class _Loader:
     def exec_module(self, module) -> None:
         self.inner.exec_module(module)
         try:
-            from harness.lmeval import register
+            from qvlm_harness.lmeval import register
 
             register()
         except Exception as exc:  # never break lm-eval itself; say why the model is missing
@@ -57,7 +57,7 @@ class _Finder:
 def install() -> None:
     """Arm the finder (idempotent). If lm-eval's registry is already imported, register right away."""
     if TRIGGER in sys.modules:
-        from harness.lmeval import register
+        from qvlm_harness.lmeval import register
 
         register()
         return

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from lm_eval.api.model import LM
 
-from harness.errors import HarnessError
-from harness.images import load_image
-from harness.models.llava import IMAGE_PLACEHOLDER, LlavaAdapter, _tokens_before_stop
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.images import load_image
+from qvlm_harness.models.llava import IMAGE_PLACEHOLDER, LlavaAdapter, _tokens_before_stop
 
 ARG_SEPARATORS = ("+", ";", "|")  # list values inside --model_args (commas separate the arguments themselves)
 
@@ -366,12 +366,12 @@ def build_quantized(*, model: str, method: str | None, bits: str | None, calib_t
     cell; a quantized checkpoint folder (`harness quantize --output DIR`) is loaded as stored instead."""
     from pathlib import Path
 
-    from harness import plugins
-    from harness.calibration import CalibrationSet
-    from harness.checkpoint import StoredQuantization, load_quantized, read_manifest
-    from harness.config import ALL_SCOPES, QuantSpec
-    from harness.models.llava import set_threads
-    from harness.runner import check_model_source, resolve_model
+    from qvlm_harness import plugins
+    from qvlm_harness.calibration import CalibrationSet
+    from qvlm_harness.checkpoint import StoredQuantization, load_quantized, read_manifest
+    from qvlm_harness.config import ALL_SCOPES, QuantSpec
+    from qvlm_harness.models.llava import set_threads
+    from qvlm_harness.runner import check_model_source, resolve_model
 
     manifest = read_manifest(model) if Path(model).expanduser().is_dir() else None
     if manifest is not None:

@@ -6,7 +6,7 @@ fractions in [0, 1]; the `aggregate_*` reports and `unanswerable_precision_recal
 `n_<key>` counts next to each value and NaN (never 0) for a group without samples.
 """
 
-from harness.metrics.classification import (
+from qvlm_harness.metrics.classification import (
     ConfidenceInterval,
     UndefinedMetricWarning,
     binary_accuracy,
@@ -14,8 +14,8 @@ from harness.metrics.classification import (
     paired_bootstrap_ci,
     roc_auc,
 )
-from harness.metrics.sqa import SQA_KEYS, aggregate_sqa, parse_answer, parse_option_letter, sqa_categories
-from harness.metrics.vqa import (
+from qvlm_harness.metrics.sqa import SQA_KEYS, aggregate_sqa, parse_answer, parse_option_letter, sqa_categories
+from qvlm_harness.metrics.vqa import (
     aggregate_vqa,
     normalize_answer,
     said_unanswerable,

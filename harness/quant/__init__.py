@@ -1,21 +1,21 @@
 """Simulated (fake-quant) uniform quantization: math, the `QLinear` wrapper, observers, calibration hooks
-and module swapping. See `harness.quant.quantizer` for the integer-range and layout conventions."""
+and module swapping. See `qvlm_harness.quant.quantizer` for the integer-range and layout conventions."""
 
-from harness.quant.apply import (
+from qvlm_harness.quant.apply import (
     calibrate_static_activations,
     linear_names,
     qlinear_modules,
     quantize_linears,
 )
-from harness.quant.calibration import (
+from qvlm_harness.quant.calibration import (
     ActivationStats,
     capture_linear_inputs,
     collect_activation_stats,
     input_hooks,
 )
-from harness.quant.observers import MinMaxObserver, MSEObserver, make_observer
-from harness.quant.qlinear import QLinear
-from harness.quant.quantizer import (
+from qvlm_harness.quant.observers import MinMaxObserver, MSEObserver, make_observer
+from qvlm_harness.quant.qlinear import QLinear
+from qvlm_harness.quant.quantizer import (
     MIN_SCALE,
     QParams,
     codes_dtype,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from harness.config import FLOAT_BITS, QuantSpec
-from harness.errors import HarnessError
-from harness.quant.quantizer import QParams, fake_quantize, fake_quantize_per_token, per_tensor_qparams
+from qvlm_harness.config import FLOAT_BITS, QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant.quantizer import QParams, fake_quantize, fake_quantize_per_token, per_tensor_qparams
 
 
 class ActQuantMixin:

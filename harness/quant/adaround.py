@@ -8,7 +8,7 @@ for the value projection) and ``G_h`` an output-side one (identity except for th
 Three steps, as in the paper's pipeline and its official code:
 1. `clip_search`: per output row (and group), the clipping ratio of the min/max range that minimises the row's
    ``e H e^T`` (the row-wise Hessian-weighted error; ``G``'s diagonal only rescales a row, so it is left out).
-2. OPTQ initialisation: `harness.quant.gptq.gptq_quantize` on the fixed grid, per head with that head's ``H_h``;
+2. OPTQ initialisation: `qvlm_harness.quant.gptq.gptq_quantize` on the fixed grid, per head with that head's ``H_h``;
    its error-fed weights are where rounding starts.
 3. `learn_rounding`: AdaRound (Nagel et al. 2020) on L: rounding offsets ``h(v)`` in [0, 1] (rectified sigmoid,
    stretch -0.1..1.1) on top of ``floor(W_init / s)``, Adam, and the regulariser ``sum 1 - |2h - 1|^b`` with b
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.quant.quantizer import QParams, compute_qparams, qrange
+from qvlm_harness.quant.quantizer import QParams, compute_qparams, qrange
 
 GAMMA, ZETA = -0.1, 1.1  # rectified-sigmoid stretch (AdaRound)
 

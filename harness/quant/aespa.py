@@ -24,8 +24,8 @@ authors' README cites them: Eq. (17) value, Eqs. (21), (22) query and key.
   count), the 1/sqrt(d) factor is dropped, all second moments are normalised as ``2/n sum`` over real tokens.
 * Every other linear (o_proj, MLP, projector) has the ordinary layer-wise objective ``tr(dW E[X^T X] dW^T)``.
 
-Solver (`harness.quant.adaround`): Hessian-weighted clipping search for the grid, OPTQ initialisation with the
-harness's GPTQ solver, then AdaRound on the objective above. Walk: `harness.quant.sequential` block by block with
+Solver (`qvlm_harness.quant.adaround`): Hessian-weighted clipping search for the grid, OPTQ initialisation with the
+harness's GPTQ solver, then AdaRound on the objective above. Walk: `qvlm_harness.quant.sequential` block by block with
 inputs from the already-quantized prefix; inside a block, groups of layers sharing an input (q/k/v, o, gate/up,
 down) in order, each group's statistics taken after the previous groups were quantized.
 """
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from harness.config import QuantSpec
-from harness.quant.adaround import Objective, clip_search, learn_rounding, qparams_for_ratio
-from harness.quant.attention_capture import AttentionGeometry, AttentionObserver, attention_capture
-from harness.quant.gptq import HessianAccumulator, gptq_quantize
-from harness.quant.quantizer import QParams
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.quant.adaround import Objective, clip_search, learn_rounding, qparams_for_ratio
+from qvlm_harness.quant.attention_capture import AttentionGeometry, AttentionObserver, attention_capture
+from qvlm_harness.quant.gptq import HessianAccumulator, gptq_quantize
+from qvlm_harness.quant.quantizer import QParams
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -146,7 +146,7 @@ def collect_statistics(ctx, group: list[str], attention: tuple[str, dict[str, st
                        ) -> tuple[dict[str, HessianAccumulator], AttentionObserver | None]:
     """One run of the block on its calibration inputs: each layer's input Hessian, and the attention statistics
     when the group holds an attention's q/k/v (`attention`: that module's FQN and its q/k/v FQNs)."""
-    from harness.quant.sequential import valid_rows
+    from qvlm_harness.quant.sequential import valid_rows
 
     accs = {f: HessianAccumulator(ctx.module(f).in_features) for f in group}
     obs = None
@@ -174,9 +174,9 @@ def aespa_pass(adapter, calibration, scope, *, layer_spec: Callable[[str, nn.Mod
     pass; the caller calibrates static activation ranges afterwards."""
     from contextlib import nullcontext
 
-    from harness.quant.apply import _set_submodule
-    from harness.quant.qlinear import QLinear
-    from harness.quant.sequential import run_sequential
+    from qvlm_harness.quant.apply import _set_submodule
+    from qvlm_harness.quant.qlinear import QLinear
+    from qvlm_harness.quant.sequential import run_sequential
 
     model = adapter.model
     wanted = adapter.linear_names(scope)

@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from harness.config import QuantSpec
-from harness.errors import HarnessError
-from harness.quant.actquant import ActQuantMixin
-from harness.quant.calibration import input_hooks
-from harness.quant.observers import MinMaxObserver, make_observer
-from harness.quant.qlinear import QLinear
-from harness.quant.quantizer import QParams
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant.actquant import ActQuantMixin
+from qvlm_harness.quant.calibration import input_hooks
+from qvlm_harness.quant.observers import MinMaxObserver, make_observer
+from qvlm_harness.quant.qlinear import QLinear
+from qvlm_harness.quant.quantizer import QParams
 
 Include = Callable[[str, nn.Linear], bool] | Sequence[str] | str | None
 

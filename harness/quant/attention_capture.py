@@ -1,5 +1,5 @@
 """Second-moment statistics of a self-attention module, captured from calibration forwards, for aespa's
-attention-aware objectives (see `harness.quant.aespa` for the objectives themselves).
+attention-aware objectives (see `qvlm_harness.quant.aespa` for the objectives themselves).
 
 How the attention probabilities are obtained. transformers attention modules (Llama, CLIP, DINOv2, ...) call
 ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)`` with the post-RoPE query ``[B, H, T, d]``
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 CAPTURE_IMPL = "qvlm_aespa_capture"
 _ACTIVE: dict[int, AttentionObserver] = {}  # id(attention module) -> observer

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 
 def _resolve(model: nn.Module, module_names: Sequence[str]) -> dict[str, nn.Module]:

@@ -8,7 +8,7 @@ Updates are applied lazily in blocks of `block_size` columns (the result equals 
 float rounding). Dampening adds ``percdamp * mean(diag H)`` to the diagonal; columns whose input is always zero
 are set to zero. `act_order` processes columns by decreasing ``diag(H)``.
 
-Quantization grid: the harness's (`harness.quant.quantizer`): symmetric = restricted signed range with zero
+Quantization grid: the harness's (`qvlm_harness.quant.quantizer`): symmetric = restricted signed range with zero
 point 0, asymmetric = unsigned range with a zero point; min/max ranges per output channel (computed once on
 the float weight) or per group of `group_size` consecutive input columns. Without act-order a group's range is
 computed when its first column is reached, from the error-updated weights (as GPTQ does); with act-order the
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.errors import HarnessError
-from harness.quant.quantizer import QParams, compute_qparams, qrange, weight_qparams
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant.quantizer import QParams, compute_qparams, qrange, weight_qparams
 
 
 @dataclass
@@ -172,9 +172,9 @@ def gptq_pass(adapter, calibration, spec, scope, *, layer_spec, make_module=None
     the resulting `QLinear` (ZeroQuant-V2's LoRC). Linears outside any block, or never reached by calibration
     data, get round-to-nearest. Returns ``{"quantized": [...], "rtn_fallback": [...]}``.
     """
-    from harness.quant.apply import _set_submodule
-    from harness.quant.qlinear import QLinear
-    from harness.quant.sequential import run_sequential, valid_rows
+    from qvlm_harness.quant.apply import _set_submodule
+    from qvlm_harness.quant.qlinear import QLinear
+    from qvlm_harness.quant.sequential import run_sequential, valid_rows
 
     model = adapter.model
     wanted = adapter.linear_names(scope)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.quant.quantizer import dequantize, quantize_weight
+from qvlm_harness.quant.quantizer import dequantize, quantize_weight
 
 
 def lorc_factors(E: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -51,7 +51,7 @@ class LoRCLinear(nn.Module):
         """Rebuild the float factors from their codes (after loading a checkpoint)."""
         if self.bits >= 16:
             return
-        from harness.quant.quantizer import QParams
+        from qvlm_harness.quant.quantizer import QParams
 
         zu = torch.zeros_like(self.u_scale, dtype=torch.int32)
         zv = torch.zeros_like(self.v_scale, dtype=torch.int32)

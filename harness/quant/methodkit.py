@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from harness.config import FLOAT_BITS, QuantSpec
-from harness.errors import HarnessError
-from harness.measure import PeakRSS
-from harness.method import Method, SearchCost
-from harness.quant.apply import act_quant_modules, calibrate_static_activations
+from qvlm_harness.config import FLOAT_BITS, QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.measure import PeakRSS
+from qvlm_harness.method import Method, SearchCost
+from qvlm_harness.quant.apply import act_quant_modules, calibrate_static_activations
 
 
 class HessianSolverMethod(Method):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 NF4_CODE = torch.tensor(
     [

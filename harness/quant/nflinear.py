@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config import QuantSpec
-from harness.errors import HarnessError
-from harness.quant.actquant import ActQuantMixin
-from harness.quant.nf4 import NFState, pack_4bit, to_bnb, unpack_4bit
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant.actquant import ActQuantMixin
+from qvlm_harness.quant.nf4 import NFState, pack_4bit, to_bnb, unpack_4bit
 
 
 class NFLinear(ActQuantMixin, nn.Module):

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from harness.errors import HarnessError
-from harness.quant.quantizer import QParams, compute_qparams, mse_search_range
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant.quantizer import QParams, compute_qparams, mse_search_range
 
 
 class MinMaxObserver:

@@ -5,7 +5,7 @@ converter reads them) together with the dequantized float weight that the forwar
 the per-call cost is only the activation quantizer. The activation quantizer acts on the layer input and is
 one of: none (``a_bits == 16``), dynamic per token (one range per row of the flattened ``[..., in]`` input),
 dynamic per tensor, or static per tensor with a calibrated range (`act_qparams`,
-see `harness.quant.apply.calibrate_static_activations`).
+see `qvlm_harness.quant.apply.calibrate_static_activations`).
 
 Buffers (all move with ``.to(device)``): ``codes`` (int8 for symmetric, uint8 for asymmetric weights, values
 in the integer range of ``w_bits``; ``None`` for float weights), ``w_scale`` (float32) / ``w_zero`` (int32) in
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config import FLOAT_BITS, QuantSpec
-from harness.errors import HarnessError
-from harness.quant.quantizer import (
+from qvlm_harness.config import FLOAT_BITS, QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant.quantizer import (
     QParams,
     codes_dtype,
     dequantize,

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 MIN_SCALE = 1e-8
 """Floor for every scale, so all-zero slices still get a finite nonzero scale (and never a denormal one).

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor, nn
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 if TYPE_CHECKING:
-    from harness.calibration import CalibrationSet
-    from harness.models.llava import LlavaAdapter
+    from qvlm_harness.calibration import CalibrationSet
+    from qvlm_harness.models.llava import LlavaAdapter
 
 STAGE_PREFIXES = {"vision": "model.vision_tower", "projector": "model.multi_modal_projector",
                   "lm": "model.language_model"}

@@ -2,7 +2,7 @@
 visual-encoder optimisation. The method plugin is `QVLM`; the pieces are reusable (the dependency analysis
 command uses the same units, entropies and searches)."""
 
-from methods.qvlm.method import QVLM
-from methods.qvlm.options import QVLMOptions
+from qvlm_harness.methods.qvlm.method import QVLM
+from qvlm_harness.methods.qvlm.options import QVLMOptions
 
 __all__ = ["QVLM", "QVLMOptions"]

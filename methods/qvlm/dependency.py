@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from harness.config import QuantSpec
-from methods.qvlm.entropy import unit_entropy, unit_entropy_per_sample
-from methods.qvlm.options import QVLMOptions
-from methods.qvlm.quantizers import LearnableQLinear
-from methods.qvlm.search import BlockSearch
-from methods.qvlm.units import StackInput, Unit, run_unit
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.methods.qvlm.entropy import unit_entropy, unit_entropy_per_sample
+from qvlm_harness.methods.qvlm.options import QVLMOptions
+from qvlm_harness.methods.qvlm.quantizers import LearnableQLinear
+from qvlm_harness.methods.qvlm.search import BlockSearch
+from qvlm_harness.methods.qvlm.units import StackInput, Unit, run_unit
 
 
 def pearson_r(x: Sequence[float], y: Sequence[float]) -> float:

@@ -24,14 +24,14 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from harness.config import ALL_SCOPES, QuantSpec, Scope
-from harness.errors import HarnessError
-from harness.measure import PeakRSS
-from harness.method import Method, QuantizedModel, SearchCost
-from methods.qvlm.entropy import unit_entropy
-from methods.qvlm.options import QVLMOptions
-from methods.qvlm.partition import partition
-from methods.qvlm.search import (
+from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.measure import PeakRSS
+from qvlm_harness.method import Method, QuantizedModel, SearchCost
+from qvlm_harness.methods.qvlm.entropy import unit_entropy
+from qvlm_harness.methods.qvlm.options import QVLMOptions
+from qvlm_harness.methods.qvlm.partition import partition
+from qvlm_harness.methods.qvlm.search import (
     BlockSearch,
     KLGuide,
     answer_logprobs,
@@ -39,8 +39,16 @@ from methods.qvlm.search import (
     init_static_activations,
     wrap_units,
 )
-from methods.qvlm.units import STACKS, StackInput, build_batches, capture_stack_inputs, find_units, run_unit, run_units
-from methods.qvlm.visual import optimise_visual_encoder
+from qvlm_harness.methods.qvlm.units import (
+    STACKS,
+    StackInput,
+    build_batches,
+    capture_stack_inputs,
+    find_units,
+    run_unit,
+    run_units,
+)
+from qvlm_harness.methods.qvlm.visual import optimise_visual_encoder
 
 
 class QVLM(Method):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 ENTROPY_KINDS = ("hist", "official")
 VE_PARAMS = ("norms+projector", "norms", "projector")

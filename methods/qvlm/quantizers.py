@@ -11,7 +11,7 @@ rounding is hard: up where V >= 0 (h >= 0.5), which is round-to-nearest for unto
 Activations: per-token dynamic (nothing to learn: each row's min/max, as `QLinear` does it at inference), or
 per-tensor static with a learnable step size (LSQ, Esser et al. 2020): the step s receives the straight-through
 gradient of the quantizer (round(x/s) - x/s inside the range, the clip level outside), initialised by an MSE
-grid search (`harness.quant.mse_search_range`); it is optimised in log space, so it stays positive, and is
+grid search (`qvlm_harness.quant.mse_search_range`); it is optimised in log space, so it stays positive, and is
 floored at `MIN_SCALE`. The zero point stays at its initial integer value.
 
 In hard mode (after the search) the forward is bit-identical to the `QLinear` that `to_qlinear` builds: the
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config import QuantSpec
-from harness.errors import HarnessError
-from harness.quant import (
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant import (
     MIN_SCALE,
     QLinear,
     QParams,

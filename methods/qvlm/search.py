@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config import QuantSpec
-from methods.qvlm.options import QVLMOptions
-from methods.qvlm.quantizers import LearnableQLinear
-from methods.qvlm.units import StackInput, Unit, linears_of, run_unit, set_submodule
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.methods.qvlm.options import QVLMOptions
+from qvlm_harness.methods.qvlm.quantizers import LearnableQLinear
+from qvlm_harness.methods.qvlm.units import StackInput, Unit, linears_of, run_unit, set_submodule
 
 
 @dataclass

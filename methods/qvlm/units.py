@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from harness.errors import HarnessError
+from qvlm_harness.errors import HarnessError
 
 STACKS = ("vision", "projector", "lm")
 

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.config import QuantSpec
-from methods.qvlm.entropy import soft_histogram_entropy
-from methods.qvlm.options import QVLMOptions
-from methods.qvlm.search import restore_units, wrap_units
-from methods.qvlm.units import CalibBatch, Unit
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.methods.qvlm.entropy import soft_histogram_entropy
+from qvlm_harness.methods.qvlm.options import QVLMOptions
+from qvlm_harness.methods.qvlm.search import restore_units, wrap_units
+from qvlm_harness.methods.qvlm.units import CalibBatch, Unit
 
 
 def tunable_parameters(model: nn.Module, which: str) -> list[tuple[str, nn.Parameter]]:

@@ -1,4 +1,4 @@
-"""Regenerate the embedded sample sets: `python -m tasks.samples.build [--out tasks/data]`.
+"""Regenerate the embedded sample sets: `python -m qvlm_harness.tasks.samples.build [--out tasks/data]`.
 
 Deterministic: the same package versions give byte-identical files; `MANIFEST.json` in each task folder lists
 sha256 digests so a rebuild can be compared (`--check`). Evaluation splits use easy-VQA's test scenes, all other
@@ -14,8 +14,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.samples import generators as g
-from tasks.samples.sources import load_scenes
+from qvlm_harness.tasks.samples import generators as g
+from qvlm_harness.tasks.samples.sources import load_scenes
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data"
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from PIL import Image, ImageEnhance, ImageFilter
 
-from tasks.samples.sources import COLORS, CORNERS, PHOTOS, SHAPES, Photo, Scene
+from qvlm_harness.tasks.samples.sources import COLORS, CORNERS, PHOTOS, SHAPES, Photo, Scene
 
 ImageFactory = Callable[[], Image.Image]
 

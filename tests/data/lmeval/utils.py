@@ -32,7 +32,7 @@ def load_sqa_embedded(**_kwargs):
     `pid_splits.json` order like the native `sqa` task, so `--limit N` picks the same items for both."""
     import datasets
 
-    from tasks._common import EMBEDDED
+    from qvlm_harness.tasks._common import EMBEDDED
 
     folder = EMBEDDED / "sqa"
     problems = json.loads((folder / "problems.json").read_text())
@@ -76,7 +76,7 @@ def doc_to_target(doc: dict) -> str:
 
 def process_results_gen(doc: dict, results: list[str]) -> dict[str, float]:
     """Accuracy with the harness's deterministic ScienceQA parser (an unparseable answer is wrong)."""
-    from harness.metrics.sqa import parse_answer
+    from qvlm_harness.metrics.sqa import parse_answer
 
     pred = parse_answer(results[0], doc["choices"])
     return {"acc": float(pred == int(doc["answer"])), "parse_fail": float(pred is None)}
