@@ -72,3 +72,9 @@ class Method(ABC):
     @abstractmethod
     def describe(self, spec: QuantSpec) -> str:
         """One paragraph: what is quantized how, what is simulated and what is real."""
+
+    @classmethod
+    def report_columns(cls, report: dict[str, Any]) -> dict[str, Any]:
+        """A few scalar columns summarising this method's `QuantizedModel.report` (as stored with a row), for
+        generic tables such as `harness ablate`'s search-cost table; the engine cannot read method reports."""
+        return {}

@@ -8,6 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE1="${QVLM_HARNESS_CACHE:-$HOME/.cache/qvlm-harness}/stage1_asset.safetensors"
-python -m qvlm_harness.models.train_default --steps 800 --seed 0 --out "$STAGE1" --eval-n 200
-python -m qvlm_harness.models.train_default --steps 600 --seed 1 --lr-lora 5e-4 --lr-projector 5e-4 \
+python scripts/train_default_model.py --steps 800 --seed 0 --out "$STAGE1" --eval-n 200
+python scripts/train_default_model.py --steps 600 --seed 1 --lr-lora 5e-4 --lr-projector 5e-4 \
   --init-from "$STAGE1" --task-weights sqa=0.7,vqav2=0.1,vizwiz=0.1,hm=0.1 --eval-n 200

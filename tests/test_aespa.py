@@ -12,15 +12,15 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotary
 
 from qvlm_harness.config import QuantSpec
 from qvlm_harness.errors import HarnessError
-from qvlm_harness.quant.adaround import Objective, learn_rounding, qparams_for_ratio
-from qvlm_harness.quant.aespa import AespaOptions, quantize_layer
-from qvlm_harness.quant.attention_capture import (
+from qvlm_harness.methods.aespa.adaround import Objective, learn_rounding, qparams_for_ratio
+from qvlm_harness.methods.aespa.attention import (
     AttentionGeometry,
     AttentionObserver,
     attention_capture,
     rope_mean,
     rotate_half,
 )
+from qvlm_harness.methods.aespa.objectives import AespaOptions, quantize_layer
 from qvlm_harness.quant.gptq import HessianAccumulator, gptq_quantize
 from qvlm_harness.quant.quantizer import dequantize, fake_quantize_weight, weight_qparams
 

@@ -2,7 +2,8 @@
 
 Every combination is an ordinary run (the runner, the store, resume): its options travel as
 `RunSpec.method_options`, so each combination is its own cell in the store and a rerun reuses finished cells.
-Prints and writes an accuracy table and a search-cost table (seconds, peak memory, per stage, block counts).
+Prints and writes an accuracy table and a search-cost table (seconds, peak memory, per stage, and whatever summary
+columns the method derives from its own report through `Method.report_columns`, e.g. Q-VLM's block counts).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qvlm_harness.commands.common import add_run_arguments, csv_list, run_spec_from_args
@@ -86,7 +88,7 @@ def execute(args: argparse.Namespace) -> int:
         result = runner.run()
         for row in result.rows:
             task = runner.tasks[row.task]
-            records.append(_record(combo, row, task.primary_metric))
+            records.append(_record(combo, row, task.primary_metric, cls.report_columns))
     if not records:
         raise HarnessError("the ablation produced no rows")
     import pandas as pd
@@ -94,8 +96,9 @@ def execute(args: argparse.Namespace) -> int:
     table = pd.DataFrame(records)
     params = list(grid)
     acc_cols = params + ["bits", "task", "metric", "value"]
-    cost_cols = params + ["bits", "task", "search_s", "peak_rss_mb", "blocks", "mean_block"] + sorted(
-        c for c in table.columns if c.startswith("stage_"))
+    cost_cols = params + ["bits", "task", "search_s", "peak_rss_mb"]
+    method_cols = [c for c in table.columns if c not in set(acc_cols + cost_cols) and not c.startswith("stage_")]
+    cost_cols += method_cols + sorted(c for c in table.columns if c.startswith("stage_"))
     folder = Path(args.output) / "ablation"
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -107,17 +110,14 @@ def execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record(combo: dict, row, metric: str) -> dict:
+def _record(combo: dict, row, metric: str, report_columns: Callable[[dict], dict]) -> dict:
     report = (row.settings or {}).get("report") or {}
-    sizes = (report.get("partition") or {}).get("block_sizes_after") or {}
-    all_sizes = [s for v in sizes.values() for s in v]
     rec = dict(combo) | {
         "bits": row.bits, "task": row.task, "metric": metric, "value": row.metrics.get(metric),
         "search_s": round(float(row.search_cost.get("seconds", 0.0)), 1),
         "peak_rss_mb": round(float(row.search_cost.get("peak_rss_mb", 0.0)), 0),
-        "blocks": len(all_sizes) if all_sizes else None,
-        "mean_block": round(sum(all_sizes) / len(all_sizes), 2) if all_sizes else None,
     }
+    rec |= {k: v for k, v in report_columns(report).items() if k not in rec}  # the method's own summary columns
     for stage, seconds in (row.search_cost.get("stages") or {}).items():
         rec[f"stage_{stage}"] = round(float(seconds), 1)
     return rec

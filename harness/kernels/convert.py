@@ -117,12 +117,3 @@ def convert_to_packed(model: nn.Module, *, backend: str = "auto") -> ConversionR
 def _is_quantized(m: nn.Module) -> bool:
     return callable(getattr(m, "weight_storage_bytes", None))
 
-
-def set_backend(model: nn.Module, backend: str) -> int:
-    """Switch every `IntLinear` in `model` to `backend` ('auto', 'torch', 'cpp', 'compile'); returns the count."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, IntLinear):
-            m.backend = backend
-            n += 1
-    return n

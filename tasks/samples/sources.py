@@ -56,14 +56,6 @@ class Scene:
             return "right"
         return None
 
-    @property
-    def size_word(self) -> str | None:
-        if self.area < 0.06:
-            return "small"
-        if self.area > 0.2:
-            return "large"
-        return None
-
 
 def easyvqa_dir() -> Path:
     spec = importlib.util.find_spec("easy_vqa")

@@ -1,5 +1,5 @@
 """Second-moment statistics of a self-attention module, captured from calibration forwards, for aespa's
-attention-aware objectives (see `qvlm_harness.quant.aespa` for the objectives themselves).
+attention-aware objectives (see `qvlm_harness.methods.aespa.objectives` for the objectives themselves).
 
 How the attention probabilities are obtained. transformers attention modules (Llama, CLIP, DINOv2, ...) call
 ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)`` with the post-RoPE query ``[B, H, T, d]``

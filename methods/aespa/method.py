@@ -1,6 +1,6 @@
 """aespa (`aespa`, Kim et al., NeurIPS 2024, arXiv 2402.08958): layer-wise quantization with attention-wise
-reconstruction objectives for the query, key and value projections (see `qvlm_harness.quant.aespa` for the objectives,
-with the paper's equations, and `qvlm_harness.quant.adaround` for the solver).
+reconstruction objectives for the query, key and value projections (see `objectives` in this package for the
+objectives, with the paper's equations, `attention` for the statistics they need and `adaround` for the solver).
 
 Weights: the run's spec (symmetric per output channel by default; `g<N>` bits suffix or the `group_size` option for
 groups, `-wasym` for asymmetric). Options (defaults follow the paper's official code, `python main.py ... --block_v
@@ -24,7 +24,7 @@ import torch
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.method import QuantizedModel
-from qvlm_harness.quant.aespa import AespaOptions, aespa_pass
+from qvlm_harness.methods.aespa.objectives import AespaOptions, aespa_pass
 from qvlm_harness.quant.methodkit import (
     HessianSolverMethod,
     activation_text,

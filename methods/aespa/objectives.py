@@ -24,7 +24,7 @@ authors' README cites them: Eq. (17) value, Eqs. (21), (22) query and key.
   count), the 1/sqrt(d) factor is dropped, all second moments are normalised as ``2/n sum`` over real tokens.
 * Every other linear (o_proj, MLP, projector) has the ordinary layer-wise objective ``tr(dW E[X^T X] dW^T)``.
 
-Solver (`qvlm_harness.quant.adaround`): Hessian-weighted clipping search for the grid, OPTQ initialisation with the
+Solver (`adaround` in this package): Hessian-weighted clipping search for the grid, OPTQ initialisation with the
 harness's GPTQ solver, then AdaRound on the objective above. Walk: `qvlm_harness.quant.sequential` block by block with
 inputs from the already-quantized prefix; inside a block, groups of layers sharing an input (q/k/v, o, gate/up,
 down) in order, each group's statistics taken after the previous groups were quantized.
@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from qvlm_harness.config import QuantSpec
-from qvlm_harness.quant.adaround import Objective, clip_search, learn_rounding, qparams_for_ratio
-from qvlm_harness.quant.attention_capture import AttentionGeometry, AttentionObserver, attention_capture
+from qvlm_harness.methods.aespa.adaround import Objective, clip_search, learn_rounding, qparams_for_ratio
+from qvlm_harness.methods.aespa.attention import AttentionGeometry, AttentionObserver, attention_capture
 from qvlm_harness.quant.gptq import HessianAccumulator, gptq_quantize
 from qvlm_harness.quant.quantizer import QParams
 

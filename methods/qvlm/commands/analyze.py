@@ -4,6 +4,9 @@ For consecutive layer pairs it measures the discretisation error difference (DED
 rounding search (Q-VLM's dependency measure) and the entropy of the first layer's input activations, prints them
 per layer with the R^2 of the linear fit, and writes the paper's scatter plot (one point per calibration sample
 at one layer, and one point per layer) with the data as JSON and CSV.
+
+A Q-VLM plugin subcommand (entry point ``analyze`` in the group ``qvlm_harness.commands``): it is built from
+Q-VLM's own units, entropies and searches, so it lives with them and the engine CLI imports no method.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from qvlm_harness.errors import HarnessError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("analyze", help="analyses of a model (dependency: entropy vs cross-layer dependency)")
+    p = sub.add_parser("analyze", help="Q-VLM analyses of a model (dependency: entropy vs cross-layer dependency)")
     p.add_argument("analysis", choices=["dependency"], help="dependency: per-layer entropy vs DED, R^2, scatter plot")
     p.add_argument("--model", default="default", help="'default', 'tiny', a Llava checkpoint folder or a hub id")
     p.add_argument("--task", default="sqa", help="calibration task (its train split), e.g. sqa")
