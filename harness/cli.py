@@ -15,7 +15,7 @@ from qvlm_harness import __version__
 from qvlm_harness.errors import HarnessError
 
 # name -> module in harness.commands (imported when the parser is built; modules import heavy deps lazily)
-SUBCOMMANDS = ["run", "ls", "models", "report", "quantize", "eval", "compare", "bench", "analyze", "ablate"]
+SUBCOMMANDS = ["run", "validate", "ls", "models", "report", "quantize", "eval", "compare", "bench", "analyze", "ablate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
