@@ -79,8 +79,9 @@ def variant_specs(cfg: BenchConfig) -> list[tuple[str, QuantSpec]]:
         method = plugins.methods.get(name)(**cfg.method_options.get(name, {}))
         specs = [QuantSpec()] if method.fixed_precision else list(cfg.bits)
         for spec in specs:
-            if not method.supports(spec):
-                raise HarnessError(f"method {name} does not support {spec.tag}; see `harness ls methods`")
+            reason = method.supports(spec)
+            if reason is not None:
+                raise HarnessError(f"method {name} does not support {spec.tag} ({reason}); see `harness ls methods`")
             out.append((name, spec))
     out.sort(key=lambda p: p[0] != BASELINE)
     return out
@@ -88,29 +89,19 @@ def variant_specs(cfg: BenchConfig) -> list[tuple[str, QuantSpec]]:
 
 def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, copy_model: bool = True) -> Variant:
     """Quantize a copy of `base` (a LlavaAdapter) with the registered method and pack it."""
-    from qvlm_harness.calibration import CalibrationSet
-    from qvlm_harness.kernels.convert import convert_to_packed
     from qvlm_harness.models.llava import LlavaAdapter
+    from qvlm_harness.quantize import calibration_for, quantize
 
     t0 = time.perf_counter()
     method = plugins.methods.get(method_name)(**cfg.method_options.get(method_name, {}))
     model = copy.deepcopy(base.model) if copy_model else base.model
     adapter = LlavaAdapter(model, base.processor, base.name, base.path)
-    calibration = None
-    if method.needs_calibration(spec):
-        task = plugins.tasks.get(cfg.task)()
-        calibration = CalibrationSet.from_task(task, cfg.calib_samples, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    quantized = method.quantize(adapter, calibration, spec, cfg.scope)
-    packing: dict = {}
-    execution = quantized.execution
-    if execution == "simulated":
-        report = convert_to_packed(adapter.model, backend=cfg.backend)
-        packing = report.to_dict() | {"summary": report.summary()}
-        if report.converted:
-            execution = "real"
+    calibration = calibration_for(method, spec, plugins.tasks.get(cfg.task)(), cfg.calib_samples, cfg.seed)
+    quantized = quantize(adapter, method, spec, calibration, scope=cfg.scope, seed=cfg.seed, execution="packed",
+                         kernel_backend=cfg.backend, measure_fp_pass=False)
     bits = "fp" if spec.is_float else spec.tag
-    return Variant(method_name, bits, execution, adapter, packing, time.perf_counter() - t0)
+    return Variant(method_name, bits, quantized.execution, adapter, quantized.report.get("packing", {}),
+                   time.perf_counter() - t0)
 
 
 def linear_weight_bytes(model: nn.Module, names: Sequence[str]) -> int:
@@ -331,7 +322,7 @@ def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], N
     """Build every variant, time them, measure memory; returns {"rows": [...], "profiles": [...], "env": {...}}."""
     from qvlm_harness.kernels import cpu as cpu_kernels
     from qvlm_harness.models.llava import LlavaAdapter, set_threads
-    from qvlm_harness.runner import resolve_model
+    from qvlm_harness.plan import resolve_model
 
     threads = set_threads(cfg.threads)
     pairs = variant_specs(cfg)

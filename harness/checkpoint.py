@@ -264,8 +264,8 @@ def save_quantized(qm: QuantizedModel, folder: Path | str, *, describe: str, bas
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "calibration": calibration, "describe": describe, "report": qm.report,
         "quantized_modules": list(qm.quantized_modules),
-        "search_cost": {"seconds": qm.search_cost.seconds, "peak_rss_mb": qm.search_cost.peak_rss_mb,
-                        "stages": qm.search_cost.stages},
+        "config": qm.config,
+        "search_cost": qm.search_cost.to_dict(),
         "modules": {fqn: {"type": _type_name(m), "meta": MODULE_TYPES[_type_name(m)].meta(m)}
                     for fqn, m in mods.items()},
         "aliases": aliases, "tensors_sha256": _sha256(path), "versions": _versions(),
@@ -366,16 +366,20 @@ class StoredQuantization(Method):
         self.name = manifest["method"]
         self.spec = _spec(manifest["spec"])
 
-    def supports(self, spec: QuantSpec) -> bool:
-        return spec == self.spec
+    def identity(self) -> dict[str, Any]:
+        return {"method": self.name, "config": dict(self.manifest.get("config") or {}),
+                "checkpoint": self.manifest.get("tensors_sha256")}
+
+    def supports(self, spec: QuantSpec) -> str | None:
+        return None if spec == self.spec else f"the checkpoint holds {self.spec.tag}, not {spec.tag}"
 
     def quantize(self, adapter, calibration, spec, scope=()) -> QuantizedModel:
-        c = self.manifest.get("search_cost") or {}
-        cost = SearchCost(c.get("seconds", 0.0), c.get("peak_rss_mb", 0.0), c.get("stages", {}))
+        cost = SearchCost.from_dict(self.manifest.get("search_cost"))
         report = dict(self.manifest.get("report") or {}) | {"checkpoint": self.path,
                                                              "base_model": self.manifest.get("base_model")}
         return QuantizedModel(adapter, self.name, self.spec, self.manifest["execution"],
-                              list(self.manifest.get("quantized_modules", [])), cost, report)
+                              list(self.manifest.get("quantized_modules", [])), cost, report,
+                              dict(self.manifest.get("config") or {}))
 
     def describe(self, spec: QuantSpec) -> str:
         return f"{self.manifest['describe']} [loaded from the quantized checkpoint {self.path}]"

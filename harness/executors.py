@@ -1,34 +1,110 @@
-"""Executors that spread a run's jobs beyond this process. `--executor local` (the default) needs none of this.
+"""Where a run's quantization jobs execute: in this process (`LocalExecutor`, the default) or on a Ray cluster
+(`RayExecutor`). Both implement one protocol, `run(plan, jobs, run_id=...) -> Iterator[ResultRow]`, and both run
+each job through `run_group`: quantize a fresh model for (method, bits, calibration task) with the one quantize
+entry point, then evaluate the job's cells, yielding each row the moment it is finished. The runner stores rows
+as they arrive, so an interrupted run resumes alike wherever its jobs ran.
 
-`RayExecutor` submits one Ray task per method x bits x task (a quantization group split by task, so calibrated
-methods and cheap ones alike parallelise), each requesting `--threads` CPUs (default 1) and one GPU when the
-cluster has GPUs and the run's device is not the CPU. Each task runs `qvlm_harness.runner.run_job`: the same code as
-the local path, loading its own copy of the model. Finished rows return to the driver, which writes them to the
-store as they arrive, so an interrupted cluster run resumes like a local one. Per-sample logs are written by the
-workers under `--output`: on a multi-node cluster that folder must be on a shared filesystem (as must the model
-and data), and qvlm-harness must be installed on every node (it installs as the package `qvlm_harness`).
+`RayExecutor` submits one Ray task per method x bits x task (a job split by task, so calibrated methods and cheap
+ones alike parallelise), each requesting `--threads` CPUs (default 1) and one GPU when the cluster has GPUs and
+the run's device is not the CPU. Each task runs `run_job`, which re-plans the run on the worker (same checks,
+same seeding) and loads its own copy of the model. Per-sample logs are written by the workers under `--output`:
+on a multi-node cluster that folder must be on a shared filesystem (as must the model and data), and
+qvlm-harness must be installed on every node (it installs as the package `qvlm_harness`).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
+import torch
+
+from qvlm_harness.checkpoint import load_adapter
 from qvlm_harness.config import RunSpec
 from qvlm_harness.errors import HarnessError
-from qvlm_harness.runner import GroupJob, run_job
+from qvlm_harness.evaluate import evaluate_cell
+from qvlm_harness.measure import environment
+from qvlm_harness.models.llava import LlavaAdapter, set_threads
+from qvlm_harness.plan import Plan, QuantJob, make_plan
+from qvlm_harness.quantize import calibration_for, quantize
 from qvlm_harness.store import ResultRow
 
 FORWARDED_ENV = ("QVLM_HARNESS_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
+Log = Callable[[str], None]
 
 
-def split_by_task(jobs: Sequence[GroupJob]) -> list[GroupJob]:
+class Executor(Protocol):
+    """Runs a plan's jobs and yields finished rows; the runner stores them."""
+
+    def run(self, plan: Plan, jobs: Sequence[QuantJob], *, run_id: str) -> Iterator[ResultRow]: ...
+
+
+def run_group(plan: Plan, job: QuantJob, adapter: LlavaAdapter, *, fingerprint: str, run_id: str, env: dict,
+              log: Log = lambda _m: None, progress: bool = False) -> Iterator[ResultRow]:
+    """The unit of work: quantize `adapter` in place for (method, bits, calibration task), then evaluate each of
+    the job's cells, yielding its row as soon as it is finished."""
+    s = plan.spec
+    method = plan.methods[job.method]
+    calib_task = plan.task(job.calib_task) if job.calib_task else None
+    calibration = calibration_for(method, job.spec, calib_task, s.calib_samples, s.seed,
+                                  plan.data_dir(job.calib_task) if job.calib_task else None)
+    label = "fp" if job.spec.is_float else job.spec.tag
+    log(f"quantizing: {method.name} {label}"
+        + (f" (calibration: {len(calibration)} {job.calib_task} train samples)" if calibration else ""))
+    quantized = quantize(adapter, method, job.spec, calibration, scope=s.scope, seed=s.seed, execution=s.execution,
+                         log=log)
+    for cell in job.cells:
+        yield evaluate_cell(plan, cell, quantized, run_id=run_id, fingerprint=fingerprint, env=env,
+                            progress=progress)
+
+
+def run_job(spec: RunSpec, job: QuantJob, *, model_id: str, model_path: str, run_id: str,
+            executor: str = "remote") -> list[ResultRow]:
+    """A job on its own: what a Ray task runs. Plans the run (the same checks), loads the model, quantizes and
+    evaluates with the same seeding as the local path; the environment recorded is the worker's."""
+    plan = make_plan(spec)
+    if plan.model_id != model_id:
+        raise HarnessError(f"worker resolved the model to {plan.model_id}, the driver to {model_id}")
+    threads = set_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    env = environment(spec.device) | {"threads": threads, "executor": executor}
+    base = load_adapter(model_path, dtype=spec.dtype, device=spec.device, name=model_id)
+    return list(run_group(plan, job, base, fingerprint=base.fingerprint(), run_id=run_id, env=env,
+                          log=lambda m: print(m, file=sys.stderr)))
+
+
+class LocalExecutor:
+    """Runs the jobs in this process: one model load per method, a copy of it per job but the last."""
+
+    def __init__(self, log: Log = print, progress: bool = True):
+        self.log = log
+        self.progress = progress
+
+    def run(self, plan: Plan, jobs: Sequence[QuantJob], *, run_id: str) -> Iterator[ResultRow]:
+        s = plan.spec
+        env = environment(s.device) | {"threads": torch.get_num_threads(), "executor": "local"}
+        for method in dict.fromkeys(j.method for j in jobs):
+            mine = [j for j in jobs if j.method == method]
+            base = load_adapter(plan.model_path, dtype=s.dtype, device=s.device, name=plan.model_id)
+            fingerprint = base.fingerprint()
+            for i, job in enumerate(mine):
+                adapter = base if i == len(mine) - 1 else LlavaAdapter(copy.deepcopy(base.model), base.processor,
+                                                                       base.name, base.path)
+                yield from run_group(plan, job, adapter, fingerprint=fingerprint, run_id=run_id, env=env,
+                                     log=self.log, progress=self.progress)
+                del adapter
+            del base
+
+
+def split_by_task(jobs: Sequence[QuantJob]) -> list[QuantJob]:
     """One job per method x bits x task (x calibration): the unit a cluster schedules."""
     out = []
     for job in jobs:
         for task in dict.fromkeys(c.task for c in job.cells):
-            out.append(GroupJob(job.method, job.spec, job.calib_task, tuple(c for c in job.cells if c.task == task)))
+            out.append(QuantJob(job.method, job.spec, job.calib_task, tuple(c for c in job.cells if c.task == task)))
     return out
 
 
@@ -56,20 +132,20 @@ class RayExecutor:
             raise HarnessError(f"cannot reach a Ray cluster at {self.address!r} ({exc}); start one with "
                                "`ray start --head` or omit --address to start a local instance") from None
 
-    def run(self, spec: RunSpec, jobs: Sequence[GroupJob], *, model_id: str, model_path: str,
-            run_id: str) -> Iterator[ResultRow]:
+    def run(self, plan: Plan, jobs: Sequence[QuantJob], *, run_id: str) -> Iterator[ResultRow]:
         try:
             import ray
         except ImportError:
             raise HarnessError("--executor ray needs Ray: pip install 'qvlm-harness[ray]'") from None
+        spec = plan.spec
         self._init(ray)
         gpus = self.num_gpus
         if gpus is None:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 and spec.device != "cpu" else 0
         task = ray.remote(num_cpus=spec.threads or 1, num_gpus=gpus, max_retries=0)(run_job)
         units = split_by_task(jobs)
-        refs = {task.remote(spec, job, model_id=model_id, model_path=model_path, run_id=run_id, executor="ray"): job
-                for job in units}
+        refs = {task.remote(spec, job, model_id=plan.model_id, model_path=plan.model_path, run_id=run_id,
+                            executor="ray"): job for job in units}
         print(f"ray: {len(units)} jobs submitted ({spec.threads or 1} CPU, {gpus} GPU each) to "
               f"{self.address or 'a local instance'}", file=sys.stderr)
         try:

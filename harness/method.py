@@ -1,8 +1,12 @@
 """The method plugin contract, and what a method hands back.
 
-A method receives the FP model (inside its adapter), the calibration set and a `QuantSpec`, and returns a
-`QuantizedModel`: the same adapter with modules swapped, plus what the report needs to label the result honestly
-(`execution`: "float", "simulated" fake-quant, or "real" packed kernels) and the search cost.
+A method is a class with a typed `Config` (a `MethodConfig` dataclass: its options with types, defaults and
+allowed values), built from user options once (`Method(**options)` coerces and validates them, so a bad value
+fails before any work). `quantize(adapter, calibration, spec, scope)` receives the FP model inside its adapter,
+the calibration set and a `QuantSpec`, swaps modules in place and returns a `QuantizedModel`: the same adapter,
+plus what the report needs to label the result honestly (`execution`: "float", "simulated" fake-quant, or
+"real" packed kernels). The engine calls methods only through `qvlm_harness.quantize.quantize`, which owns
+seeding, the calibration check, the cost clock (methods mark phases with `qvlm_harness.cost.stage`) and packing.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.cost import SearchCost
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.methodconfig import MethodConfig
 
 if TYPE_CHECKING:
     from qvlm_harness.calibration import CalibrationSet
@@ -21,14 +27,7 @@ if TYPE_CHECKING:
 
 Execution = Literal["float", "simulated", "real"]
 
-
-@dataclass
-class SearchCost:
-    """What quantizing cost: wall time and peak resident memory of the process during quantization."""
-
-    seconds: float = 0.0
-    peak_rss_mb: float = 0.0
-    stages: dict[str, float] = field(default_factory=dict)
+__all__ = ["Execution", "Method", "MethodConfig", "QuantizedModel", "SearchCost"]
 
 
 @dataclass
@@ -40,29 +39,45 @@ class QuantizedModel:
     quantized_modules: list[str] = field(default_factory=list)
     search_cost: SearchCost = field(default_factory=SearchCost)
     report: dict[str, Any] = field(default_factory=dict)  # method-specific details (JSON-serialisable)
+    config: dict[str, Any] = field(default_factory=dict)  # the method's canonical config (MethodConfig.to_dict)
 
 
 class Method(ABC):
     """One post-training quantization algorithm."""
 
-    name: str = ""
-    #: True for baselines that ignore --bits (fp32/fp16/bf16): the runner evaluates them once.
-    fixed_precision: bool = False
-    #: option name -> default; `--method-option NAME.OPTION=VALUE` may set only these
-    default_options: dict[str, Any] = {}
+    name: ClassVar[str] = ""
+    #: the method's options; a method without options keeps the empty base
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: True for baselines that ignore --bits (fp32/fp16/bf16): the planner evaluates them once.
+    fixed_precision: ClassVar[bool] = False
 
-    def __init__(self, **options: Any):
-        unknown = sorted(set(options) - set(self.default_options))
-        if unknown:
-            known = ", ".join(sorted(self.default_options)) or "none"
-            raise HarnessError(f"method {self.name} has no option(s) {', '.join(unknown)}; its options: {known}")
-        self.options = {**self.default_options, **options}
+    def __init__(self, config: MethodConfig | None = None, **options: Any):
+        if config is not None and options:
+            raise TypeError("pass a config or options, not both")
+        if config is not None and not isinstance(config, self.Config):
+            raise TypeError(f"{self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config if config is not None else self.Config.from_options(options, method=self.name)
 
-    def supports(self, spec: QuantSpec) -> bool:
-        return True
+    @property
+    def options(self) -> dict[str, Any]:
+        """The config as a plain dict (every option, defaults included)."""
+        return {k: v for k, v in self.config.to_dict().items() if k != "version"}
+
+    def supports(self, spec: QuantSpec) -> str | None:
+        """None when the method can quantize at `spec`, else the reason it cannot (one line)."""
+        return None
+
+    def check(self, spec: QuantSpec) -> None:
+        """Raise a one-line HarnessError when the user's settings contradict each other at `spec` (e.g. a group
+        size in --bits and another in the options). The planner calls it for every cell before any work."""
+        self.describe(spec)
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
         return False
+
+    def identity(self) -> dict[str, Any]:
+        """What the method contributes to a cell's identity: its name and canonical config."""
+        return {"method": self.name, "config": self.config.to_dict()}
 
     @abstractmethod
     def quantize(self, adapter: LlavaAdapter, calibration: CalibrationSet | None, spec: QuantSpec,
@@ -78,3 +93,16 @@ class Method(ABC):
         """A few scalar columns summarising this method's `QuantizedModel.report` (as stored with a row), for
         generic tables such as `harness ablate`'s search-cost table; the engine cannot read method reports."""
         return {}
+
+    def result(self, adapter: LlavaAdapter, spec: QuantSpec, execution: Execution,
+               quantized_modules: Sequence[str] = (), report: dict[str, Any] | None = None) -> QuantizedModel:
+        """The `QuantizedModel` of this method (its config attached); the entry point fills in the cost."""
+        return QuantizedModel(adapter, self.name, spec, execution, list(quantized_modules), SearchCost(),
+                              dict(report or {}), self.config.to_dict())
+
+
+def require_calibration(method: Method, spec: QuantSpec, calibration: CalibrationSet | None) -> CalibrationSet:
+    """The calibration set, or one line saying the method needs samples (never a silent fallback)."""
+    if calibration is None or len(calibration) == 0:
+        raise HarnessError(f"{method.name} at {spec.tag} calibrates on samples; pass --calib-samples N (N >= 1)")
+    return calibration

@@ -16,23 +16,27 @@ The next block's inputs are the float block's outputs (as llm-awq). Parts not se
 projector by default) are quantized in the same weight format without search.
 
 Weight format vs the bits string: AWQ's own format (4-bit asymmetric, group 128) is its default whatever the
-symmetric/per-channel defaults of the `--bits` string; a `g<N>` suffix sets the group size, and the options
-`group_size` / `w_symmetric` override both. Activations get the shared quantizer when A < 16.
+symmetric/per-channel defaults of the `--bits` string; a `g<N>` suffix or the `group_size` option sets the group
+size (given together they must agree), `w_symmetric` the symmetry. Activations get the shared quantizer when
+A < 16.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.cost import stage
 from qvlm_harness.errors import HarnessError
-from qvlm_harness.method import Method, QuantizedModel
+from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_calibration
+from qvlm_harness.methodconfig import option, resolve_group_size
 from qvlm_harness.quant.apply import _set_submodule, quantize_linears
-from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, measure_search
+from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, weights_reason
 from qvlm_harness.quant.qlinear import QLinear
 from qvlm_harness.quant.quantizer import compute_qparams, fake_quantize_weight, qrange
 from qvlm_harness.quant.sequential import BlockContext, first_output, run_sequential, valid_rows
@@ -133,40 +137,51 @@ def apply_clip(linear: nn.Module, max_val: Tensor, group: int | None) -> None:
         linear.weight.copy_(torch.maximum(torch.minimum(v, mx), -mx).reshape(out_f, in_f))
 
 
+@dataclass(frozen=True)
+class AWQConfig(MethodConfig):
+    METHOD = "awq"
+    group_size: int | None = option(None, f"weight groups of N input channels (default {DEFAULT_GROUP}; same as a "
+                                    "g<N> bits suffix)", min=1)
+    w_symmetric: bool = option(False, "symmetric weights (AWQ's own format is asymmetric with a zero point)")
+    search: tuple[str, ...] = option(("lm",), "parts whose scales and clips are searched (comma list of "
+                                     "vision, projector, lm); the rest gets RTN in the same format")
+    n_grid: int = option(N_GRID, "points of the alpha grid and of the clip-shrink grid", min=1)
+    duo_scaling: bool = option(False, "AutoAWQ's duo scaling: divide by the weight statistic too")
+    clip: bool = option(True, "search a clipping threshold per output channel and group (not q/k)")
+    max_shrink: float = option(0.5, "largest fraction the clip search may cut off max |w|", min=0.0, max=0.99)
+    clip_tokens: int = option(512, "tokens sampled for the clip search", min=1)
+    batch_size: int = option(8, "calibration sequences per forward batch", min=1)
+
+    def validate(self) -> None:
+        bad = [s for s in self.search if s not in ALL_SCOPES]
+        if bad:
+            raise HarnessError(f"option awq.search takes a comma list of {', '.join(ALL_SCOPES)}, got {bad}")
+
+
 class AWQ(Method):
     name = "awq"
-    default_options = {"group_size": None, "w_symmetric": False, "search": "lm", "n_grid": N_GRID,
-                       "duo_scaling": False, "clip": True, "max_shrink": 0.5, "clip_tokens": 512, "batch_size": 8}
+    Config = AWQConfig
 
-    def supports(self, spec: QuantSpec) -> bool:
-        return spec.quantizes_weights
+    def supports(self, spec: QuantSpec) -> str | None:
+        return weights_reason(self.name, spec)
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
         return True
 
     def _group(self, spec: QuantSpec) -> int | None:
-        return self.options["group_size"] or spec.w_group_size or DEFAULT_GROUP
+        return resolve_group_size(self.name, spec.w_group_size, self.config.group_size, DEFAULT_GROUP)
 
     def _sym(self) -> bool:
-        return bool(self.options.get("w_symmetric", False))
+        return self.config.w_symmetric
 
     def _search_scopes(self, scope: Sequence[str]) -> list[str]:
-        opt = self.options.get("search", "lm")
-        wanted = [s.strip() for s in (opt.split(",") if isinstance(opt, str) else opt) if s.strip()]
-        bad = [s for s in wanted if s not in ALL_SCOPES]
-        if bad:
-            raise HarnessError(f"awq.search takes scopes from {', '.join(ALL_SCOPES)}, got {bad}")
-        return [s for s in wanted if s in scope]
+        return [s for s in self.config.search if s in scope]
 
     def quantize(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope] = ALL_SCOPES) -> QuantizedModel:
-        if calibration is None:
-            raise HarnessError("awq needs calibration data; pass --calib-samples N (> 0)")
+        calibration = require_calibration(self, spec, calibration)
         group, sym = self._group(spec), self._sym()
-        n_grid = int(self.options.get("n_grid", N_GRID))
-        duo = bool(self.options.get("duo_scaling", False))
-        clip = bool(self.options.get("clip", True))
-        max_shrink = float(self.options.get("max_shrink", 0.5))
-        clip_tokens = int(self.options.get("clip_tokens", 512))
+        c = self.config
+        n_grid, duo, clip, max_shrink, clip_tokens = c.n_grid, c.duo_scaling, c.clip, c.max_shrink, c.clip_tokens
         model = adapter.model
         report: dict = {"alphas": {}, "group_size": group, "w_symmetric": sym, "duo_scaling": duo,
                         "searched_scopes": self._search_scopes(scope)}
@@ -221,23 +236,22 @@ class AWQ(Method):
                     apply_clip(lin, mx, ls.w_group_size)
             self._quantize_block(ctx, lspec, model)
 
-        with measure_search() as meter:
-            wanted = adapter.linear_names(scope)
-            search = self._search_scopes(scope)
-            searched = adapter.linear_names(search) if search else []
-            with meter.stage("search"):
-                covered = run_sequential(adapter, calibration, search, searched, process, propagate="float",
-                                         batch_size=int(self.options.get("batch_size", 8))) if searched else []
-            with meter.stage("rtn_rest"):
-                rest = set(wanted) - set(covered)
-                quantize_linears(model, spec, include=lambda n, m: n in rest,
-                                 make=lambda n, m: QLinear.from_linear(m, lspec(m), name=n))
-            for m in model.modules():
-                if isinstance(m, QLinear):
-                    m.calibrating = False
-            with meter.stage("activation_calibration"):
-                calibrate_activations(adapter, calibration, spec, wanted)
-        return QuantizedModel(adapter, self.name, spec, "simulated", wanted, meter.cost, report)
+        wanted = adapter.linear_names(scope)
+        search = self._search_scopes(scope)
+        searched = adapter.linear_names(search) if search else []
+        with stage("search"):
+            covered = run_sequential(adapter, calibration, search, searched, process, propagate="float",
+                                     batch_size=c.batch_size) if searched else []
+        with stage("rtn_rest"):
+            rest = set(wanted) - set(covered)
+            quantize_linears(model, spec, include=lambda n, m: n in rest,
+                             make=lambda n, m: QLinear.from_linear(m, lspec(m), name=n))
+        for m in model.modules():
+            if isinstance(m, QLinear):
+                m.calibrating = False
+        with stage("activation_calibration"):
+            calibrate_activations(adapter, calibration, spec, wanted)
+        return self.result(adapter, spec, "simulated", wanted, report)
 
     @staticmethod
     def _quantize_block(ctx: BlockContext, lspec, model: nn.Module) -> None:
@@ -248,12 +262,12 @@ class AWQ(Method):
             _set_submodule(model, f, q)
 
     def describe(self, spec: QuantSpec) -> str:
-        group = self._group(spec)
-        search = self.options.get("search", "lm")
-        duo = " duo-scaling" if self.options.get("duo_scaling") else ""
-        clip = ", clip search (max shrink 0.5, 20 points, 512 tokens, not q/k)" if self.options.get("clip", True) \
-            else ""
+        group, c = self._group(spec), self.config
+        search = ",".join(c.search)
+        duo = " duo-scaling" if c.duo_scaling else ""
+        clip = (f", clip search (max shrink {c.max_shrink:g}, {c.n_grid} points, {c.clip_tokens} tokens, not q/k)"
+                if c.clip else "")
         return (f"AWQ{duo} W{spec.w_bits} {'symmetric' if self._sym() else 'asymmetric with zero point'}, groups "
-                f"of {group} (per-channel where the width is not a multiple); scale search (alpha grid 20, "
+                f"of {group} (per-channel where the width is not a multiple); scale search (alpha grid {c.n_grid}, "
                 f"block-output MSE){clip} in: {search}; other parts: RTN in the same format; "
                 f"{activation_text(spec)}; simulated (fake-quant in float)")

@@ -20,7 +20,7 @@ class _FloatBaseline(Method):
 
     def quantize(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope] = ALL_SCOPES) -> QuantizedModel:
         adapter.model.to(self.dtype)
-        return QuantizedModel(adapter, self.name, QuantSpec(), "float")
+        return self.result(adapter, QuantSpec(), "float")
 
     def describe(self, spec: QuantSpec) -> str:
         return (f"unquantized model, parameters stored and computed in {str(self.dtype).replace('torch.', '')} "

@@ -35,7 +35,6 @@ and no visual-encoder tuning exist in the released code, so none are done. Execu
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,9 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qvlm_harness.config import ALL_SCOPES, FLOAT_BITS, QuantSpec, Scope
+from qvlm_harness.cost import stage
 from qvlm_harness.errors import HarnessError
-from qvlm_harness.measure import PeakRSS
-from qvlm_harness.method import Method, QuantizedModel, SearchCost
+from qvlm_harness.method import Method, MethodConfig, QuantizedModel
+from qvlm_harness.methodconfig import option
 from qvlm_harness.quant import MIN_SCALE
 from qvlm_harness.quant.nf4 import nf_quantize
 
@@ -260,21 +260,38 @@ def _layers(root: nn.Module) -> nn.ModuleList | None:
     return best
 
 
+@dataclass(frozen=True)
+class QVLMOfficialConfig(MethodConfig):
+    METHOD = "qvlm-official"
+    n_calib: int = option(8, "calibration prompts of the gated running min/max (released: 8)", min=1)
+    n_search: int = option(2, "search prompts with an image: entropies, then the shrink grid (released: 2)",
+                           choices=(0, 1, 2))
+    quantize_vision: bool = option(False, "enable the released code's otherwise dead vision-tower branch")
+    literal_4096: bool = option(False, "the released rule verbatim: dynamic ranges wherever the input width is not "
+                                "4096 (else: not the hidden width)")
+
+
 class QVLMOfficial(Method):
     name = "qvlm-official"
-    default_options = {"n_calib": 8, "n_search": 2, "quantize_vision": False, "literal_4096": False}
+    Config = QVLMOfficialConfig
 
-    def __init__(self, **options):
-        super().__init__(**options)
-        options = self.options
-        self.n_calib = int(options["n_calib"])
-        self.n_search = int(options["n_search"])
-        if self.n_calib < 1 or self.n_search not in (0, 1, 2):
-            raise HarnessError("qvlm-official needs n_calib >= 1 and n_search in 0, 1, 2 (released: 8 and 2)")
-        self.quantize_vision = _flag(options["quantize_vision"])
-        self.literal_4096 = _flag(options["literal_4096"])
+    @property
+    def n_calib(self) -> int:
+        return self.config.n_calib
 
-    def unsupported_reason(self, spec: QuantSpec) -> str | None:
+    @property
+    def n_search(self) -> int:
+        return self.config.n_search
+
+    @property
+    def quantize_vision(self) -> bool:
+        return self.config.quantize_vision
+
+    @property
+    def literal_4096(self) -> bool:
+        return self.config.literal_4096
+
+    def supports(self, spec: QuantSpec) -> str | None:
         if spec.w_bits != 4:
             return "the released code has NF4 (4-bit) weights only; use w4a4 or w4a16"
         if spec.w_group_size not in (None, 64):
@@ -282,9 +299,6 @@ class QVLMOfficial(Method):
         if spec.quantizes_activations and (spec.a_granularity != "token" or spec.a_symmetric or not spec.a_dynamic):
             return "the released activation scheme is fixed (asymmetric per input channel); use plain w4aN"
         return None
-
-    def supports(self, spec: QuantSpec) -> bool:
-        return self.unsupported_reason(spec) is None
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
         return spec.quantizes_activations
@@ -299,16 +313,14 @@ class QVLMOfficial(Method):
                 "simulated (per-channel activation scales cannot use integer kernels)")
 
     def quantize(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope] = ALL_SCOPES) -> QuantizedModel:
-        reason = self.unsupported_reason(spec)
+        reason = self.supports(spec)
         if reason:
             raise HarnessError(f"qvlm-official does not support {spec.tag}: {reason}")
-        t0 = time.perf_counter()
-        stages: dict[str, float] = {}
         model = adapter.model
         state = CalibState()
         swapped: list[OfficialQLinear] = []
         a_bits = spec.a_bits if spec.quantizes_activations else FLOAT_BITS
-        with PeakRSS() as rss:
+        with stage("nf4"):
             lm = _layers(model.model.language_model)
             if lm is None:
                 raise HarnessError("qvlm-official: cannot find the language model's decoder layers")
@@ -331,14 +343,12 @@ class QVLMOfficial(Method):
                                               False, state, f"{_name(model, layer)}.{name}")
                         _swap(layer, name, mod)
                         swapped.append(mod)
-            stages["nf4"] = time.perf_counter() - t0
-            # the per-prompt (dynamic) ranges must ignore left padding: the LM's 2-D attention mask, per call
-            model.model.language_model.register_forward_pre_hook(_mask_hook(state), with_kwargs=True)
-            report: dict = {"calibration_ids": [], "search_ids": []}
-            if a_bits < FLOAT_BITS:
-                t1 = time.perf_counter()
+        # the per-prompt (dynamic) ranges must ignore left padding: the LM's 2-D attention mask, per call
+        model.model.language_model.register_forward_pre_hook(_mask_hook(state), with_kwargs=True)
+        report: dict = {"calibration_ids": [], "search_ids": []}
+        if a_bits < FLOAT_BITS:
+            with stage("calibrate"):
                 report |= self._calibrate(adapter, calibration, swapped, state)
-                stages["calibrate"] = time.perf_counter() - t1
         report |= {
             "layers": len(swapped),
             "dynamic_layers": sum(m.dynamic for m in swapped),
@@ -346,8 +356,7 @@ class QVLMOfficial(Method):
             "gate": {"calls": state.gated, "widened": state.widened},
             "float_parts": (["vision"] if not (self.quantize_vision and "vision" in scope) else []) + ["projector"],
         }
-        cost = SearchCost(time.perf_counter() - t0, rss.peak_mb, {k: round(v, 3) for k, v in stages.items()})
-        return QuantizedModel(adapter, self.name, spec, "simulated", [m.name for m in swapped], cost, report)
+        return self.result(adapter, spec, "simulated", [m.name for m in swapped], report)
 
     def _calibrate(self, adapter, calibration, modules: list[OfficialQLinear], state: CalibState) -> dict:
         if calibration is None or len(calibration) == 0:
@@ -374,11 +383,6 @@ class QVLMOfficial(Method):
         return {"calibration_ids": [r.sample_id for r in calib], "search_ids": [r.sample_id for r in search],
                 "entropies_last_sample": [round(e, 4) for e in state.entropies[-64:]]}
 
-
-def _flag(v) -> bool:
-    if isinstance(v, str):
-        return v.lower() in ("1", "true", "yes")
-    return bool(v)
 
 
 def _swap(layer: nn.Module, name: str, new: nn.Module) -> None:

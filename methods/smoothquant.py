@@ -13,14 +13,16 @@ projector) are quantized without smoothing, as in the paper's recipe. Simulated 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
-from qvlm_harness.errors import HarnessError
-from qvlm_harness.method import Method, QuantizedModel
+from qvlm_harness.cost import stage
+from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_calibration
+from qvlm_harness.methodconfig import option
 from qvlm_harness.quant import QLinear, collect_activation_stats, quantize_linears
-from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, measure_search
+from qvlm_harness.quant.methodkit import activation_text, calibrate_activations
 from qvlm_harness.quant.sequential import find_stages
 from qvlm_harness.quant.smoothing import fold_scales, scale_groups
 
@@ -31,50 +33,52 @@ def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alp
     return (act_absmax.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
+@dataclass(frozen=True)
+class SmoothQuantConfig(MethodConfig):
+    METHOD = "smoothquant"
+    alpha: float = option(0.5, "migration strength: s = max|X|^alpha / max|W|^(1-alpha)", min=0.0, max=1.0)
+
+
 class SmoothQuant(Method):
     name = "smoothquant"
-    default_options = {"alpha": 0.5}
+    Config = SmoothQuantConfig
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
         return True
 
     def quantize(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope] = ALL_SCOPES) -> QuantizedModel:
-        if calibration is None:
-            raise HarnessError("smoothquant needs calibration data; pass --calib-samples N (> 0)")
-        alpha = float(self.options.get("alpha", 0.5))
-        if not 0.0 <= alpha <= 1.0:
-            raise HarnessError(f"smoothquant.alpha must be in [0, 1], got {alpha}")
+        calibration = require_calibration(self, spec, calibration)
+        alpha = self.config.alpha
         model = adapter.model
         wanted = adapter.linear_names(scope)
         report: dict = {"alpha": alpha, "smoothed_groups": 0}
-        with measure_search() as meter:
-            groups = []
-            for stage in find_stages(model, [s for s in scope if s != "projector"]):
-                for name, block in stage.blocks:
-                    for g in scale_groups(block):
-                        if g.prev_kind == "norm" and all(f"{name}.{r}" in wanted for r in g.linears):
-                            groups.append((f"{name}.{g.prev}", [f"{name}.{r}" for r in g.linears]))
-            with meter.stage("activation_stats"):
-                firsts = [lins[0] for _, lins in groups]
-                stats = collect_activation_stats(model, firsts, lambda: calibration.run(adapter)) if firsts else {}
-            with meter.stage("smooth"):
-                for prev, lins in groups:
-                    if lins[0] not in stats:
-                        continue
-                    mods = [model.get_submodule(f) for f in lins]
-                    s = smooth_scales(stats[lins[0]].absmax, [m.weight for m in mods], alpha)
-                    fold_scales(model.get_submodule(prev), mods, s)
-                    report["smoothed_groups"] += 1
-            with meter.stage("quantize"):
-                keep = set(wanted)
-                quantize_linears(model, spec, include=lambda n, m: n in keep,
-                                 make=lambda n, m: QLinear.from_linear(m, spec, name=n))
-            with meter.stage("activation_calibration"):
-                calibrate_activations(adapter, calibration, spec, wanted)
-        return QuantizedModel(adapter, self.name, spec, "simulated", wanted, meter.cost, report)
+        groups = []
+        for found in find_stages(model, [s for s in scope if s != "projector"]):
+            for name, block in found.blocks:
+                for g in scale_groups(block):
+                    if g.prev_kind == "norm" and all(f"{name}.{r}" in wanted for r in g.linears):
+                        groups.append((f"{name}.{g.prev}", [f"{name}.{r}" for r in g.linears]))
+        with stage("activation_stats"):
+            firsts = [lins[0] for _, lins in groups]
+            stats = collect_activation_stats(model, firsts, lambda: calibration.run(adapter)) if firsts else {}
+        with stage("smooth"):
+            for prev, lins in groups:
+                if lins[0] not in stats:
+                    continue
+                mods = [model.get_submodule(f) for f in lins]
+                s = smooth_scales(stats[lins[0]].absmax, [m.weight for m in mods], alpha)
+                fold_scales(model.get_submodule(prev), mods, s)
+                report["smoothed_groups"] += 1
+        with stage("quantize"):
+            keep = set(wanted)
+            quantize_linears(model, spec, include=lambda n, m: n in keep,
+                             make=lambda n, m: QLinear.from_linear(m, spec, name=n))
+        with stage("activation_calibration"):
+            calibrate_activations(adapter, calibration, spec, wanted)
+        return self.result(adapter, spec, "simulated", wanted, report)
 
     def describe(self, spec: QuantSpec) -> str:
-        alpha = float(self.options.get("alpha", 0.5))
+        alpha = self.config.alpha
         w = (f"W{spec.w_bits} {'symmetric' if spec.w_symmetric else 'asymmetric'} "
              f"{'groups of ' + str(spec.w_group_size) if spec.w_group_size else 'per-channel'} RTN"
              if spec.quantizes_weights else "float weights")

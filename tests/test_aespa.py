@@ -374,8 +374,8 @@ def test_method_options_and_low_bits_on_the_gqa_language_model(tiny_model_dir, c
     assert QuantSpec.parse("w2a16").w_bits == 2 and QuantSpec.parse("w3a16").w_bits == 3
     with pytest.raises(HarnessError, match="round_layers"):
         plugins.methods.get("aespa")(round_layers="mlp")._opts()
-    with pytest.raises(HarnessError, match="true or false"):
-        plugins.methods.get("aespa")(attention="yes")._opts()
+    with pytest.raises(HarnessError, match="true or false"):  # (yes/no are booleans too, since typed configs)
+        plugins.methods.get("aespa")(attention="maybe")._opts()
     assert "attention=false" in plugins.methods.get("aespa")(attention=False).describe(QuantSpec.parse("w4a16"))
     adapter, method, qm = _quantize(tiny_model_dir, calibration, "w2a16", scope=("lm",), round_layers="qkv")
     assert qm.report["attention_layers"] == {"rope": 2, "plain": 0}  # Llama: 4 query heads on 2 KV heads, RoPE

@@ -142,7 +142,7 @@ def test_options_validation_names_the_fix():
         QVLMOptions.from_dict({"depth": 3})
     with pytest.raises(HarnessError, match="p must be in"):
         QVLMOptions.from_dict({"p": 1.5})
-    with pytest.raises(HarnessError, match="expects a int"):
+    with pytest.raises(HarnessError, match="expects an integer"):
         QVLMOptions.from_dict({"max_depth": 2.5})
     assert not QVLMOptions(eta=0.0).visual_optimisation
     assert QVLMOptions(eta=0.1).visual_optimisation

@@ -8,7 +8,9 @@ import sqlite3
 import pytest
 
 from qvlm_harness.config import QuantSpec, RunSpec
+from qvlm_harness.evaluate import control_images, demonstrations
 from qvlm_harness.models.llava import LlavaAdapter
+from qvlm_harness.plan import make_plan
 from qvlm_harness.runner import Runner
 from qvlm_harness.store import Store
 
@@ -101,18 +103,17 @@ def test_same_seed_same_results(tiny_model_dir, tmp_path):
 def test_few_shot_demos_never_include_the_query(tiny_model_dir, tmp_path):
     spec = make_spec(tiny_model_dir, tmp_path, methods=["fp32"], tasks=["hm"], shots=(8,), trials=2, limit=8,
                      data_dir=None)
-    runner = Runner(spec, log=lambda m: None, progress=False)
-    runner.plan()
-    task = runner.tasks["hm"]
+    plan = make_plan(spec)
+    task = plan.tasks["hm"]
     pool = task.load("dev_seen")  # demos drawn from the same split as the queries: the worst case for leaks
-    for sample in runner.samples("hm"):
+    for sample in plan.samples("hm"):
         for trial in range(2):
-            demos = runner._demos(task, sample, pool, 8, trial)
+            demos = demonstrations(sample, pool, 8, trial, spec.seed)
             assert sample.id not in {d.id for d in demos} and len(demos) == 8
     # seeded per trial: same demos on a second call, different across trials
-    s0 = runner.samples("hm")[0]
-    assert runner._demos(task, s0, pool, 8, 0) == runner._demos(task, s0, pool, 8, 0)
-    assert runner._demos(task, s0, pool, 8, 0) != runner._demos(task, s0, pool, 8, 1)
+    s0 = plan.samples("hm")[0]
+    assert demonstrations(s0, pool, 8, 0, spec.seed) == demonstrations(s0, pool, 8, 0, spec.seed)
+    assert demonstrations(s0, pool, 8, 0, spec.seed) != demonstrations(s0, pool, 8, 1, spec.seed)
 
 
 def test_store_survives_and_has_one_row_per_cell(tiny_model_dir, tmp_path):
@@ -125,16 +126,14 @@ def test_store_survives_and_has_one_row_per_cell(tiny_model_dir, tmp_path):
 
 def test_shuffled_image_control_is_a_derangement_and_a_separate_cell(tiny_model_dir, tmp_path):
     spec = make_spec(tiny_model_dir, tmp_path, methods=["fp32"], limit=30, image_control="shuffle")
-    runner = Runner(spec, log=lambda m: None, progress=False)
-    runner.plan()
-    samples = runner.samples("sqa")
-    swap = runner._control_images(samples)
+    plan = make_plan(spec)
+    samples = plan.samples("sqa")
+    swap = control_images(samples, spec.image_control, spec.seed)
     own = {x.id: x.image for x in samples if x.image is not None}
     assert set(swap) == set(own) and len(own) >= 2
     assert all(swap[i] != own[i] for i in own)  # no question keeps its own image
     assert sorted(map(str, swap.values())) == sorted(map(str, own.values()))  # same images, permuted
     plain = make_spec(tiny_model_dir, tmp_path, methods=["fp32"], limit=30)
-    cell = runner.plan()[0]
-    other = Runner(plain, log=lambda m: None)
-    other.plan()
-    assert runner.cell_id(cell, "m") != other.cell_id(cell, "m")
+    cell = plan.cells[0]
+    other = make_plan(plain)
+    assert plan.cell_id(cell) != other.cell_id(cell)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,18 +36,15 @@ def scope_list(text: str) -> tuple[str, ...]:
 
 
 def method_options(pairs: Sequence[str]) -> dict[str, dict]:
-    """--method-option awq.duo_scaling=true -> {"awq": {"duo_scaling": True}}."""
+    """--method-option awq.duo_scaling=true -> {"awq": {"duo_scaling": "true"}}: values stay the strings the user
+    typed; each method's typed config coerces them (so `false` is False, not the truthy string)."""
     out: dict[str, dict] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         method, dot, option = key.partition(".")
-        if not sep or not dot:
+        if not sep or not dot or not option.strip():
             raise HarnessError(f"--method-option takes METHOD.OPTION=VALUE, got {pair!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(plugins.methods.resolve_name(method), {})[option] = parsed
+        out.setdefault(plugins.methods.resolve_name(method), {})[option.strip()] = value
     return out
 
 
@@ -120,10 +116,6 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
         method_options=method_options(args.method_option), execution=args.execution,
         task_options=lmeval_task_options(args),
     )
-    if spec.limit is not None and spec.limit <= 0:
-        raise HarnessError("--limit must be a positive number of samples")
-    if spec.trials < 1:
-        raise HarnessError("--trials must be at least 1")
     return spec
 
 

@@ -28,13 +28,11 @@ def add_parser(sub) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
-    import torch
-
     from qvlm_harness import plugins
-    from qvlm_harness.calibration import CalibrationSet
     from qvlm_harness.checkpoint import read_manifest, save_quantized
     from qvlm_harness.models.llava import LlavaAdapter, set_threads
-    from qvlm_harness.runner import check_model_source, resolve_model
+    from qvlm_harness.plan import check_model_source, resolve_model
+    from qvlm_harness.quantize import calibration_for, quantize
 
     method_name = plugins.methods.resolve_name(args.method)
     spec = QuantSpec.parse(args.bits)
@@ -42,8 +40,9 @@ def execute(args: argparse.Namespace) -> int:
     method = plugins.methods.get(method_name)(**options)
     if method.fixed_precision:
         raise HarnessError(f"{method_name} is an unquantized baseline; nothing to save (evaluate it with harness run)")
-    if not method.supports(spec):
-        raise HarnessError(f"method {method_name} does not support {spec.tag}")
+    reason = method.supports(spec)
+    if reason is not None:
+        raise HarnessError(f"method {method_name} does not support {spec.tag} ({reason})")
     if args.calib_samples < 0:
         raise HarnessError("--calib-samples must be >= 0")
     check_model_source(args.model)
@@ -52,19 +51,18 @@ def execute(args: argparse.Namespace) -> int:
     if args.output.exists() and any(args.output.iterdir()) and read_manifest(args.output) is None:
         raise HarnessError(f"{args.output} exists and is not a quantized checkpoint; choose an empty folder")
     task = plugins.tasks.get(plugins.tasks.resolve_name(args.calib_task))()
+    calibration = calibration_for(method, spec, task, args.calib_samples, args.seed, args.data_dir)
     set_threads(args.threads)
     model_id, path = resolve_model(args.model)
     adapter = LlavaAdapter.load(path, name=model_id)
     fingerprint = adapter.fingerprint()
-    calibration = None
-    if method.needs_calibration(spec):
-        calibration = CalibrationSet.from_task(task, args.calib_samples, args.seed, args.data_dir)
-    torch.manual_seed(args.seed)
-    qm = method.quantize(adapter, calibration, spec, tuple(args.scope))
+    qm = quantize(adapter, method, spec, calibration, scope=tuple(args.scope), seed=args.seed)
     calib = None if calibration is None else {"task": task.name, "samples": len(calibration), "seed": args.seed}
     save_quantized(qm, args.output, describe=method.describe(spec), base_model=model_id, fingerprint=fingerprint,
                    scope=args.scope, calibration=calib)
+    passes = qm.search_cost.fp_passes
     print(f"{method_name} {spec.tag}: {len(qm.quantized_modules)} layers quantized ({qm.execution}) in "
-          f"{qm.search_cost.seconds:.1f}s, peak RSS {qm.search_cost.peak_rss_mb:.0f} MB", file=sys.stderr)
-    print(f"saved {args.output}/ (evaluate with: harness eval --model {args.output} --tasks sqa)")
+          f"{qm.search_cost.seconds:.1f}s" + (f" ({passes:.1f} FP passes)" if passes else "")
+          + f", peak RSS {qm.search_cost.peak_rss_mb:.0f} MB", file=sys.stderr)
+    print(f"saved {args.output}/ (evaluate with: harness eval --model {args.output} --tasks {task.name})")
     return 0

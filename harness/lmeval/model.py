@@ -367,11 +367,11 @@ def build_quantized(*, model: str, method: str | None, bits: str | None, calib_t
     from pathlib import Path
 
     from qvlm_harness import plugins
-    from qvlm_harness.calibration import CalibrationSet
     from qvlm_harness.checkpoint import StoredQuantization, load_quantized, read_manifest
     from qvlm_harness.config import ALL_SCOPES, QuantSpec
     from qvlm_harness.models.llava import set_threads
-    from qvlm_harness.runner import check_model_source, resolve_model
+    from qvlm_harness.plan import check_model_source, resolve_model
+    from qvlm_harness.quantize import calibration_for, quantize
 
     manifest = read_manifest(model) if Path(model).expanduser().is_dir() else None
     if manifest is not None:
@@ -381,7 +381,7 @@ def build_quantized(*, model: str, method: str | None, bits: str | None, calib_t
         set_threads(int(threads) if threads else None)
         adapter, _ = load_quantized(model, device=device)
         stored = StoredQuantization(manifest, model)
-        return stored.quantize(adapter, None, stored.spec)
+        return quantize(adapter, stored, stored.spec)
     method = method or "fp32"
 
     options = {}
@@ -399,8 +399,9 @@ def build_quantized(*, model: str, method: str | None, bits: str | None, calib_t
         raise HarnessError(f"method {name} needs bits=...: add e.g. bits=w4a4 to --model_args")
     else:
         spec = QuantSpec.parse(str(bits))
-    if not method_obj.supports(spec):
-        raise HarnessError(f"method {name} does not support {spec.tag}; see `harness ls methods`")
+    reason = method_obj.supports(spec)
+    if reason is not None:
+        raise HarnessError(f"method {name} does not support {spec.tag} ({reason}); see `harness ls methods`")
     scopes = _list_arg(scope)
     bad = [s for s in scopes if s not in ALL_SCOPES]
     if bad or not scopes:
@@ -411,12 +412,12 @@ def build_quantized(*, model: str, method: str | None, bits: str | None, calib_t
             raise HarnessError(f"method {name} at {spec.tag} calibrates on a harness task's train split: add "
                                "calib_task=sqa (or another task from `harness ls tasks`) to --model_args")
         task = plugins.tasks.get(plugins.tasks.resolve_name(calib_task))()
-        calibration = CalibrationSet.from_task(task, calib_samples, seed, Path(data_dir) if data_dir else None)
+        calibration = calibration_for(method_obj, spec, task, calib_samples, seed,
+                                      Path(data_dir) if data_dir else None)
     check_model_source(model)
     set_threads(int(threads) if threads else None)
     model_id, path = resolve_model(model)
     adapter = LlavaAdapter.load(path, dtype=dtype, device=device, name=model_id)
-    torch.manual_seed(seed)
     if log:
         log(f"quantizing {model_id}: {name} {'fp' if spec.is_float else spec.tag}")
-    return method_obj.quantize(adapter, calibration, spec, scopes)
+    return quantize(adapter, method_obj, spec, calibration, scope=scopes, seed=seed)

@@ -1,35 +1,20 @@
-"""Small pieces every baseline method needs: the effective group size of a layer, the activation half of a
-`describe()` line, static activation calibration at the end, and the search-cost measurement."""
+"""Small pieces the weight-quantization methods share: whether a spec quantizes weights, the effective group size
+of a layer, the activation half of a `describe()` line, and static activation calibration at the end."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-
-from torch import nn
+from collections.abc import Sequence
 
 from qvlm_harness.config import FLOAT_BITS, QuantSpec
 from qvlm_harness.errors import HarnessError
-from qvlm_harness.measure import PeakRSS
-from qvlm_harness.method import Method, SearchCost
 from qvlm_harness.quant.apply import act_quant_modules, calibrate_static_activations
 
 
-class HessianSolverMethod(Method):
-    """What GPTQ and aespa share as methods: they quantize weights (any activation bits), always calibrate (their
-    objectives are built from calibration inputs), and take the group size from the `group_size` option, else from
-    the bits string."""
-
-    def supports(self, spec: QuantSpec) -> bool:
-        return spec.quantizes_weights
-
-    def needs_calibration(self, spec: QuantSpec) -> bool:
-        return True
-
-    def _group(self, spec: QuantSpec) -> int | None:
-        return self.options["group_size"] or spec.w_group_size
+def weights_reason(method: str, spec: QuantSpec) -> str | None:
+    """Why a weight-quantization method cannot run at `spec` (float weights), or None."""
+    if spec.quantizes_weights:
+        return None
+    return f"{method} quantizes weights; give weight bits below 16 (e.g. w4a16, w8a8)"
 
 
 def effective_group(in_features: int, group_size: int | None) -> int | None:
@@ -68,33 +53,3 @@ def calibrate_activations(adapter, calibration, spec: QuantSpec, names: Sequence
     mods = act_quant_modules(adapter.model)
     targets = [n for n in names if n in mods]
     calibrate_static_activations(adapter.model, targets, lambda: calibration.run(adapter), observer=observer)
-
-
-def set_calibrating(model: nn.Module, on: bool) -> None:
-    """Switch every activation quantizer off (on=True) or back on: searches observe float activations."""
-    for m in act_quant_modules(model).values():
-        m.calibrating = on
-
-
-@dataclass
-class CostMeter:
-    stages: dict[str, float] = field(default_factory=dict)
-    cost: SearchCost | None = None
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
-
-
-@contextmanager
-def measure_search() -> Iterator[CostMeter]:
-    """Wall time and peak RSS of the quantization (the method's search cost)."""
-    meter = CostMeter()
-    t0 = time.perf_counter()
-    with PeakRSS() as rss:
-        yield meter
-    meter.cost = SearchCost(time.perf_counter() - t0, rss.peak_mb, {k: round(v, 3) for k, v in meter.stages.items()})

@@ -16,59 +16,72 @@ shared activation quantizer when A < 16.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from statistics import median
+from types import SimpleNamespace
+from typing import Literal
 
 import torch
 
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
-from qvlm_harness.errors import HarnessError
-from qvlm_harness.method import QuantizedModel
+from qvlm_harness.cost import stage
+from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_calibration
+from qvlm_harness.methodconfig import option, resolve_group_size
 from qvlm_harness.methods.aespa.objectives import AespaOptions, aespa_pass
-from qvlm_harness.quant.methodkit import (
-    HessianSolverMethod,
-    activation_text,
-    calibrate_activations,
-    layer_spec,
-    measure_search,
-)
-
-_DEFAULTS = AespaOptions()
+from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, weights_reason
 
 
-class Aespa(HessianSolverMethod):
+@dataclass(frozen=True)
+class AespaConfig(MethodConfig):
+    METHOD = "aespa"
+    group_size: int | None = option(None, "weights in groups of N input channels (same as a g<N> bits suffix)",
+                                    min=1)
+    attention: bool = option(True, "aespa's attention-wise objectives for q/k/v (false: layer-wise everywhere, "
+                             "the ablation)")
+    clip_search: bool = option(True, "Hessian-weighted clipping search of the weight ranges")
+    clip_steps: int = option(100, "ratios of the clipping search", min=1)
+    clip_min: float = option(0.01, "smallest clipping ratio", gt=0.0, max=1.0)
+    optq_init: bool = option(True, "start the rounding from OPTQ (GPTQ)")
+    act_order: bool = option(True, "OPTQ with act-order")
+    learn_rounding: bool = option(True, "AdaRound on the precomputed objective")
+    round_layers: Literal["all", "qkv"] = option("all", "where rounding is learned: all layers (the paper) or q/k/v "
+                                                 "only (OPTQ rounding elsewhere; a CPU-time saver)")
+    num_iters: int = option(2000, "Adam steps of the learned rounding per layer", min=0)
+    lr: float = option(0.015, "Adam learning rate of the learned rounding", gt=0.0)
+    round_weight: float = option(1.0, "rounding-regulariser weight outside q/k/v", min=0.0)
+    round_weight_qkv: float = option(1.5, "rounding-regulariser weight of q/k/v", min=0.0)
+    percdamp: float = option(0.01, "Hessian dampening (fraction of the mean diagonal)", min=0.0)
+    batch_size: int = option(8, "calibration sequences per forward batch", min=1)
+
+    def solver_options(self) -> AespaOptions:
+        return AespaOptions(**{f.name: getattr(self, f.name) for f in fields(AespaOptions)})
+
+
+class Aespa(Method):
     name = "aespa"
-    default_options = {"group_size": None} | {f.name: getattr(_DEFAULTS, f.name) for f in fields(AespaOptions)}
+    Config = AespaConfig
+
+    def supports(self, spec: QuantSpec) -> str | None:
+        return weights_reason(self.name, spec)
+
+    def needs_calibration(self, spec: QuantSpec) -> bool:
+        return True
+
+    def _group(self, spec: QuantSpec) -> int | None:
+        return resolve_group_size(self.name, spec.w_group_size, self.config.group_size)
 
     def _opts(self) -> AespaOptions:
-        values = {}
-        for f in fields(AespaOptions):
-            v = self.options[f.name]
-            kind = type(getattr(_DEFAULTS, f.name))
-            if kind is bool and not isinstance(v, bool):
-                raise HarnessError(f"aespa option {f.name} takes true or false, got {v!r}")
-            try:
-                values[f.name] = kind(v)
-            except (TypeError, ValueError):
-                raise HarnessError(f"aespa option {f.name} takes a {kind.__name__}, got {v!r}") from None
-        opts = AespaOptions(**values)
-        if opts.round_layers not in ("all", "qkv"):
-            raise HarnessError(f"aespa option round_layers takes all or qkv, got {opts.round_layers!r}")
-        if opts.num_iters < 0 or opts.clip_steps < 1 or not 0 < opts.clip_min <= 1:
-            raise HarnessError("aespa: num_iters must be >= 0, clip_steps >= 1 and 0 < clip_min <= 1")
-        return opts
+        return self.config.solver_options()
 
     def quantize(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope] = ALL_SCOPES) -> QuantizedModel:
-        if calibration is None:
-            raise HarnessError("aespa needs calibration data; pass --calib-samples N (> 0)")
+        calibration = require_calibration(self, spec, calibration)
         opts = self._opts()
         group = self._group(spec)
         torch.manual_seed(calibration.seed)
-        with measure_search() as meter:
-            res = aespa_pass(adapter, calibration, scope, opts=opts, meter=meter,
-                             layer_spec=lambda f, lin: layer_spec(spec, lin.in_features, group))
-            with meter.stage("activation_calibration"):
-                calibrate_activations(adapter, calibration, spec, res.quantized)
+        res = aespa_pass(adapter, calibration, scope, opts=opts, meter=SimpleNamespace(stage=stage),
+                         layer_spec=lambda f, lin: layer_spec(spec, lin.in_features, group))
+        with stage("activation_calibration"):
+            calibrate_activations(adapter, calibration, spec, res.quantized)
         by_kind: dict[str, list[float]] = {}
         for lr in res.layers.values():
             if lr.loss_optq > 0:
@@ -77,7 +90,7 @@ class Aespa(HessianSolverMethod):
                   "attention_layers": {"rope": res.rope_attention, "plain": res.plain_attention},
                   "objective_after_rounding_vs_optq_median": {k: round(median(v), 4) for k, v in by_kind.items()},
                   "options": {f.name: getattr(opts, f.name) for f in fields(AespaOptions)}}
-        return QuantizedModel(adapter, self.name, spec, "simulated", res.quantized, meter.cost, report)
+        return self.result(adapter, spec, "simulated", res.quantized, report)
 
     def describe(self, spec: QuantSpec) -> str:
         o = self._opts()

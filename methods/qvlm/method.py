@@ -25,9 +25,10 @@ import torch
 from torch import Tensor
 
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.cost import stage as cost_stage
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.measure import PeakRSS
-from qvlm_harness.method import Method, QuantizedModel, SearchCost
+from qvlm_harness.method import Method, QuantizedModel, SearchCost, require_calibration
 from qvlm_harness.methods.qvlm.entropy import unit_entropy
 from qvlm_harness.methods.qvlm.options import QVLMOptions
 from qvlm_harness.methods.qvlm.partition import partition
@@ -53,20 +54,19 @@ from qvlm_harness.methods.qvlm.visual import optimise_visual_encoder
 
 class QVLM(Method):
     name = "qvlm"
-    default_options = QVLMOptions().to_dict()
+    Config = QVLMOptions
 
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.opts = QVLMOptions.from_dict(options)
+    @property
+    def opts(self) -> QVLMOptions:
+        return self.config  # type: ignore[return-value]
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
         return not spec.is_float
 
     def quantize(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope] = ALL_SCOPES) -> QuantizedModel:
         if spec.is_float:
-            return QuantizedModel(adapter, self.name, spec, "float")
-        if calibration is None or len(calibration) == 0:
-            raise HarnessError("qvlm needs calibration samples; pass --calib-samples N (N >= 1)")
+            return self.result(adapter, spec, "float")
+        calibration = require_calibration(self, spec, calibration)
         return Pipeline(adapter, calibration, spec, scope, self.opts).run()
 
     def describe(self, spec: QuantSpec) -> str:
@@ -113,7 +113,7 @@ class Pipeline:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        with PeakRSS() as rss:
+        with PeakRSS() as rss, cost_stage(name):
             yield
         self.cost[name] = {"seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(rss.peak_mb, 1)}
 
@@ -152,7 +152,8 @@ class Pipeline:
         seconds = time.perf_counter() - t0
         cost = SearchCost(seconds, total_rss.peak_mb, {k: v["seconds"] for k, v in self.cost.items()})
         report = self.report(ent_before, ent_after, part_before, part_after, ve_report, bool(cache))
-        return QuantizedModel(self.adapter, "qvlm", self.spec, "simulated", self.quantized, cost, report)
+        return QuantizedModel(self.adapter, "qvlm", self.spec, "simulated", self.quantized, cost, report,
+                              self.opts.to_dict())
 
     # -- FP pass: entropies, cache, FP answer distributions ----------------------------------------------------------
     def fp_pass(self, keep: bool) -> tuple[dict[str, float], dict[str, list[StackInput]],

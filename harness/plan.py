@@ -1,0 +1,361 @@
+"""The planner: a `RunSpec` becomes the run's cells, its quantization jobs and every problem found, before any
+model is loaded (so a typo costs a second, not a model load or a search). Pure: the spec is never mutated; what
+the planner derives (the methods and their typed configs, the tasks, the bit-widths of a quantized checkpoint,
+the samples) lives on the `Plan`.
+
+`make_plan(spec)` raises the first problem as a one-line `HarnessError`; `make_plan(spec, collect=True)` (what
+`harness validate` runs) gathers every problem it can find instead, each one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from qvlm_harness import plugins
+from qvlm_harness.config import QuantSpec, RunSpec
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.method import Method
+from qvlm_harness.task import Sample, Task
+
+FP_TAG = "fp"
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One result: a method at one precision on one task (with one shot count)."""
+
+    method: str
+    spec: QuantSpec
+    task: str
+    shots: int = 0
+
+    @property
+    def bits(self) -> str:
+        return FP_TAG if self.spec.is_float else self.spec.tag
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.bits} {self.task}{f' {self.shots}-shot' if self.shots else ''}"
+
+
+@dataclass(frozen=True)
+class QuantJob:
+    """One unit of work: quantize a fresh model for (method, spec, calibration task), then evaluate `cells`."""
+
+    method: str
+    spec: QuantSpec
+    calib_task: str | None
+    cells: tuple[Cell, ...]
+
+
+class _Problems:
+    """Collects one-line problems (validate) or raises the first (run)."""
+
+    def __init__(self, collect: bool):
+        self.collect = collect
+        self.items: list[str] = []
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        try:
+            yield
+        except HarnessError as exc:
+            if not self.collect:
+                raise
+            self.items.append(str(exc))
+
+    def add(self, message: str) -> None:
+        if not self.collect:
+            raise HarnessError(message)
+        self.items.append(message)
+
+
+@dataclass
+class Plan:
+    """What a run will compute and with what; built by `make_plan`, read by executors and the evaluator."""
+
+    spec: RunSpec
+    methods: dict[str, Method] = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    cells: list[Cell] = field(default_factory=list)
+    bits: tuple[QuantSpec, ...] = ()
+    checkpoint: dict | None = None  # the manifest when --model is a quantized checkpoint
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    _samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict, repr=False)
+
+    # -- the model ----------------------------------------------------------------------------------------------
+    @cached_property
+    def _model(self) -> tuple[str, str]:
+        return resolve_model(self.spec.model)
+
+    @property
+    def model_id(self) -> str:
+        return self._model[0]
+
+    @property
+    def model_path(self) -> str:
+        return self._model[1]
+
+    # -- data -----------------------------------------------------------------------------------------------------
+    def data_dir(self, task: str) -> Path | None:
+        d = self.spec.data_dir
+        if d is None:
+            return None
+        sub = Path(d) / task
+        return sub if sub.is_dir() else Path(d)
+
+    def samples(self, task: str) -> list[Sample]:
+        """The evaluation samples of a task, limited by a seeded subset (the same subset for every method)."""
+        key = (task, self.spec.split)
+        if key not in self._samples:
+            samples = self.tasks[task].load(self.spec.split, self.data_dir(task))
+            if not samples:
+                raise HarnessError(f"task {task}: split {self.spec.split!r} is empty")
+            limit = self.spec.limit
+            if limit is not None and 0 < limit < len(samples):
+                keep = set(random.Random(f"limit-{self.spec.seed}").sample(range(len(samples)), limit))
+                samples = [x for i, x in enumerate(samples) if i in keep]
+            self._samples[key] = samples
+        return self._samples[key]
+
+    def demo_pool(self, task: str) -> list[Sample]:
+        t = self.tasks[task]
+        return t.load(t.train_split, self.data_dir(task))
+
+    def scoring(self, task: str) -> str:
+        modes = self.tasks[task].scoring_modes
+        return self.spec.scoring if self.spec.scoring in modes else modes[0]
+
+    def calib_source(self, cell: Cell) -> str | None:
+        """The task whose train split calibrates `cell` (None when its method needs no calibration)."""
+        if not self.methods[cell.method].needs_calibration(cell.spec):
+            return None
+        return self.spec.calib_task or cell.task
+
+    def task(self, name: str) -> Task:
+        """A planned task, or (for a calibration-only task) a fresh instance."""
+        return self.tasks.get(name) or make_task(self.spec, name)
+
+    # -- identity -------------------------------------------------------------------------------------------------
+    def cell_id(self, cell: Cell) -> str:
+        """The store key of a cell: a readable prefix and a hash of every setting that changes its result."""
+        s = self.spec
+        method = self.methods[cell.method]
+        settings = {
+            "model": self.model_id, "method": cell.method, "bits": cell.bits, "task": cell.task, "split": s.split,
+            "shots": cell.shots, "trials": s.trials if cell.shots else 1, "seed": s.seed, "limit": s.limit,
+            "scoring": self.scoring(cell.task), "max_new_tokens": s.max_new_tokens,
+            "data_dir": str(s.data_dir) if s.data_dir else None,
+        }
+        if s.dtype != "fp32":
+            settings["dtype"] = s.dtype
+        if s.image_control:
+            settings["image_control"] = s.image_control
+        if not method.fixed_precision:
+            settings |= {"scope": sorted(s.scope), "config": method.identity()["config"],
+                         "calib": self.calib_source(cell), "calib_samples": s.calib_samples}
+            if s.execution != "simulated":
+                settings["execution"] = s.execution
+        if s.task_options.get(cell.task):
+            settings["task_options"] = s.task_options[cell.task]
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return f"{cell.method}-{cell.bits}-{cell.task}{f'-{cell.shots}shot' if cell.shots else ''}-{digest}"
+
+    # -- jobs -----------------------------------------------------------------------------------------------------
+    def jobs(self, cells: Sequence[Cell] | None = None) -> list[QuantJob]:
+        """The cells grouped by what they are quantized with: one job per (method, spec, calibration task), in
+        plan order."""
+        groups: dict[tuple[str, QuantSpec, str | None], list[Cell]] = {}
+        for c in self.cells if cells is None else cells:
+            groups.setdefault((c.method, c.spec, self.calib_source(c)), []).append(c)
+        return [QuantJob(m, s, calib, tuple(group)) for (m, s, calib), group in groups.items()]
+
+
+# -- building the plan -----------------------------------------------------------------------------------------------
+def make_plan(spec: RunSpec, *, collect: bool = False) -> Plan:
+    """Validate `spec` and list its cells; no model is loaded. See the module docstring for `collect`."""
+    from qvlm_harness.checkpoint import StoredQuantization, read_manifest
+
+    problems = _Problems(collect)
+    plan = Plan(spec)
+    with problems.check():
+        _check_settings(spec)
+    for note in _duplicates(spec):
+        plan.notes.append(note)
+    with problems.check():
+        check_model_source(spec.model)
+    manifest = None
+    with problems.check():
+        manifest = read_manifest(spec.model) if Path(str(spec.model)).expanduser().is_dir() else None
+    if manifest is not None:  # an already quantized checkpoint: evaluate it as stored
+        plan.checkpoint = manifest
+        if spec.methods:
+            problems.add(f"{spec.model} is a quantized checkpoint ({manifest['method']} {manifest['spec']['tag']}); "
+                         f"evaluate it with `harness eval --model {spec.model}` (no --methods)")
+        stored = StoredQuantization(manifest, str(spec.model))
+        plan.methods[stored.name] = stored
+        plan.bits = (stored.spec,)
+    else:
+        plan.bits = tuple(dict.fromkeys(spec.bits))
+        for name in dict.fromkeys(spec.methods):
+            with problems.check():
+                canonical = plugins.methods.resolve_name(name)
+                if canonical not in plan.methods:
+                    cls = plugins.methods.get(canonical)
+                    plan.methods[canonical] = cls(**spec.method_options.get(canonical, {}))
+        if not spec.methods:
+            problems.add("no methods given; e.g. --methods fp32,rtn (see `harness ls methods`)")
+    for name in dict.fromkeys(spec.tasks):
+        with problems.check():
+            canonical = plugins.tasks.resolve_name(name)
+            if canonical not in plan.tasks:
+                plan.tasks[canonical] = make_task(spec, canonical)
+    if not spec.tasks:
+        problems.add("no tasks given; e.g. --tasks sqa (see `harness ls tasks`)")
+    if spec.calib_task is not None:
+        with problems.check():
+            plugins.tasks.resolve_name(spec.calib_task)
+    with problems.check():
+        plan.cells = _cells(plan, problems)
+    _check_data(plan, problems)
+    plan.problems = problems.items
+    return plan
+
+
+def make_task(spec: RunSpec, name: str) -> Task:
+    canonical = plugins.tasks.resolve_name(name)
+    return plugins.tasks.get(canonical)(**spec.task_options.get(canonical, {}))
+
+
+def _check_settings(spec: RunSpec) -> None:
+    """Every numeric flag's range, in one place (each a one-line error naming the flag)."""
+    if spec.limit is not None and spec.limit <= 0:
+        raise HarnessError("--limit must be a positive number of samples")
+    if spec.trials < 1:
+        raise HarnessError("--trials must be at least 1")
+    if spec.batch_size < 1:
+        raise HarnessError(f"--batch-size must be at least 1, got {spec.batch_size}")
+    if spec.threads is not None and spec.threads < 1:
+        raise HarnessError(f"--threads must be at least 1 (omit it for all cores), got {spec.threads}")
+    if spec.max_new_tokens < 1:
+        raise HarnessError(f"--max-new-tokens must be at least 1, got {spec.max_new_tokens}")
+    if any(k < 0 for k in spec.shots):
+        raise HarnessError(f"--shots takes counts >= 0, got {','.join(map(str, spec.shots))}")
+    if spec.calib_samples < 0:
+        raise HarnessError(f"--calib-samples must be 0 or more, got {spec.calib_samples}")
+    if not 0 <= spec.seed <= MAX_SEED:
+        raise HarnessError(f"--seed must be in 0..{MAX_SEED}, got {spec.seed}")
+    check_device(spec.device)
+
+
+def check_device(device: str) -> None:
+    """The device exists on this machine (cpu, cuda, cuda:N)."""
+    import torch
+
+    name = str(device).strip().lower()
+    if name == "cpu":
+        return
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise HarnessError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise HarnessError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    raise HarnessError(f"unknown --device {device!r}; use cpu, cuda or cuda:N")
+
+
+def _duplicates(spec: RunSpec) -> list[str]:
+    notes = []
+    for flag, values in (("--methods", spec.methods), ("--tasks", spec.tasks)):
+        seen: dict[str, str] = {}
+        for v in values:
+            key = v.strip().lower()
+            if key in seen:
+                notes.append(f"{flag}: {v!r} given twice; evaluated once")
+            seen.setdefault(key, v)
+    if len(set(spec.bits)) < len(spec.bits):
+        notes.append("--bits: a bit-width given twice (or spelled two ways); evaluated once")
+    return notes
+
+
+def _cells(plan: Plan, problems: _Problems) -> list[Cell]:
+    spec = plan.spec
+    cells: list[Cell] = []
+    n_specs = sum(1 if m.fixed_precision else len(plan.bits) for m in plan.methods.values())
+    for name, method in plan.methods.items():
+        specs = [QuantSpec()] if method.fixed_precision else list(plan.bits)
+        for qspec in specs:
+            reason = method.supports(qspec)
+            if reason is None:
+                method.check(qspec)
+            if reason is not None:
+                message = f"method {name} does not support {qspec.tag} ({reason})"
+                if n_specs == 1:
+                    problems.add(f"{message}; see `harness ls methods`")
+                else:
+                    plan.notes.append(f"skipping: {message}")
+                continue
+            for t, task in plan.tasks.items():
+                shots = tuple(dict.fromkeys(spec.shots)) if task.supports_shots else (0,)
+                if spec.scoring not in task.scoring_modes and len(task.scoring_modes) > 1:
+                    raise HarnessError(f"task {t} cannot score by {spec.scoring!r}; use one of "
+                                       f"{', '.join(task.scoring_modes)}")
+                cells += [Cell(name, qspec, t, k) for k in shots]
+    if plan.methods and plan.tasks and not cells:
+        raise HarnessError("no method supports any of the requested bit-widths; see `harness ls methods`")
+    return cells
+
+
+def _check_data(plan: Plan, problems: _Problems) -> None:
+    """Data problems surface now, before any model is loaded: every evaluated split, the few-shot pools, and the
+    calibration splits of the cells that calibrate."""
+    spec = plan.spec
+    for t in plan.tasks:
+        with problems.check():
+            plan.samples(t)
+        if any(c.shots for c in plan.cells if c.task == t):
+            with problems.check():
+                plan.demo_pool(t)
+    calibrated = {plan.calib_source(c) for c in plan.cells} - {None}
+    if calibrated and spec.calib_samples == 0:
+        methods = sorted({c.method for c in plan.cells if plan.calib_source(c)})
+        problems.add(f"{', '.join(methods)} calibrate on samples, but --calib-samples is 0; pass N >= 1")
+    for t in sorted(calibrated):
+        with problems.check():
+            task = plan.task(t)
+            if not task.load(task.train_split, plan.data_dir(t)):
+                raise HarnessError(f"task {t}: its calibration split {task.train_split!r} has no samples; "
+                                   "calibrate on another task with --calib-task")
+
+
+# -- models -----------------------------------------------------------------------------------------------------------
+def resolve_model(name: str) -> tuple[str, str]:
+    """(model id used in the store, path or hub id to load)."""
+    if name in plugins.models:
+        target = plugins.models.get(name)
+        path = str(target() if callable(target) else target)
+        return f"{name}@{Path(path).name}" if name == "default" else name, path
+    return name, name
+
+
+def check_model_source(name: str) -> None:
+    """Fail fast on a local path that cannot be a checkpoint (hub ids are checked when loaded)."""
+    if name in plugins.models:
+        return
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.exists():
+        raise HarnessError(f"model path {path} does not exist; pass a Llava checkpoint folder, a hub id such as "
+                           "llava-hf/llava-1.5-7b-hf, or --model default")
+    if path.exists() and not (path / "config.json").is_file():
+        raise HarnessError(f"{path} is not a model folder (no config.json); pass a Llava checkpoint folder")
