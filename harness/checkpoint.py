@@ -367,8 +367,8 @@ class StoredQuantization(Method):
         self.spec = _spec(manifest["spec"])
 
     def identity(self) -> dict[str, Any]:
-        return {"method": self.name, "config": dict(self.manifest.get("config") or {}),
-                "checkpoint": self.manifest.get("tensors_sha256")}
+        """The stored method's config (the checkpoint's contents are the model's content fingerprint)."""
+        return {"method": self.name, "config": dict(self.manifest.get("config") or {})}
 
     def supports(self, spec: QuantSpec) -> str | None:
         return None if spec == self.spec else f"the checkpoint holds {self.spec.tag}, not {spec.tag}"

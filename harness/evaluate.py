@@ -6,8 +6,6 @@ the row is built from the log (only the samples of this plan), so a resumed cell
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import statistics
 from collections.abc import Callable, Sequence
@@ -16,6 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from qvlm_harness.identity import samples_fingerprint
 from qvlm_harness.measure import PeakRSS, weight_bytes
 from qvlm_harness.method import QuantizedModel
 from qvlm_harness.plan import Cell, Plan
@@ -34,18 +33,49 @@ def evaluate_cell(plan: Plan, cell: Cell, quantized: QuantizedModel, *, run_id: 
     """Answer every (trial, sample) of `cell` not yet in its sample log, then build its row from the log."""
     s = plan.spec
     task = plan.tasks[cell.task]
-    adapter = quantized.adapter
     cid = plan.cell_id(cell)
     samples = plan.samples(cell.task)
     scoring = plan.scoring(cell.task)
     trials = s.trials if cell.shots else 1
+    log = SampleLog(sample_log_path(plan, cid))
+    with log.lock():  # one writer per cell: a second process on the same cell waits, then finds it done
+        done = log.done()
+        todo = [(t, x) for t in range(trials) for x in samples if f"{t}:{x.id}" not in done]
+        rss_mb = _answer(plan, cell, task, quantized, log, todo, trials, scoring, progress)
+    ids = {x.id for x in samples}
+    entries = [e for e in log.read() if e["id"] in ids]
+    method = plan.methods[cell.method]
+    return ResultRow(
+        cell_id=cid, run_id=run_id, model=plan.model_id, method=cell.method, bits=cell.bits, task=cell.task,
+        split=task.resolve_split(s.split), seed=s.seed, n_samples=len(samples), execution=quantized.execution,
+        metrics=aggregate_trials(task, entries, trials),
+        measurements=measurements(entries, quantized, rss_mb),
+        search_cost=quantized.search_cost.to_dict(),
+        settings={"scope": list(s.scope), "scoring": scoring, "image_control": s.image_control,
+                  "trials": trials, "calib_samples": s.calib_samples, "calib_task": plan.calib_source(cell),
+                  "spec": cell.spec.to_dict(), "options": _jsonable(method.config.changed()),
+                  "config": quantized.config, "primary_metric": task.primary_metric,
+                  "task_options": s.task_options.get(cell.task, {}), "batch_size": s.batch_size,
+                  "quantized_modules": len(quantized.quantized_modules), "report": quantized.report,
+                  "samples_log": str(log.path.resolve())},
+        environment=env, shots=cell.shots, sample_limit=s.limit, scoring=scoring,
+        describe=method.describe(cell.spec), model_fingerprint=fingerprint,
+        data_fingerprint=samples_fingerprint(samples), cell_key=plan.cell_key(cell), identity=plan.identity(cell),
+    )
+
+
+def _answer(plan: Plan, cell: Cell, task, quantized: QuantizedModel, log: SampleLog, todo: list, trials: int,
+            scoring: str, progress: bool) -> float:
+    """Answer the (trial, sample) pairs in `todo` batch by batch, appending each batch to the log; returns the
+    peak RSS while answering."""
+    s = plan.spec
+    adapter = quantized.adapter
+    samples = plan.samples(cell.task)
     demo_pool = plan.demo_pool(cell.task) if cell.shots else []
     swapped_images = control_images(samples, s.image_control, s.seed)
-    log = SampleLog(sample_log_path(plan, cid))
-    done = log.done()
-    todo = [(t, x) for t in range(trials) for x in samples if f"{t}:{x.id}" not in done]
-    bar = tqdm(total=len(samples) * trials, initial=len(samples) * trials - len(todo), disable=not progress,
-               desc=cell.label, unit="sample", leave=False)
+    total = len(samples) * trials
+    bar = tqdm(total=total, initial=total - len(todo), disable=not progress, desc=cell.label, unit="sample",
+               leave=False)
     with PeakRSS() as rss:
         for start in range(0, len(todo), s.batch_size):
             chunk = todo[start:start + s.batch_size]
@@ -69,26 +99,7 @@ def evaluate_cell(plan: Plan, cell: Cell, quantized: QuantizedModel, *, run_id: 
             log.append(lines)
             bar.update(len(chunk))
     bar.close()
-    ids = {x.id for x in samples}
-    entries = [e for e in log.read() if e["id"] in ids]
-    method = plan.methods[cell.method]
-    return ResultRow(
-        cell_id=cid, run_id=run_id, model=plan.model_id, method=cell.method, bits=cell.bits, task=cell.task,
-        split=task.resolve_split(s.split), seed=s.seed, n_samples=len(samples), execution=quantized.execution,
-        metrics=aggregate_trials(task, entries, trials),
-        measurements=measurements(entries, quantized, rss.peak_mb),
-        search_cost=quantized.search_cost.to_dict(),
-        settings={"scope": list(s.scope), "scoring": scoring, "image_control": s.image_control,
-                  "trials": trials, "calib_samples": s.calib_samples, "calib_task": plan.calib_source(cell),
-                  "spec": cell.spec.to_dict(), "options": _jsonable(method.config.changed()),
-                  "config": quantized.config, "primary_metric": task.primary_metric,
-                  "task_options": s.task_options.get(cell.task, {}),
-                  "quantized_modules": len(quantized.quantized_modules), "report": quantized.report,
-                  "samples_log": str(log.path.resolve())},
-        environment=env, shots=cell.shots, sample_limit=s.limit, scoring=scoring,
-        describe=method.describe(cell.spec), model_fingerprint=fingerprint,
-        data_fingerprint=data_fingerprint(samples),
-    )
+    return rss.peak_mb
 
 
 def control_images(samples: Sequence[Sample], mode: str | None, seed: int) -> dict[str, Any] | None:
@@ -137,14 +148,6 @@ def measurements(entries: list[dict], quantized: QuantizedModel, peak_rss_mb: fl
 
 def safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.@" else "_" for ch in name)
-
-
-def data_fingerprint(samples: Sequence[Sample]) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(s.id.encode())
-        h.update(json.dumps(s.data, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

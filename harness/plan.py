@@ -9,8 +9,7 @@ the samples) lives on the `Plan`.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -146,29 +145,84 @@ class Plan:
         return self.tasks.get(name) or make_task(self.spec, name)
 
     # -- identity -------------------------------------------------------------------------------------------------
-    def cell_id(self, cell: Cell) -> str:
-        """The store key of a cell: a readable prefix and a hash of every setting that changes its result."""
+    @cached_property
+    def model_content(self) -> str:
+        """The model's content fingerprint (every file of its folder; see `qvlm_harness.identity`)."""
+        from qvlm_harness.identity import model_fingerprint
+
+        return model_fingerprint(self.model_path)
+
+    def data_content(self, task: str) -> str:
+        from qvlm_harness.identity import samples_fingerprint
+
+        return samples_fingerprint(self.samples(task))
+
+    def demo_content(self, task: str) -> str:
+        from qvlm_harness.identity import samples_fingerprint
+
+        return samples_fingerprint(self.demo_pool(task))
+
+    def calibration_content(self, task: str) -> str:
+        """What the calibration set of `task` holds: the seeded train samples a calibrated cell sees."""
+        from qvlm_harness.identity import samples_fingerprint
+
+        key = (f"calib:{task}", str(self.spec.calib_samples))
+        if key not in self._samples:
+            self._samples[key] = self.task(task).calibration_samples(self.spec.calib_samples, self.spec.seed,
+                                                                     self.data_dir(task))
+        return samples_fingerprint(self._samples[key])
+
+    def evaluation_settings(self) -> dict:
+        """The execution settings that can still change a cell's per-sample outputs (batch layout, threads)."""
+        import torch
+
+        s = self.spec
+        threads = s.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or torch.get_num_threads()
+        return {"batch_size": s.batch_size, "threads": threads}
+
+    def identity(self, cell: Cell) -> dict:
+        """Everything `cell` is computed from (see `qvlm_harness.identity`): contents, config, settings."""
         s = self.spec
         method = self.methods[cell.method]
-        settings = {
-            "model": self.model_id, "method": cell.method, "bits": cell.bits, "task": cell.task, "split": s.split,
-            "shots": cell.shots, "trials": s.trials if cell.shots else 1, "seed": s.seed, "limit": s.limit,
-            "scoring": self.scoring(cell.task), "max_new_tokens": s.max_new_tokens,
-            "data_dir": str(s.data_dir) if s.data_dir else None,
+        ident: dict = {
+            "model": self.model_id, "model_content": self.model_content, "dtype": s.dtype,
+            "device": str(s.device).split(":")[0],
+            "task": cell.task, "split": s.split, "data": self.data_content(cell.task), "limit": s.limit,
+            "seed": s.seed, "scoring": self.scoring(cell.task), "max_new_tokens": s.max_new_tokens,
+            "shots": cell.shots, "trials": s.trials if cell.shots else 1, "image_control": s.image_control,
+            "task_options": s.task_options.get(cell.task) or {},
+            "method": method.identity(), "evaluation": self.evaluation_settings(),
         }
-        if s.dtype != "fp32":
-            settings["dtype"] = s.dtype
-        if s.image_control:
-            settings["image_control"] = s.image_control
+        if cell.shots:
+            ident["demos"] = self.demo_content(cell.task)
         if not method.fixed_precision:
-            settings |= {"scope": sorted(s.scope), "config": method.identity()["config"],
-                         "calib": self.calib_source(cell), "calib_samples": s.calib_samples}
-            if s.execution != "simulated":
-                settings["execution"] = s.execution
-        if s.task_options.get(cell.task):
-            settings["task_options"] = s.task_options[cell.task]
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return f"{cell.method}-{cell.bits}-{cell.task}{f'-{cell.shots}shot' if cell.shots else ''}-{digest}"
+            calib = self.calib_source(cell)
+            ident |= {"spec": cell.spec.to_dict(), "scope": sorted(s.scope), "execution": s.execution,
+                      "calibration": None if calib is None else {
+                          "task": calib, "samples": s.calib_samples, "content": self.calibration_content(calib)}}
+        return ident
+
+    def cell_key(self, cell: Cell) -> str:
+        """The cell without its contents: rows sharing a key but not an id are the same cell computed from other
+        model or data contents (the older ones are superseded)."""
+        from qvlm_harness.identity import cell_digest
+
+        ident = self.identity(cell)
+        for k in ("model_content", "data", "demos"):
+            ident.pop(k, None)
+        if ident.get("calibration"):
+            ident["calibration"] = {k: v for k, v in ident["calibration"].items() if k != "content"}
+        return f"{self._prefix(cell)}-{cell_digest(ident)}"
+
+    def cell_id(self, cell: Cell) -> str:
+        """The store key of a cell: a readable prefix and a hash of its identity."""
+        from qvlm_harness.identity import cell_digest
+
+        return f"{self._prefix(cell)}-{cell_digest(self.identity(cell))}"
+
+    @staticmethod
+    def _prefix(cell: Cell) -> str:
+        return f"{cell.method}-{cell.bits}-{cell.task}{f'-{cell.shots}shot' if cell.shots else ''}"
 
     # -- jobs -----------------------------------------------------------------------------------------------------
     def jobs(self, cells: Sequence[Cell] | None = None) -> list[QuantJob]:

@@ -1,8 +1,15 @@
-"""The results store: one SQLite row per finished cell (model x method x bits x task x settings x seed).
+"""The results store: one SQLite row per finished cell, keyed by the cell's id (a hash of what it was computed
+from, see `qvlm_harness.identity`).
 
 A row is written the moment its cell finishes, in its own transaction, so a run killed at any point keeps every
-finished cell; the runner skips cells whose `cell_id` is already stored. Per-sample outputs live beside the
-database as JSONL (see `SampleLog`) so an interrupted cell also resumes sample by sample.
+finished cell; the runner skips cells whose `cell_id` is already stored. A row computed from other contents of the
+same cell (same `cell_key`: the model or data changed) marks the older rows `superseded_by` the new one: they
+stay in the store, but reports and reuse only see current rows. Per-sample outputs live beside the database as
+JSONL (see `SampleLog`) so an interrupted cell also resumes sample by sample.
+
+The store refuses to be corrupted: a row without samples or with a non-finite primary metric is never written;
+a row that cannot be read back (edited by hand, another program's table) is reported by cell id and skipped, never
+crashes a report. The schema is versioned (`PRAGMA user_version`) and older stores are migrated in place.
 """
 
 from __future__ import annotations
@@ -10,12 +17,17 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from qvlm_harness.errors import HarnessError
+
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     cell_id TEXT PRIMARY KEY,
@@ -39,12 +51,22 @@ CREATE TABLE IF NOT EXISTS results (
     settings TEXT NOT NULL,
     describe TEXT,
     environment TEXT NOT NULL,
-    data_fingerprint TEXT
+    data_fingerprint TEXT,
+    cell_key TEXT,
+    identity TEXT,
+    superseded_by TEXT
 );
 CREATE INDEX IF NOT EXISTS results_by_run ON results(run_id);
 CREATE INDEX IF NOT EXISTS results_by_cell ON results(model, method, bits, task);
+CREATE INDEX IF NOT EXISTS results_by_key ON results(cell_key);
 """
-JSON_FIELDS = ("metrics", "measurements", "search_cost", "settings", "environment")
+# schema version -> the statements that bring a store of the previous version to it
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE results ADD COLUMN cell_key TEXT", "ALTER TABLE results ADD COLUMN identity TEXT",
+        "ALTER TABLE results ADD COLUMN superseded_by TEXT",
+        "CREATE INDEX IF NOT EXISTS results_by_key ON results(cell_key)"),
+}
+JSON_FIELDS = ("metrics", "measurements", "search_cost", "settings", "environment", "identity")
 
 
 @dataclass
@@ -71,56 +93,118 @@ class ResultRow:
     model_fingerprint: str | None = None
     data_fingerprint: str | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    cell_key: str | None = None  # the cell without its contents (see Plan.cell_key)
+    identity: dict[str, Any] = field(default_factory=dict)  # what the cell id hashes
+    superseded_by: str | None = None
+
+
+ROW_FIELDS = frozenset(f.name for f in fields(ResultRow))
+
+
+def clean_json(x: Any) -> Any:
+    """`x` with NaN/inf written as None: strict JSON (readers elsewhere choke on a bare NaN)."""
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    if isinstance(x, dict):
+        return {k: clean_json(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [clean_json(v) for v in x]
+    return x
 
 
 def _dumps(obj: Any) -> str:
-    """JSON with NaN written as null (SQLite/JSON readers elsewhere choke on NaN)."""
+    """JSON with NaN written as null."""
+    return json.dumps(clean_json(obj), sort_keys=True, default=str, allow_nan=False)
 
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        return x
 
-    return json.dumps(clean(obj), sort_keys=True, default=str)
+def row_problem(row: ResultRow) -> str | None:
+    """Why `row` must not be stored (no samples, a non-finite primary metric), or None."""
+    if row.n_samples <= 0:
+        return "it has no samples"
+    primary = (row.settings or {}).get("primary_metric")
+    value = row.metrics.get(primary) if primary else None
+    if primary and (not isinstance(value, int | float) or not math.isfinite(value)):
+        return f"its primary metric {primary} is {value!r}"
+    return None
 
 
 class Store:
-    """A SQLite results store (created on first use)."""
+    """A SQLite results store (created on first use, migrated when older)."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.executescript(SCHEMA)
+        self.bad_rows: dict[str, str] = {}
+        if self.path.is_dir():
+            raise HarnessError(f"--store {self.path} is a folder; pass a file path (e.g. {self.path / 'harness.db'})")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HarnessError(f"cannot create the store's folder {self.path.parent} ({exc.strerror})") from None
+        try:
+            with self._connect() as con:
+                self._migrate(con)
+        except sqlite3.DatabaseError as exc:
+            raise HarnessError(f"--store {self.path} is not a harness results store ({exc}); pass another path "
+                               "or move the file away") from None
 
     def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=30)
+        con = sqlite3.connect(self.path, timeout=60)
         con.row_factory = sqlite3.Row
         return con
 
+    def _migrate(self, con: sqlite3.Connection) -> None:
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        exists = con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='results'").fetchone()
+        if not exists:
+            others = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            if others:
+                raise sqlite3.DatabaseError(f"it holds other tables ({', '.join(others[:3])}) and no results table")
+            con.executescript(SCHEMA)
+            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return
+        if version > SCHEMA_VERSION:
+            raise HarnessError(f"--store {self.path} was written by a newer qvlm-harness (schema {version}, this one "
+                               f"reads {SCHEMA_VERSION}); upgrade qvlm-harness")
+        columns = {r[1] for r in con.execute("PRAGMA table_info(results)")}
+        for v in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+            for stmt in MIGRATIONS.get(v, ()):
+                added = stmt.split("ADD COLUMN ")[1].split()[0] if "ADD COLUMN" in stmt else None
+                if added is None or added not in columns:
+                    con.execute(stmt)
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     def has(self, cell_id: str) -> bool:
+        """Whether a current (not superseded) row of this id exists: a superseded one is recomputed (from its
+        sample log, so cheaply) and becomes current again."""
         with self._connect() as con:
-            return con.execute("SELECT 1 FROM results WHERE cell_id = ?", (cell_id,)).fetchone() is not None
+            return con.execute("SELECT 1 FROM results WHERE cell_id = ? AND superseded_by IS NULL",
+                               (cell_id,)).fetchone() is not None
 
     def put(self, row: ResultRow) -> None:
+        """Write `row` (replacing a row of the same id) and supersede older rows of the same cell key."""
+        problem = row_problem(row)
+        if problem is not None:
+            raise HarnessError(f"refusing to store cell {row.cell_id}: {problem}; its per-sample log is kept")
         data = asdict(row)
+        data["superseded_by"] = None
         for key in JSON_FIELDS:
             data[key] = _dumps(data[key])
         cols = ", ".join(data)
         marks = ", ".join("?" for _ in data)
         with self._connect() as con:
             con.execute(f"INSERT OR REPLACE INTO results ({cols}) VALUES ({marks})", tuple(data.values()))
+            if row.cell_key:
+                con.execute("UPDATE results SET superseded_by = ? WHERE cell_key = ? AND cell_id != ? AND "
+                            "superseded_by IS NULL", (row.cell_id, row.cell_key, row.cell_id))
 
     def get(self, cell_id: str) -> ResultRow | None:
-        rows = list(self.rows(cell_ids=[cell_id]))
+        rows = list(self.rows(cell_ids=[cell_id], include_superseded=True))
         return rows[0] if rows else None
 
     def rows(self, *, run_id: str | None = None, cell_ids: Iterable[str] | None = None,
-             **equals: Any) -> Iterator[ResultRow]:
+             include_superseded: bool = False, **equals: Any) -> Iterator[ResultRow]:
+        """Rows matching the filters, oldest first; superseded rows only when asked. A row that cannot be read
+        is reported once (by cell id, on stderr and in `bad_rows`) and skipped."""
         where, args = [], []
         if run_id is not None:
             where.append("run_id = ?")
@@ -129,17 +213,23 @@ class Store:
             ids = list(cell_ids)
             where.append(f"cell_id IN ({', '.join('?' for _ in ids)})")
             args += ids
+        if not include_superseded:
+            where.append("superseded_by IS NULL")
         for key, value in equals.items():
             where.append(f"{key} = ?")
             args.append(value)
         sql = "SELECT * FROM results" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY created"
         with self._connect() as con:
-            for rec in con.execute(sql, args).fetchall():
-                data = dict(rec)
-                for key in JSON_FIELDS:
-                    data[key] = json.loads(data[key]) if data[key] else {}
-                data["metrics"] = {k: (math.nan if v is None else v) for k, v in data["metrics"].items()}
-                yield ResultRow(**data)
+            records = con.execute(sql, args).fetchall()
+        for rec in records:
+            try:
+                yield _row_from_record(dict(rec))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                cid = str(dict(rec).get("cell_id"))
+                if cid not in self.bad_rows:
+                    self.bad_rows[cid] = f"{type(exc).__name__}: {exc}"
+                    print(f"warning: store {self.path}: row {cid} cannot be read ({self.bad_rows[cid]}); "
+                          "skipped", file=sys.stderr)
 
     def runs(self) -> list[tuple[str, str, int]]:
         """(run_id, first created, number of rows), newest first."""
@@ -148,11 +238,27 @@ class Store:
                 "SELECT run_id, MIN(created), COUNT(*) FROM results GROUP BY run_id ORDER BY MIN(created) DESC")]
 
 
+def _row_from_record(data: dict[str, Any]) -> ResultRow:
+    for key in JSON_FIELDS:
+        raw = data.get(key)
+        value = json.loads(raw) if raw else {}
+        if not isinstance(value, dict):
+            raise TypeError(f"{key} is a JSON {type(value).__name__}, not an object")
+        data[key] = value
+    data["metrics"] = {k: (math.nan if v is None else v) for k, v in data["metrics"].items()}
+    row = ResultRow(**{k: v for k, v in data.items() if k in ROW_FIELDS})
+    if not isinstance(row.n_samples, int) or not row.cell_id:
+        raise TypeError("n_samples or cell_id is malformed")
+    return row
+
+
 class SampleLog:
     """Per-sample outputs of one cell as JSONL (prompt, raw output, parsed answer, score, timing).
 
     Lines are appended and flushed batch by batch; on restart, `done()` tells which samples are finished so an
-    interrupted cell continues where it stopped. A torn last line (killed mid-write) is ignored.
+    interrupted cell continues where it stopped. A torn last line (killed mid-write) is ignored, and a sample key
+    written twice (two processes on one cell before `lock()` existed) counts once: the first record wins. One
+    writer per cell: `lock()` holds an exclusive lock beside the log while a cell is answered.
     """
 
     def __init__(self, path: Path):
@@ -162,16 +268,32 @@ class SampleLog:
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
-        out = []
+        out, seen = [], set()
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill; that sample is simply redone
+            if not isinstance(rec, dict) or "key" not in rec or rec["key"] in seen:
+                continue
+            seen.add(rec["key"])
+            out.append(rec)
         return out
 
     def done(self) -> set[str]:
         return {rec["key"] for rec in self.read()}
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock of this cell's log (blocks while another process answers the same cell)."""
+        import fcntl
+
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def append(self, records: Iterable[dict]) -> None:
         torn = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")

@@ -28,6 +28,7 @@ def execute_spec(spec, args: argparse.Namespace) -> int:
     """Run a RunSpec and print/write its tables (shared by `run` and `eval`)."""
     from qvlm_harness.report import SIMULATED_NOTE, main_table, task_table, to_markdown, write_tables
     from qvlm_harness.runner import Runner
+    from qvlm_harness.store import clean_json
 
     executor = None
     if getattr(args, "executor", "local") == "ray":  # `eval` shares this function and has no executor flags
@@ -44,7 +45,8 @@ def execute_spec(spec, args: argparse.Namespace) -> int:
     write_tables(result.rows, folder, caveat=caveat)
     payload = {"run_id": result.run_id, "spec": {k: str(v) for k, v in vars(spec).items()},
                "rows": [r.__dict__ for r in result.rows]}
-    (folder / "results.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (folder / "results.json").write_text(json.dumps(clean_json(payload), indent=1, default=str, allow_nan=False)
+                                         + "\n")
     print(to_markdown(main_table(result.rows)))
     for task in dict.fromkeys(r.task for r in result.rows):
         print(f"\n{task}:\n" + to_markdown(task_table(result.rows, task)))
