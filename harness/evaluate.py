@@ -29,7 +29,7 @@ def sample_log_path(plan: Plan, cell_id: str) -> Path:
 
 
 def evaluate_cell(plan: Plan, cell: Cell, quantized: QuantizedModel, *, run_id: str, fingerprint: str,
-                  env: dict[str, Any], progress: bool = False) -> ResultRow:
+                  env: dict[str, Any], progress: bool = False, fidelity: dict | None = None) -> ResultRow:
     """Answer every (trial, sample) of `cell` not yet in its sample log, then build its row from the log."""
     s = plan.spec
     task = plan.tasks[cell.task]
@@ -49,7 +49,7 @@ def evaluate_cell(plan: Plan, cell: Cell, quantized: QuantizedModel, *, run_id: 
         cell_id=cid, run_id=run_id, model=plan.model_id, method=cell.method, bits=cell.bits, task=cell.task,
         split=task.resolve_split(s.split), seed=s.seed, n_samples=len(samples), execution=quantized.execution,
         metrics=aggregate_trials(task, entries, trials),
-        measurements=measurements(entries, quantized, rss_mb),
+        measurements=measurements(entries, quantized, rss_mb) | {"fidelity": fidelity},
         search_cost=quantized.search_cost.to_dict(),
         settings={"scope": list(s.scope), "scoring": scoring, "image_control": s.image_control,
                   "trials": trials, "calib_samples": s.calib_samples, "calib_task": plan.calib_source(cell),

@@ -22,7 +22,8 @@ from typing import Protocol
 
 import torch
 
-from qvlm_harness.checkpoint import load_adapter
+from qvlm_harness import fidelity
+from qvlm_harness.checkpoint import StoredQuantization, load_adapter
 from qvlm_harness.config import RunSpec
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.evaluate import evaluate_cell
@@ -52,13 +53,23 @@ def run_group(plan: Plan, job: QuantJob, adapter: LlavaAdapter, *, fingerprint: 
     calibration = calibration_for(method, job.spec, calib_task, s.calib_samples, s.seed,
                                   plan.data_dir(job.calib_task) if job.calib_task else None)
     label = "fp" if job.spec.is_float else job.spec.tag
+    probes = ref = None
+    if not isinstance(method, StoredQuantization):  # a stored checkpoint has no FP model in this run
+        task = plan.tasks[job.cells[0].task]
+        probes = fidelity.probe_requests([task.request(x, scoring="generate") for x in
+                                          plan.samples(job.cells[0].task)[:fidelity.PROBES]])
+        ref = fidelity.reference(adapter, probes)
     log(f"quantizing: {method.name} {label}"
         + (f" (calibration: {len(calibration)} {job.calib_task} train samples)" if calibration else ""))
     quantized = quantize(adapter, method, job.spec, calibration, scope=s.scope, seed=s.seed, execution=s.execution,
                          log=log)
+    fid = fidelity.compare(quantized.adapter, probes, ref) if ref is not None else None
+    if fid is not None:
+        log(f"  fidelity to FP on {fid['prompts']} prompts: KL {fid['kl_mean']:.4f} nats/token, top-1 agreement "
+            f"{fid['top1_agree']:.1f}%")
     for cell in job.cells:
         yield evaluate_cell(plan, cell, quantized, run_id=run_id, fingerprint=fingerprint, env=env,
-                            progress=progress)
+                            progress=progress, fidelity=fid)
 
 
 def run_job(spec: RunSpec, job: QuantJob, *, model_id: str, model_path: str, run_id: str,
