@@ -377,6 +377,7 @@ class Runner:
                       "calib_task": self._calib_source(cell, method), "spec": cell.spec.to_dict(),
                       "options": s.method_options.get(cell.method, {}), "primary_metric": task.primary_metric,
                       "task_options": s.task_options.get(cell.task, {}),
+                      "task_meta": task.metadata().to_dict(),
                       "quantized_modules": len(quantized.quantized_modules), "report": quantized.report,
                       "samples_log": str(log.path.resolve())},
             environment=env, shots=cell.shots, sample_limit=s.limit, scoring=scoring,
