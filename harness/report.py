@@ -106,9 +106,10 @@ def _bits_label(bits: str) -> str:
 
 
 def interval_half_width(metrics: Mapping[str, float], metric: str) -> float | None:
-    """Half the width of a metric's stored confidence interval, None when the row has none."""
+    """Half the width of a metric's stored confidence interval, None when the row has none (or an undefined one,
+    e.g. NaN bounds from a resample without both classes)."""
     lo, hi = metrics.get(f"{metric}_ci_lo"), metrics.get(f"{metric}_ci_hi")
-    if lo is None or hi is None:
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return None
     return (float(hi) - float(lo)) / 2
 

@@ -268,6 +268,8 @@ def rows_with_intervals() -> list[ResultRow]:
             r.metrics |= {"acc_ci_lo": r.metrics["acc"] - 2.0, "acc_ci_hi": r.metrics["acc"] + 5.4}
         if r.task == "vqav2" and r.method == "fp32":
             r.metrics |= {"acc_ci_lo": r.metrics["acc"] - 1.25, "acc_ci_hi": r.metrics["acc"] + 1.25}
+        if r.task == "vizwiz":  # undefined intervals (NaN bounds) show as no interval
+            r.metrics |= {"acc_ci_lo": math.nan, "acc_ci_hi": math.nan}
     return rows
 
 
@@ -309,6 +311,8 @@ def test_intervals_fold_into_markdown_latex_and_html_and_stay_numeric_in_csv(tmp
     datasets = _md_rows(written["datasets"]["md"].read_text())
     cells = dict(zip(datasets[0], datasets[2], strict=True))  # the fp32 row
     assert cells["ScienceQA"] == "72.50 ±3.70" and cells["VQAv2"] == "61.20 ±1.25" and cells["VizWiz"] == "40.00"
+    assert "VizWiz CI ±" not in (tmp_path / "datasets.csv").read_text()
+    assert "CI ±" not in (written["datasets"]["md"].read_text())
 
     page = table_html("sqa", paper_tables(rows)["sqa"])
     assert "<td><strong>72.50</strong> ±3.70</td>" in page and "<td>71.50</td>" in page and "CI ±" not in page
