@@ -17,8 +17,8 @@ from jinja2 import Environment
 
 from qvlm_harness import __version__
 from qvlm_harness.plots import figure_captions
-from qvlm_harness.report import bold_cells, folded_cells, has_intervals
 from qvlm_harness.store import ResultRow
+from qvlm_harness.table_format import bold_cells, folded_cells, has_intervals
 
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>

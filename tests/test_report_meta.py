@@ -21,7 +21,6 @@ from qvlm_harness.plots import figure_captions, report_figures
 from qvlm_harness.regression import CellScores, compare
 from qvlm_harness.report import (
     best_cells,
-    bold_cells,
     main_table,
     multi_dataset_table,
     paper_tables,
@@ -31,6 +30,7 @@ from qvlm_harness.report import (
     write_tables,
 )
 from qvlm_harness.store import ResultRow
+from qvlm_harness.table_format import bold_cells
 from qvlm_harness.task import SHOTS_FIGURE, Request, Response, Sample, Task, TaskMeta, row_task_meta
 from tests.report_rows import synthetic_rows
 
