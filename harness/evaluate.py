@@ -55,6 +55,7 @@ def evaluate_cell(plan: Plan, cell: Cell, quantized: QuantizedModel, *, run_id: 
                   "trials": trials, "calib_samples": s.calib_samples, "calib_task": plan.calib_source(cell),
                   "spec": cell.spec.to_dict(), "options": _jsonable(method.config.changed()),
                   "config": quantized.config, "primary_metric": task.primary_metric,
+                  "task_meta": task.metadata().to_dict(),
                   "task_options": s.task_options.get(cell.task, {}), "batch_size": s.batch_size,
                   "quantized_modules": len(quantized.quantized_modules), "report": quantized.report,
                   "samples_log": str(log.path.resolve())},

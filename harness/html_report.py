@@ -16,8 +16,9 @@ import pandas as pd
 from jinja2 import Environment
 
 from qvlm_harness import __version__
-from qvlm_harness.report import bold_cells
+from qvlm_harness.plots import figure_captions
 from qvlm_harness.store import ResultRow
+from qvlm_harness.table_format import bold_cells, folded_cells, has_intervals
 
 TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -59,24 +60,24 @@ table.env td { font-size: 12px; padding: 2px 8px; vertical-align: top; }
 </body></html>
 """
 
-FIGURE_CAPTIONS = {
-    "accuracy_vs_bits": "Primary metric of each method over bit settings; dashed lines: unquantized baselines.",
-    "accuracy_vs_memory": "Primary metric vs packed weight memory; dotted: Pareto front.",
-    "accuracy_vs_latency": "Primary metric vs prefill latency (real or float execution only); dotted: Pareto front.",
-    "hm_vs_shots": "Hateful Memes ROC AUC and accuracy vs number of in-context examples.",
-}
-TABLE_TITLES = {"datasets": "Results per dataset", "sqa": "ScienceQA by category",
-                "efficiency": "Latency and memory"}
-
 
 def table_html(name: str, df: pd.DataFrame) -> str:
-    """An HTML table with the best cell of each column in bold (same rule as the LaTeX tables)."""
-    bold = bold_cells(name, df)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    """An HTML table with the best cell of each column in bold (same rule as the LaTeX tables); a value with a
+    confidence interval reads "68.00 ±3.70"."""
+    bold = bold_cells(df)
+    intervals = df.attrs.get("intervals", {}) if has_intervals(df) else {}
+    folded = {col: folded_cells(df, col, ".2f", bold=lambda i, text, col=col: f"<strong>{text}</strong>"
+                                if (i, col) in bold else text) for col in intervals}
+    columns = [c for c in df.columns if c not in set(intervals.values())]
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
     body = []
-    for i, row in enumerate(df.itertuples(index=False)):
+    for i in range(len(df)):
         cells = []
-        for col, v in zip(df.columns, row, strict=True):
+        for col in columns:
+            v = df[col].iloc[i]
+            if col in folded:
+                cells.append(f"<td>{folded[col][i]}</td>")
+                continue
             text = ("-" if math.isnan(v) else f"{v:.2f}") if isinstance(v, float) else html.escape(str(v))
             cells.append(f"<td><strong>{text}</strong></td>" if (i, col) in bold else f"<td>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -110,13 +111,14 @@ def render_html(rows: Sequence[ResultRow], tables: Mapping[str, pd.DataFrame], f
     models = ", ".join(dict.fromkeys(r.model for r in rows))
     subtitle = (f"{len(rows)} results; model {models}; methods {', '.join(dict.fromkeys(r.method for r in rows))}; "
                 f"tasks {', '.join(dict.fromkeys(r.task for r in rows))}")
+    captions = figure_captions(rows)
     env = Environment(autoescape=True)
     return env.from_string(TEMPLATE).render(
         title=title, subtitle=subtitle, notes=list(notes), version=__version__,
         generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        figures=[{"name": k, "caption": FIGURE_CAPTIONS.get(k, k), "data": base64.b64encode(v).decode("ascii")}
+        figures=[{"name": k, "caption": captions.get(k, k), "data": base64.b64encode(v).decode("ascii")}
                  for k, v in figures.items()],
-        tables=[{"title": TABLE_TITLES.get(k, k), "html": _markup(table_html(k, df))} for k, df in tables.items()],
+        tables=[{"title": df.attrs.get("title") or k, "html": _markup(table_html(k, df))} for k, df in tables.items()],
         environment=reproducibility(rows),
     )
 

@@ -39,7 +39,6 @@ from qvlm_harness.task import Task, aggregate_trials
 
 BASELINE_FORMAT = "qvlm-harness-baseline"
 BASELINE_VERSION = 1
-LOWER_IS_BETTER = frozenset({"parse_fail"})
 FP_PREFERENCE = ("fp32", "bf16", "fp16")  # which unquantized cell recovery is measured against
 DEFAULT_RECOVERY = 0.95
 
@@ -198,6 +197,7 @@ class MetricCheck:
     baseline_recovery: float | None = None
     recovery_margin: ConfidenceInterval | None = None  # current - threshold x FP (paired): high < 0 = significant
     gated: bool = True
+    lower_is_better: bool = False  # the task declares a drop an improvement (e.g. a parse-failure rate)
     status: str = "ok"  # ok | improved | regressed | below-recovery | near-recovery | known-below-recovery | ...
     reasons: list[str] = field(default_factory=list)
 
@@ -309,6 +309,7 @@ def compare(current: Sequence[CellScores], baseline: Sequence[CellScores], *, ga
         task = tasks[c.task]
         b = base.get(key)
         gated = _gated_metrics(task, c, gate)
+        lower_is_better = set(task.metadata().lower_is_better)
         paired = None
         if b is not None:
             paired = _PairedStatistic(task, b, c)
@@ -321,13 +322,14 @@ def compare(current: Sequence[CellScores], baseline: Sequence[CellScores], *, ga
         threshold = recovery_for.get(c.bits, recovery)
         for metric in sorted(comparable_metrics(c.metrics), key=lambda m: m not in gated):
             check = MetricCheck(cell=c.label, key=key, metric=metric, baseline=None, current=c.metrics[metric],
-                                delta=None, n_paired=0, gated=metric in gated)
+                                delta=None, n_paired=0, gated=metric in gated,
+                                lower_is_better=metric in lower_is_better)
             if paired is not None and paired.ids and metric in b.metrics:
                 check.baseline = b.metrics[metric]
                 check.n_paired = len(paired.ids)
                 check.delta = paired.interval(metric, n_resamples=n_resamples, seed=seed, ci=ci)
             fp_ref = fp_cur or fp_base
-            if not c.is_float and metric not in LOWER_IS_BETTER and fp_ref is not None:
+            if not c.is_float and not check.lower_is_better and fp_ref is not None:
                 check.recovery = _ratio(c.metrics[metric], fp_ref.metrics.get(metric))
                 check.recovery_threshold = threshold
                 if b is not None and fp_base is not None:
@@ -365,7 +367,7 @@ def _note_mismatches(comp: Comparison, b: CellScores, c: CellScores, n_paired: i
 
 
 def _judge(check: MetricCheck, min_drop: float) -> None:
-    lower_better = check.metric in LOWER_IS_BETTER
+    lower_better = check.lower_is_better
     statuses = []
     d = check.delta
     if d is None:
@@ -450,5 +452,6 @@ def comparison_to_dict(comp: Comparison) -> dict[str, Any]:
          "metric": c.metric, "baseline": c.baseline, "current": c.current,
          "delta": None if c.delta is None else c.delta._asdict(), "n_paired": c.n_paired, "recovery": c.recovery,
          "recovery_threshold": c.recovery_threshold, "baseline_recovery": c.baseline_recovery, "gated": c.gated,
+         "lower_is_better": c.lower_is_better,
          "recovery_margin": None if c.recovery_margin is None else c.recovery_margin._asdict(),
          "status": c.status, "failed": c.failed, "reasons": c.reasons} for c in comp.checks]}

@@ -3,34 +3,91 @@
 Two kinds of table:
 - the main table: method x bits, each task's primary metric, latency and memory, and the execution label
   ("float", "simulated", "real") so fake quantization is never mistaken for a measured deployment;
-- one table per task with every sub-metric (ScienceQA: NAT SOC LAN TXT IMG NO G1-6 G7-12 Avg).
+- one table per task with every sub-metric, in the order and under the labels the task declares.
+
+This module knows no task: labels, metric order, primary metrics, which end of a column is best, the Shots column
+and captions all come from the `TaskMeta` stored with each row (`qvlm_harness.task.row_task_meta`), so a
+third-party task renders as well as a built-in one.
+
+A table is a DataFrame of values; its `attrs` carry what the renderers need beyond them:
+- "ranking": {column: "max" | "min"}, the columns whose best value is set in bold;
+- "measured_only": columns whose best is chosen among rows not "simulated" (their timings are the float model's);
+- "intervals": {value column: half-width column} for metrics stored with a confidence interval
+  (`<metric>_ci_lo` / `<metric>_ci_hi`): CSV keeps both numeric columns, Markdown, LaTeX and HTML fold the
+  half-width into the value's cell ("68.00 ±3.70"), which keeps wide breakdown tables readable;
+- "title", "caption": for the HTML heading and the LaTeX caption.
+Rendering them is `qvlm_harness.table_format`'s job (`to_markdown`, `to_latex`, `best_cells` are re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from qvlm_harness.config import QuantSpec
 from qvlm_harness.store import ResultRow
+from qvlm_harness.table_format import best_cells, table_notes, table_to_latex, to_latex, to_markdown  # noqa: F401
+from qvlm_harness.task import TaskMeta, row_task_meta
 
-TASK_LABELS = {"sqa": "ScienceQA", "vqav2": "VQAv2", "vizwiz": "VizWiz", "hm": "HM"}
-METRIC_LABELS = {"parse_fail": "Parse fail %", "auroc": "AUROC", "unans_precision": "Unans P",
-                 "unans_recall": "Unans R"}
-# Sub-metric order per task (paper order for ScienceQA).
-TASK_COLUMNS = {
-    "sqa": ["NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "acc", "parse_fail"],
-    "vqav2": ["acc", "yes/no", "number", "other"],
-    "vizwiz": ["acc", "yes/no", "number", "other", "unanswerable", "unans_precision", "unans_recall"],
-    "hm": ["auroc", "acc"],
-}
 SIMULATED_NOTE = ("simulated = fake quantization in floating point: accuracy is real, latency and memory are those "
                   "of the float model (packed MB is what a packed format would take).")
+EFFICIENCY_COLUMNS = ("Prefill ms", "Decode tok/s", "Weights MB", "Packed MB", "Peak RSS MB", "Search s")
+MEASURED_ON_REAL_KERNELS = ("Prefill ms", "Decode tok/s", "Weights MB", "Peak RSS MB")
+EFFICIENCY_RANKING = {"Prefill ms": "min", "Decode tok/s": "max", "Weights MB": "min", "Packed MB": "min",
+                      "Peak RSS MB": "min"}
+EFFICIENCY_CAPTION = ("Latency (prefill ms per sample, decode tokens/s), weight memory (MB as stored and packed), "
+                      "peak RSS and quantization search time.")
 
 
+# -- task metadata of a set of rows ----------------------------------------------------------------------------------
+def task_order(rows: Sequence[ResultRow]) -> list[str]:
+    """Tasks in the order they first appear in the rows (the run's task order for a run's rows)."""
+    return list(dict.fromkeys(r.task for r in rows))
+
+
+def task_meta(rows: Sequence[ResultRow], task: str) -> TaskMeta:
+    """One task's metadata: the first of its rows that stored one; for rows stored before tasks declared it, the
+    fallback over all its rows (every metric any of them recorded)."""
+    own = [r for r in rows if r.task == task]
+    stored = next((r for r in own if r.settings.get("task_meta")), None)
+    if stored is not None:
+        return row_task_meta(stored)
+    if not own:
+        return TaskMeta(label=task, metrics=(), primary="")
+    fallbacks = [row_task_meta(r) for r in own]
+    metrics = tuple(dict.fromkeys(m for f in fallbacks for m in f.metrics))
+    recorded = next((f.primary for r, f in zip(own, fallbacks, strict=True) if r.settings.get("primary_metric")),
+                    fallbacks[0].primary)
+    return TaskMeta(label=task, metrics=metrics, primary=recorded)
+
+
+def task_metas(rows: Sequence[ResultRow]) -> dict[str, TaskMeta]:
+    """{task: metadata}, in task order."""
+    return {task: task_meta(rows, task) for task in task_order(rows)}
+
+
+def task_labels(metas: Mapping[str, TaskMeta]) -> dict[str, str]:
+    """{task: column label}; two tasks declaring the same label are told apart by their names."""
+    counts: dict[str, int] = {}
+    for meta in metas.values():
+        counts[meta.label] = counts.get(meta.label, 0) + 1
+    return {task: meta.label if counts[meta.label] == 1 else f"{meta.label} ({task})" for task, meta in metas.items()}
+
+
+def task_shots_order(rows: Sequence[ResultRow]) -> list[tuple[str, int]]:
+    """The (task, shots) cells of the rows: tasks in first-appearance order, shots ascending."""
+    order = {task: i for i, task in enumerate(task_order(rows))}
+    return sorted({(r.task, r.shots) for r in rows}, key=lambda k: (order[k[0]], k[1]))
+
+
+def _shots_label(label: str, shots: int) -> str:
+    return f"{label}{f' {shots}-shot' if shots else ''}"
+
+
+# -- building tables -------------------------------------------------------------------------------------------------
 def _method_sort_key(row: ResultRow) -> tuple:
     """FP baselines first, then higher precision before lower, methods in a stable order."""
     order = {"fp32": 0, "bf16": 1, "fp16": 2}
@@ -40,33 +97,79 @@ def _method_sort_key(row: ResultRow) -> tuple:
     return (1, -spec.w_bits, -spec.a_bits, 10, row.method, row.shots)
 
 
-def _metric_label(task: str, key: str) -> str:
-    if key == "acc":
-        return "Avg" if task == "sqa" else "Acc"
-    return METRIC_LABELS.get(key, key)
-
-
 def _method_label(row: ResultRow) -> str:
     control = row.settings.get("image_control")
     return f"{row.method} [{control} images]" if control else row.method
 
 
-def _shot_label(row: ResultRow) -> str:
-    return f"{TASK_LABELS.get(row.task, row.task)}{f' {row.shots}-shot' if row.shots else ''}"
+def _bits_label(bits: str) -> str:
+    return "FP" if bits == "fp" else bits.upper()
+
+
+def interval_half_width(metrics: Mapping[str, float], metric: str) -> float | None:
+    """Half the width of a metric's stored confidence interval, None when the row has none (or an undefined one,
+    e.g. NaN bounds from a resample without both classes)."""
+    lo, hi = metrics.get(f"{metric}_ci_lo"), metrics.get(f"{metric}_ci_hi")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return (float(hi) - float(lo)) / 2
+
+
+def _put_value(rec: dict, column: str, metrics: Mapping[str, float], metric: str, intervals: dict[str, str]) -> None:
+    """A metric's value into `column`, and its interval's half-width into a column of its own when it has one."""
+    rec[column] = metrics.get(metric, math.nan)
+    half = interval_half_width(metrics, metric)
+    if half is not None:
+        intervals[column] = f"{column} CI ±"
+        rec[intervals[column]] = half
+
+
+def _frame(records: list[dict], *, ranking: Mapping[str, str], intervals: Mapping[str, str],
+           measured_only: Sequence[str] = (), title: str = "", caption: str = "") -> pd.DataFrame:
+    """The table with each half-width column right after its value column, and the renderers' attrs."""
+    df = pd.DataFrame.from_records(records)
+    if intervals:
+        halves = set(intervals.values())
+        order = []
+        for col in (c for c in df.columns if c not in halves):
+            order.append(col)
+            if col in intervals and intervals[col] in df.columns:
+                order.append(intervals[col])
+        df = df[order]
+    return _annotate(df, ranking=ranking, intervals=intervals, measured_only=measured_only, title=title,
+                     caption=caption)
+
+
+def _annotate(df: pd.DataFrame, *, ranking: Mapping[str, str], intervals: Mapping[str, str],
+              measured_only: Sequence[str] = (), title: str = "", caption: str = "") -> pd.DataFrame:
+    """Set the attrs the renderers read (see the module docstring), keeping only columns the table has."""
+    df.attrs.update(ranking={c: v for c, v in ranking.items() if c in df.columns},
+                    intervals={c: h for c, h in intervals.items() if c in df.columns and h in df.columns},
+                    measured_only=[c for c in measured_only if c in df.columns], title=title, caption=caption)
+    return df
 
 
 def main_table(rows: Sequence[ResultRow], primary: dict[str, str] | None = None) -> pd.DataFrame:
-    """Method x bits with each task's primary metric, latency and memory."""
+    """Method x bits with each task's primary metric (or `primary[task]`), latency and memory. A column holds one
+    metric: the task's (see `task_meta`), also when its rows disagree."""
     primary = primary or {}
+    metas = task_metas(rows)
+    labels = task_labels(metas)
     groups: dict[tuple[str, str], list[ResultRow]] = {}
     for r in sorted(rows, key=_method_sort_key):
         groups.setdefault((_method_label(r), r.bits), []).append(r)
-    records = []
+    columns = {cell: _shots_label(labels[cell[0]], cell[1]) for cell in task_shots_order(rows)}
+    records, ranking, intervals = [], {}, {}
     for (method, bits), rs in groups.items():
-        rec = {"Method": method, "Bits": "FP" if bits == "fp" else bits.upper(), "Exec": rs[0].execution}
+        rec = {"Method": method, "Bits": _bits_label(bits), "Exec": rs[0].execution}
+        rec |= {column: math.nan for column in columns.values()}  # task columns in task order
         for r in rs:
-            metric = primary.get(r.task) or primary_metric(r.task, r)
-            rec[_shot_label(r)] = r.metrics.get(metric, math.nan)
+            meta = metas[r.task]
+            metric = primary.get(r.task) or meta.primary
+            column = columns[(r.task, r.shots)]
+            _put_value(rec, column, r.metrics, metric, intervals)
+            if meta.is_ranked(metric):
+                ranking[column] = meta.best(metric)
         prefill = [r.measurements.get("prefill_ms_per_sample") for r in rs]
         prefill = [p for p in prefill if p is not None]
         decode = [r.measurements.get("decode_tokens_per_s") for r in rs]
@@ -78,119 +181,29 @@ def main_table(rows: Sequence[ResultRow], primary: dict[str, str] | None = None)
         rec["Peak RSS MB"] = max(r.measurements.get("peak_rss_mb", 0.0) for r in rs)
         rec["Search s"] = rs[0].search_cost.get("seconds", 0.0)
         records.append(rec)
-    return pd.DataFrame.from_records(records)
+    return _frame(records, ranking=ranking | EFFICIENCY_RANKING, intervals=intervals,
+                  measured_only=MEASURED_ON_REAL_KERNELS, title="Results")
 
 
 def task_table(rows: Sequence[ResultRow], task: str) -> pd.DataFrame:
-    """Every sub-metric of one task, method x bits (x shots)."""
-    cols = TASK_COLUMNS.get(task)
-    records = []
-    for r in sorted((r for r in rows if r.task == task), key=_method_sort_key):
-        rec = {"Method": _method_label(r), "Bits": "FP" if r.bits == "fp" else r.bits.upper(), "Exec": r.execution}
-        if r.shots or task == "hm":
+    """Every sub-metric of one task, method x bits (x shots), in the task's declared order and labels."""
+    own = sorted((r for r in rows if r.task == task), key=_method_sort_key)
+    meta = task_meta(own, task)
+    records, intervals = [], {}
+    for r in own:
+        rec = {"Method": _method_label(r), "Bits": _bits_label(r.bits), "Exec": r.execution}
+        if r.shots or meta.varies_by_shots:
             rec["Shots"] = r.shots
-        keys = cols or [k for k in r.metrics if not k.startswith("n_")]
-        for k in keys:
-            rec[_metric_label(task, k)] = r.metrics.get(k, math.nan)
+        for k in meta.metrics:
+            label = meta.metric_label(k)
+            _put_value(rec, label, r.metrics, k, intervals)
             if f"{k}_std" in r.metrics:
-                rec[f"{_metric_label(task, k)} ±"] = r.metrics[f"{k}_std"]
+                rec[f"{label} ±"] = r.metrics[f"{k}_std"]
         rec["N"] = r.n_samples
         records.append(rec)
-    return pd.DataFrame.from_records(records)
-
-
-def to_markdown(df: pd.DataFrame, floatfmt: str = ".2f") -> str:
-    return df.to_markdown(index=False, floatfmt=floatfmt, missingval="-")
-
-
-def best_cells(df: pd.DataFrame, higher: Sequence[str] = (), lower: Sequence[str] = (),
-               eligible: pd.Series | None = None) -> set[tuple[int, str]]:
-    """(row position, column) of the best value per column: max for `higher`, min for `lower`, among the
-    `eligible` rows (e.g. latency only among rows measured on real kernels); ties are all best."""
-    out: set[tuple[int, str]] = set()
-    mask = pd.Series(True, index=df.index) if eligible is None else eligible.reindex(df.index).fillna(False)
-    for cols, pick in ((higher, "max"), (lower, "min")):
-        for col in cols:
-            if col not in df.columns or not pd.api.types.is_numeric_dtype(df[col]):
-                continue
-            values = df[col][mask.astype(bool)].dropna()
-            if values.empty:
-                continue
-            best = getattr(values, pick)()
-            out |= {(df.index.get_loc(i), col) for i in values.index[values == best]}
-    return out
-
-
-def to_latex(df: pd.DataFrame, caption: str = "", bold_best: Sequence[str] = (), bold_min: Sequence[str] = (),
-             eligible: pd.Series | None = None, bold: set[tuple[int, str]] | None = None) -> str:
-    """booktabs LaTeX; the best value of each column is set in bold: the largest in `bold_best`, the smallest in
-    `bold_min` (among `eligible` rows when given), or exactly the cells in `bold`."""
-    body = df.copy()
-    bold = best_cells(df, bold_best, bold_min, eligible) if bold is None else bold
-    for col in body.columns:
-        if pd.api.types.is_float_dtype(body[col]):
-            body[col] = [("-" if (v is None or (isinstance(v, float) and math.isnan(v))) else
-                          (f"\\textbf{{{v:.2f}}}" if (i, col) in bold else f"{v:.2f}"))
-                         for i, v in enumerate(body[col])]
-        else:
-            body[col] = [_latex_escape(str(v)) for v in body[col]]
-    header = " & ".join(_latex_escape(str(c)) for c in body.columns) + r" \\"
-    lines = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{'l' * 3 + 'r' * (len(body.columns) - 3)}}}",
-             r"\toprule", header, r"\midrule"]
-    lines += [" & ".join(map(str, row)) + r" \\" for row in body.itertuples(index=False)]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    if caption:
-        lines.append(rf"\caption{{{_latex_escape(caption)}}}")
-    lines.append(r"\end{table}")
-    return "\n".join(lines) + "\n"
-
-
-def _latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
-                 ("±", r"$\pm$")):
-        text = text.replace(a, b)
-    return text
-
-
-def write_tables(rows: Sequence[ResultRow], folder: Path, *, caveat: str | None = None) -> dict[str, Path]:
-    """Write main and per-task tables as CSV, LaTeX and Markdown; returns {name: markdown path}."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = {}
-    tables = {"main": main_table(rows)}
-    for task in dict.fromkeys(r.task for r in rows):
-        tables[task] = task_table(rows, task)
-    notes = SIMULATED_NOTE + (f" {caveat}" if caveat else "")
-    for name, df in tables.items():
-        metric_cols = [c for c in df.columns if c not in ("Method", "Bits", "Exec", "Shots", "N", "Prefill ms",
-                                                          "Weights MB", "Packed MB", "Peak RSS MB", "Search s",
-                                                          "Parse fail %") and not c.endswith("±")]
-        df.to_csv(folder / f"{name}.csv", index=False)
-        (folder / f"{name}.tex").write_text(to_latex(df, caption=notes, bold_best=metric_cols))
-        (folder / f"{name}.md").write_text(to_markdown(df) + f"\n\n{notes}\n")
-        written[name] = folder / f"{name}.md"
-    return written
-
-
-# -- the paper's tables ----------------------------------------------------------------------------------------------
-TASK_ORDER = ("sqa", "vqav2", "vizwiz", "hm")
-EFFICIENCY_COLUMNS = ("Prefill ms", "Decode tok/s", "Weights MB", "Packed MB", "Peak RSS MB", "Search s")
-MEASURED_ON_REAL_KERNELS = ("Prefill ms", "Decode tok/s", "Weights MB", "Peak RSS MB")
-
-
-def primary_metric(task: str, row: ResultRow | None = None) -> str:
-    """The metric a table shows for a task: the one a row recorded (lm-eval tasks name theirs, e.g. `acc,none`),
-    else the native default."""
-    if row is not None and row.settings.get("primary_metric"):
-        return str(row.settings["primary_metric"])
-    return "auroc" if task == "hm" else "acc"
-
-
-def _bits_label(bits: str) -> str:
-    return "FP" if bits == "fp" else bits.upper()
-
-
-def _task_sort_key(task: str, shots: int) -> tuple:
-    return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task, shots)
+    ranking = {meta.metric_label(k): meta.best(k) for k in meta.metrics if meta.is_ranked(k)}
+    return _frame(records, ranking=ranking, intervals=intervals, title=meta.display_table_title,
+                  caption=meta.caption)
 
 
 def dedupe(rows: Sequence[ResultRow]) -> list[ResultRow]:
@@ -201,66 +214,79 @@ def dedupe(rows: Sequence[ResultRow]) -> list[ResultRow]:
     return list(newest.values())
 
 
+def and_join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def datasets_caption(metas: Mapping[str, TaskMeta]) -> str:
+    """"Primary metric per dataset: accuracy (%) for A and B, ROC AUC (%) for C.", from the tasks' metadata."""
+    groups: dict[str, list[str]] = {}
+    for meta in metas.values():
+        titles = groups.setdefault(meta.axis_label(meta.primary), [])
+        if meta.display_title not in titles:
+            titles.append(meta.display_title)
+    if not groups:
+        return "Primary metric per dataset."
+    return f"Primary metric per dataset: {', '.join(f'{what} for {and_join(t)}' for what, t in groups.items())}."
+
+
 def multi_dataset_table(rows: Sequence[ResultRow]) -> pd.DataFrame:
     """The multi-dataset table: method x bits, one column per task (and shot count) with its primary metric."""
-    columns = sorted({(r.task, r.shots) for r in rows}, key=lambda k: _task_sort_key(*k))
+    metas = task_metas(rows)
+    labels = task_labels(metas)
+    columns = task_shots_order(rows)
     groups: dict[tuple[str, str], list[ResultRow]] = {}
     for r in sorted(rows, key=_method_sort_key):
         groups.setdefault((r.method, r.bits), []).append(r)
-    records = []
+    records, intervals = [], {}
     for (method, bits), rs in groups.items():
         rec: dict = {"Method": method, "Bits": _bits_label(bits), "Exec": rs[0].execution}
         by_col = {(r.task, r.shots): r for r in rs}
         for task, shots in columns:
             r = by_col.get((task, shots))
-            label = f"{TASK_LABELS.get(task, task)}{f' {shots}-shot' if shots else ''}"
-            rec[label] = r.metrics.get(primary_metric(task, r), math.nan) if r else math.nan
+            label = _shots_label(labels[task], shots)
+            if r is None:
+                rec[label] = math.nan
+            else:
+                _put_value(rec, label, r.metrics, metas[task].primary, intervals)
         records.append(rec)
-    return pd.DataFrame.from_records(records)
+    ranking = {_shots_label(labels[t], s): metas[t].best(metas[t].primary) for t, s in columns
+               if metas[t].is_ranked(metas[t].primary)}
+    return _frame(records, ranking=ranking, intervals=intervals, title="Results per dataset",
+                  caption=datasets_caption(metas))
 
 
 def efficiency_table(rows: Sequence[ResultRow]) -> pd.DataFrame:
     """Latency and memory per method x bits (averaged over the cells of that setting), with the execution label:
     for "simulated" rows the timings and stored bytes are those of the float model."""
-    table = main_table(rows)
     keep = ["Method", "Bits", "Exec", *EFFICIENCY_COLUMNS]
-    return table[[c for c in keep if c in table.columns]]
+    table = main_table(rows)
+    return _annotate(table[[c for c in keep if c in table.columns]].copy(), ranking=EFFICIENCY_RANKING,
+                     intervals={}, measured_only=MEASURED_ON_REAL_KERNELS, title="Latency and memory",
+                     caption=EFFICIENCY_CAPTION)
 
 
 def paper_tables(rows: Sequence[ResultRow]) -> dict[str, pd.DataFrame]:
-    """name -> table: "sqa" (ScienceQA categories, when present), "datasets", "efficiency"."""
-    out = {}
-    if any(r.task == "sqa" for r in rows):
-        out["sqa"] = task_table(rows, "sqa")
+    """name -> table: the breakdown of each task that declares it one of the paper's tables (named after the task),
+    then "datasets" and "efficiency"."""
+    out = {task: task_table(rows, task) for task, meta in task_metas(rows).items() if meta.paper_table}
     out["datasets"] = multi_dataset_table(rows)
     out["efficiency"] = efficiency_table(rows)
     return out
 
 
-def bold_cells(name: str, df: pd.DataFrame) -> set[tuple[int, str]]:
-    """The best cell of each column of a paper table. Accuracy columns: the largest. Efficiency: the fastest and
-    smallest, where timings and stored bytes count only for rows not "simulated" (those carry the float model's
-    figures), while the packed size counts for every row."""
-    if name == "efficiency":
-        real = df["Exec"] != "simulated"
-        return (best_cells(df, ["Decode tok/s"], ["Prefill ms", "Weights MB", "Peak RSS MB"], real)
-                | best_cells(df, lower=["Packed MB"]))
-    skip = {"Method", "Bits", "Exec", "Shots", "N", "Parse fail %"}
-    return best_cells(df, [c for c in df.columns if c not in skip and not c.endswith("±")])
-
-
-def table_to_latex(name: str, df: pd.DataFrame, caption: str = "") -> str:
-    return to_latex(df, caption=caption, bold=bold_cells(name, df))
-
-
-PAPER_CAPTIONS = {
-    "sqa": "ScienceQA accuracy (%) by category: natural science, social science, language science, text context, "
-           "image context, no context, grades 1-6 and 7-12, and the average.",
-    "datasets": "Primary metric per dataset: accuracy (%) for ScienceQA, VQAv2 and VizWiz, ROC AUC (%) for "
-                "Hateful Memes.",
-    "efficiency": "Latency (prefill ms per sample, decode tokens/s), weight memory (MB as stored and packed), peak "
-                  "RSS and quantization search time.",
-}
+def write_tables(rows: Sequence[ResultRow], folder: Path, *, caveat: str | None = None) -> dict[str, Path]:
+    """Write main and per-task tables as CSV, LaTeX and Markdown; returns {name: markdown path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    tables = {"main": main_table(rows)} | {task: task_table(rows, task) for task in task_order(rows)}
+    notes = SIMULATED_NOTE + (f" {caveat}" if caveat else "")
+    for name, df in tables.items():
+        df.to_csv(folder / f"{name}.csv", index=False)
+        (folder / f"{name}.tex").write_text(table_to_latex(df, notes))
+        (folder / f"{name}.md").write_text(to_markdown(df) + f"\n\n{table_notes(df, notes)}\n")
+        written[name] = folder / f"{name}.md"
+    return written
 
 
 def write_paper_tables(rows: Sequence[ResultRow], folder: Path, *, formats: Sequence[str] = ("csv", "tex", "md"),
@@ -275,9 +301,9 @@ def write_paper_tables(rows: Sequence[ResultRow], folder: Path, *, formats: Sequ
             df.to_csv(paths.setdefault("csv", folder / f"{name}.csv"), index=False)
         if "tex" in formats:
             paths["tex"] = folder / f"{name}.tex"
-            paths["tex"].write_text(table_to_latex(name, df, caption=f"{PAPER_CAPTIONS[name]} {notes}"))
+            paths["tex"].write_text(table_to_latex(df, notes))
         if "md" in formats:
             paths["md"] = folder / f"{name}.md"
-            paths["md"].write_text(to_markdown(df) + f"\n\n{notes}\n")
+            paths["md"].write_text(to_markdown(df) + f"\n\n{table_notes(df, notes)}\n")
         written[name] = paths
     return written

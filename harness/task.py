@@ -10,12 +10,15 @@ from __future__ import annotations
 import random
 import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from qvlm_harness.store import ResultRow
 
 ImageRef = str | Path | bytes | Image.Image
 
@@ -54,6 +57,94 @@ class Response:
     new_tokens: int | None = None
 
 
+SHOTS_FIGURE = "metric_vs_shots"  # a figure a task can ask for: its ranked metrics against the number of shots
+
+
+@dataclass(frozen=True)
+class TaskMeta:
+    """How reports show a task's results. The task declares it and the runner stores it with every result row, so
+    the report code knows no task: it renders rows of tasks it cannot import (third-party plugins, lm-eval YAML
+    tasks), and each row keeps the labels it was computed under.
+
+    Metric keys are the keys of the task's `aggregate`; everything else here is presentation.
+    """
+
+    label: str  # short name: table column headers, plot panels ("HM")
+    metrics: tuple[str, ...]  # the breakdown table's columns, in display order
+    primary: str  # the metric the main and per-dataset tables show
+    title: str = ""  # prose name for captions and figure titles ("Hateful Memes"); default: the label
+    metric_labels: Mapping[str, str] = field(default_factory=dict)  # column header per metric; default: the key
+    metric_names: Mapping[str, str] = field(default_factory=dict)  # prose per metric ("ROC AUC"); default: header
+    unit: str = ""  # "%" when the metrics are percentages; "" for fractions or unitless scores
+    lower_is_better: tuple[str, ...] = ()  # bolded at their minimum; a drop is an improvement in regressions
+    unranked: tuple[str, ...] = ()  # shown but never bolded as best (diagnostics such as a parse-failure rate)
+    varies_by_shots: bool = False  # tables always show a Shots column (also for 0-shot rows)
+    caption: str = ""  # caption of the breakdown table
+    table_title: str = ""  # heading of the breakdown table in the HTML report; default: the title
+    paper_table: bool = False  # the breakdown is one of the paper's tables (`harness report` writes it)
+    figures: tuple[str, ...] = ()  # extra figures the task wants, e.g. SHOTS_FIGURE
+
+    def __post_init__(self) -> None:
+        for name in ("metrics", "lower_is_better", "unranked", "figures"):  # lists from JSON, tuples in code
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("metric_labels", "metric_names"):
+            object.__setattr__(self, name, dict(getattr(self, name)))
+
+    @property
+    def display_title(self) -> str:
+        return self.title or self.label
+
+    @property
+    def display_table_title(self) -> str:
+        return self.table_title or self.display_title
+
+    def metric_label(self, metric: str) -> str:
+        """The column header of a metric ("acc" -> "Avg" for ScienceQA)."""
+        return self.metric_labels.get(metric, metric)
+
+    def metric_name(self, metric: str) -> str:
+        """The metric in prose ("auroc" -> "ROC AUC")."""
+        return self.metric_names.get(metric, self.metric_label(metric))
+
+    def axis_label(self, metric: str) -> str:
+        """The metric with its unit, for captions and axes: "accuracy (%)"."""
+        return f"{self.metric_name(metric)} ({self.unit})" if self.unit else self.metric_name(metric)
+
+    def is_ranked(self, metric: str) -> bool:
+        return metric not in self.unranked
+
+    def best(self, metric: str) -> str:
+        """"min" or "max": which end of a column is the best value."""
+        return "min" if metric in self.lower_is_better else "max"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (lists, dicts), as stored in a row's settings."""
+        out = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskMeta:
+        """The inverse of `to_dict`; keys this version does not know (written by a newer one) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _is_derived_metric(key: str) -> bool:
+    """Keys stored next to the metrics that are not metrics themselves: counts, spreads, interval bounds."""
+    return (key in ("n", "trials") or key.startswith("n_") or key.endswith(("_std", "_ci_lo", "_ci_hi")))
+
+
+def row_task_meta(row: ResultRow) -> TaskMeta:
+    """The report metadata a row was stored with; for rows stored before tasks declared it, a plain fallback: the
+    task name as label, the row's metric keys in stored order, the recorded primary metric (else the first)."""
+    stored = row.settings.get("task_meta")
+    if stored:
+        return TaskMeta.from_dict(stored)
+    metrics = tuple(k for k in row.metrics if not _is_derived_metric(k))
+    primary = str(row.settings.get("primary_metric") or (metrics[0] if metrics else ""))
+    return TaskMeta(label=row.task, metrics=metrics, primary=primary)
+
+
 class Task(ABC):
     """A benchmark: loads official files (or the embedded sample set), builds prompts, scores, aggregates."""
 
@@ -66,6 +157,15 @@ class Task(ABC):
     data_layout: str = ""  # shown by `harness ls tasks` and in missing-file errors
     supports_shots: bool = False
     scoring_modes: tuple[str, ...] = ("generate",)
+    report_meta: ClassVar[TaskMeta | None] = None  # a task's declaration of how reports show it
+
+    def metadata(self) -> TaskMeta:
+        """How reports show this task: its declaration, or one derived from `name`, `metrics`, `primary_metric` and
+        `supports_shots`, so a task that declares nothing still renders."""
+        if self.report_meta is not None:
+            return self.report_meta
+        return TaskMeta(label=self.name, metrics=tuple(self.metrics), primary=self.primary_metric,
+                        varies_by_shots=self.supports_shots, figures=(SHOTS_FIGURE,) if self.supports_shots else ())
 
     @abstractmethod
     def load(self, split: str, data_dir: Path | None = None) -> list[Sample]:

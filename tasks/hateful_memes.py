@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qvlm_harness.metrics.classification import binary_accuracy, roc_auc
-from qvlm_harness.task import Request, Response, Sample, Task
+from qvlm_harness.task import SHOTS_FIGURE, Request, Response, Sample, Task, TaskMeta
 from qvlm_harness.tasks._common import data_folder, read_jsonl
 
 LAYOUT = "train.jsonl / dev_seen.jsonl / test_seen.jsonl (lines {id, img, label, text}) + img/"
@@ -40,6 +40,13 @@ class HatefulMemes(Task):
     data_layout = LAYOUT
     supports_shots = True
     scoring_modes = ("loglik",)
+    report_meta = TaskMeta(
+        label="HM", title="Hateful Memes", metrics=("auroc", "acc"), primary="auroc",
+        metric_labels={"auroc": "AUROC", "acc": "Acc"}, metric_names={"auroc": "ROC AUC", "acc": "accuracy"},
+        unit="%", varies_by_shots=True, figures=(SHOTS_FIGURE,),
+        caption="Hateful Memes ROC AUC and accuracy (%) by number of in-context examples (mean over seeded trials, "
+                "± their standard deviation).",
+        table_title="Hateful Memes by shots")
 
     def load(self, split: str, data_dir: Path | None = None) -> list[Sample]:
         split = self.resolve_split(split)

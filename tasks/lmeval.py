@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qvlm_harness.errors import DataError, HarnessError, UnknownNameError
-from qvlm_harness.task import Request, Response, Sample, Task
+from qvlm_harness.task import Request, Response, Sample, Task, TaskMeta
 
 LAYOUT = "the dataset named in the lm-eval task's YAML (dataset_path/custom_dataset); --data-dir is not used"
 _MANAGERS: dict[tuple[tuple[str, ...], bool], Any] = {}
@@ -111,6 +111,23 @@ class LMEvalTask(Task):
     @property
     def primary_metric(self) -> str:  # type: ignore[override]
         return self.metrics[0]
+
+    def metadata(self) -> TaskMeta:
+        """Labelled with the harness name (`lmeval:<task>`); each `metric,filter` followed by its standard error,
+        the order `aggregate` stores them in. lm-eval's scale (fractions) and its own `higher_is_better`."""
+        higher = self.lm_task.higher_is_better() or {}
+        columns, stderrs, lower = [], [], []
+        for key in self.metrics:
+            metric, _, filt = key.partition(",")
+            stderr = f"{metric}_stderr,{filt}"
+            columns += [key, stderr]
+            stderrs.append(stderr)
+            if higher.get(metric) is False:
+                lower.append(key)
+        return TaskMeta(label=self.name, metrics=tuple(columns), primary=self.primary_metric,
+                        lower_is_better=tuple(lower), unranked=tuple(stderrs),
+                        caption=f"lm-eval task {self.lm_task_name}: lm-eval's metrics (metric,filter) and scale "
+                                "(fractions), with their standard errors.")
 
     @property
     def eval_split(self) -> str:  # type: ignore[override]

@@ -20,7 +20,7 @@ from typing import Any
 
 from qvlm_harness.errors import DataError
 from qvlm_harness.metrics.sqa import aggregate_sqa, parse_answer, sqa_categories
-from qvlm_harness.task import Request, Response, Sample, Task
+from qvlm_harness.task import Request, Response, Sample, Task, TaskMeta
 from qvlm_harness.tasks._common import data_folder, read_json
 
 LAYOUT = ("problems.json + pid_splits.json + images/{split}/{pid}/image.png (official ScienceQA), "
@@ -46,6 +46,14 @@ class ScienceQA(Task):
     metrics = ("acc", "NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "parse_fail")
     data_layout = LAYOUT
     scoring_modes = ("generate", "loglik")
+    report_meta = TaskMeta(
+        label="ScienceQA", metrics=("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "acc", "parse_fail"),
+        primary="acc", metric_labels={"acc": "Avg", "parse_fail": "Parse fail %"},
+        metric_names={"acc": "accuracy", "parse_fail": "parse-failure rate"}, unit="%",
+        lower_is_better=("parse_fail",), unranked=("parse_fail",),  # a diagnostic: fewer is better, never "best"
+        caption="ScienceQA accuracy (%) by category: natural science, social science, language science, text "
+                "context, image context, no context, grades 1-6 and 7-12, and the average.",
+        table_title="ScienceQA by category", paper_table=True)
 
     def load(self, split: str, data_dir: Path | None = None) -> list[Sample]:
         split = self.resolve_split(split)

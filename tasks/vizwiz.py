@@ -17,7 +17,7 @@ from typing import Any
 
 from qvlm_harness.errors import DataError
 from qvlm_harness.metrics.vqa import aggregate_vqa, normalize_answer, unanswerable_precision_recall, vqa_accuracy
-from qvlm_harness.task import Request, Response, Sample, Task
+from qvlm_harness.task import Request, Response, Sample, Task, TaskMeta
 from qvlm_harness.tasks._common import data_folder, read_json
 
 LAYOUT = "{split}.json (official VizWiz annotations) + {split}/VizWiz_{split}_NNNNNNNN.jpg"
@@ -32,6 +32,14 @@ class VizWiz(Task):
     primary_metric = "acc"
     metrics = ("acc", "yes/no", "number", "other", "unanswerable", "unans_precision", "unans_recall")
     data_layout = LAYOUT
+    report_meta = TaskMeta(
+        label="VizWiz", metrics=("acc", "yes/no", "number", "other", "unanswerable", "unans_precision", "unans_recall"),
+        primary="acc", metric_labels={"acc": "Acc", "unans_precision": "Unans P", "unans_recall": "Unans R"},
+        metric_names={"acc": "accuracy", "unans_precision": "unanswerable precision",
+                      "unans_recall": "unanswerable recall"}, unit="%",
+        caption="VizWiz accuracy (%, VQA accuracy) overall and by answer type, and the precision and recall of "
+                "answering unanswerable.",
+        table_title="VizWiz by answer type")
 
     def load(self, split: str, data_dir: Path | None = None) -> list[Sample]:
         split = self.resolve_split(split)

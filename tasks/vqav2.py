@@ -19,7 +19,7 @@ from typing import Any
 
 from qvlm_harness.errors import DataError
 from qvlm_harness.metrics.vqa import aggregate_vqa, normalize_answer, vqa_accuracy
-from qvlm_harness.task import Request, Response, Sample, Task
+from qvlm_harness.task import Request, Response, Sample, Task, TaskMeta
 from qvlm_harness.tasks._common import data_folder, read_json
 
 LAYOUT = ("v2_OpenEnded_mscoco_{split}2014_questions.json + v2_mscoco_{split}2014_annotations.json + "
@@ -34,6 +34,11 @@ class VQAv2(Task):
     primary_metric = "acc"
     metrics = ("acc", "yes/no", "number", "other")
     data_layout = LAYOUT
+    report_meta = TaskMeta(
+        label="VQAv2", metrics=("acc", "yes/no", "number", "other"), primary="acc", metric_labels={"acc": "Acc"},
+        metric_names={"acc": "accuracy"}, unit="%",
+        caption="VQAv2 accuracy (%, official VQA accuracy) overall and by answer type.",
+        table_title="VQAv2 by answer type")
 
     def load(self, split: str, data_dir: Path | None = None) -> list[Sample]:
         split = self.resolve_split(split)

@@ -1,10 +1,20 @@
-"""Synthetic result rows for report tests: every task, FP/simulated/real executions, few-shot trials."""
+"""Synthetic result rows for report tests: every task, FP/simulated/real executions, few-shot trials.
+
+Each row carries the report metadata its real task class declares (as the runner stores it), so the golden
+tables check the tasks' declarations as well as the report code."""
 
 from __future__ import annotations
 
+from qvlm_harness import plugins
 from qvlm_harness.store import ResultRow
 
 SQA_KEYS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
+
+
+def task_settings(task: str) -> dict:
+    """What the runner stores about the task in a row's settings: its primary metric and report metadata."""
+    declared = plugins.tasks.get(task)()
+    return {"primary_metric": declared.primary_metric, "task_meta": declared.metadata().to_dict()}
 
 
 def _row(method: str, bits: str, task: str, execution: str, metrics: dict, *, shots: int = 0, prefill: float,
@@ -14,8 +24,9 @@ def _row(method: str, bits: str, task: str, execution: str, metrics: dict, *, sh
         task=task, split="test", seed=0, n_samples=n, execution=execution, metrics=metrics, shots=shots,
         measurements={"prefill_ms_per_sample": prefill, "decode_tokens_per_s": decode, "weight_mb_stored": stored,
                       "weight_mb_packed": packed, "peak_rss_mb": 900 + stored, "timing": execution},
-        search_cost={"seconds": search}, environment={"git": "abc123", "harness_version": "0.1.0", "threads": 2,
-                                                      "device": "cpu", "packages": {"torch": "2.13.0"}},
+        search_cost={"seconds": search}, settings=task_settings(task),
+        environment={"git": "abc123", "harness_version": "0.1.0", "threads": 2, "device": "cpu",
+                     "packages": {"torch": "2.13.0"}},
         model_fingerprint="f00d", data_fingerprint=f"d-{task}", created=f"2026-01-01T00:00:{len(method):02d}")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from qvlm_harness.cli import main
+from qvlm_harness.store import Store
+from qvlm_harness.tasks.hateful_memes import HatefulMemes
 
 
 def test_report_all_writes_tables_plots_and_html(capsys, tmp_path, tiny_model_dir):
@@ -10,6 +12,8 @@ def test_report_all_writes_tables_plots_and_html(capsys, tmp_path, tiny_model_di
     assert main(["run", "--methods", "fp32,rtn", "--bits", "w4a4", "--tasks", "hm", "--shots", "0,2",
                  "--model", str(tiny_model_dir), "--limit", "8", "--output", str(out), "--no-progress"]) == 0
     capsys.readouterr()
+    stored = list(Store(out / "harness.db").rows())
+    assert len(stored) == 4 and all(r.settings["task_meta"] == HatefulMemes().metadata().to_dict() for r in stored)
     assert main(["report", "--output", str(out), "--all", "--formats", "tex,md"]) == 0
     text = capsys.readouterr().out
     folder = out / "tiny" / "report" if (out / "tiny").exists() else next(out.glob("*/report"))

@@ -1,6 +1,6 @@
 """`harness report`: render a stored run (default: the newest) or the whole store: the run's tables, the paper's
-tables (ScienceQA categories, per dataset, latency/memory) as CSV/LaTeX/Markdown, the plots, and a one-page
-self-contained HTML report."""
+tables (the breakdowns tasks declare as paper tables, per dataset, latency/memory) as CSV/LaTeX/Markdown, the plots,
+and a one-page self-contained HTML report. Everything task-specific comes from the metadata stored in the rows."""
 
 from __future__ import annotations
 
