@@ -89,17 +89,54 @@ def _shots_label(label: str, shots: int) -> str:
 
 # -- building tables -------------------------------------------------------------------------------------------------
 def _method_sort_key(row: ResultRow) -> tuple:
-    """FP baselines first, then higher precision before lower, methods in a stable order."""
-    order = {"fp32": 0, "bf16": 1, "fp16": 2}
+    """FP baselines first (the widest first: fp32 before bf16/fp16, by the bytes their weights take), then higher
+    precision before lower, methods in a stable order."""
     if row.bits == "fp":
-        return (0, 0, 0, order.get(row.method, 10), row.method, row.shots)
+        return (0, 0, 0, -float(row.measurements.get("weight_mb_stored") or 0.0), row.method, row.shots)
     spec = QuantSpec.parse(row.bits)
-    return (1, -spec.w_bits, -spec.a_bits, 10, row.method, row.shots)
+    return (1, -spec.w_bits, -spec.a_bits, 0.0, row.method, row.shots)
 
 
-def _method_label(row: ResultRow) -> str:
+# settings that make two rows of one (method, bits, task, shots) different cells, and how a label shows them
+_VARIANT_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("limit", "limit"), ("seed", "seed"), ("scoring", "scoring"), ("options", ""), ("calib_samples", "calib"),
+    ("calib_task", "calib on"), ("execution", ""), ("batch_size", "batch"), ("data", "data"), ("dtype", "dtype"),
+)
+
+
+def _variant_values(row: ResultRow) -> dict[str, str]:
+    s, ident = row.settings or {}, row.identity or {}
+    options = s.get("options") or {}
+    return {
+        "limit": str(row.sample_limit), "seed": str(row.seed), "scoring": str(row.scoring),
+        "options": " ".join(f"{k}={v}" for k, v in sorted(options.items())),
+        "calib_samples": str(s.get("calib_samples")), "calib_task": str(s.get("calib_task")),
+        "execution": row.execution, "batch_size": str(s.get("batch_size")), "data": str(ident.get("data")),
+        "dtype": str(ident.get("dtype")),
+    }
+
+
+def variant_labels(rows: Sequence[ResultRow]) -> dict[str, str]:
+    """cell id -> the settings that tell it apart from the other rows of its (model, method, bits, task, shots),
+    e.g. "limit=100 seed=1" (empty where the row is alone): `report --all` shows distinct cells side by side."""
+    groups: dict[tuple, list[ResultRow]] = {}
+    for r in rows:
+        groups.setdefault((r.model, r.method, r.bits, r.task, r.shots, r.settings.get("image_control")), []).append(r)
+    out: dict[str, str] = {}
+    for group in groups.values():
+        values = [_variant_values(r) for r in group]
+        differing = [k for k, _ in _VARIANT_SETTINGS if len({v[k] for v in values}) > 1]
+        for r, v in zip(group, values, strict=True):
+            parts = [f"{label}={v[k]}" if label else v[k] for k, label in _VARIANT_SETTINGS if k in differing]
+            out[r.cell_id] = " ".join(p for p in parts if p)
+    return out
+
+
+def _method_label(row: ResultRow, variants: Mapping[str, str] | None = None) -> str:
     control = row.settings.get("image_control")
-    return f"{row.method} [{control} images]" if control else row.method
+    label = f"{row.method} [{control} images]" if control else row.method
+    variant = (variants or {}).get(row.cell_id)
+    return f"{label} ({variant})" if variant else label
 
 
 def _bits_label(bits: str) -> str:
@@ -155,9 +192,10 @@ def main_table(rows: Sequence[ResultRow], primary: dict[str, str] | None = None)
     primary = primary or {}
     metas = task_metas(rows)
     labels = task_labels(metas)
+    variants = variant_labels(rows)
     groups: dict[tuple[str, str], list[ResultRow]] = {}
     for r in sorted(rows, key=_method_sort_key):
-        groups.setdefault((_method_label(r), r.bits), []).append(r)
+        groups.setdefault((_method_label(r, variants), r.bits), []).append(r)
     columns = {cell: _shots_label(labels[cell[0]], cell[1]) for cell in task_shots_order(rows)}
     records, ranking, intervals = [], {}, {}
     for (method, bits), rs in groups.items():
@@ -180,6 +218,10 @@ def main_table(rows: Sequence[ResultRow], primary: dict[str, str] | None = None)
         rec["Packed MB"] = rs[0].measurements.get("weight_mb_packed", math.nan)
         rec["Peak RSS MB"] = max(r.measurements.get("peak_rss_mb", 0.0) for r in rs)
         rec["Search s"] = rs[0].search_cost.get("seconds", 0.0)
+        fidelity = [r.measurements.get("fidelity") for r in rs if r.measurements.get("fidelity")]
+        if fidelity:  # how far the model is from FP on prompts it was not calibrated on
+            rec["KL to FP"] = sum(f["kl_mean"] for f in fidelity) / len(fidelity)
+            rec["Top-1 %"] = sum(f["top1_agree"] for f in fidelity) / len(fidelity)
         records.append(rec)
     return _frame(records, ranking=ranking | EFFICIENCY_RANKING, intervals=intervals,
                   measured_only=MEASURED_ON_REAL_KERNELS, title="Results")
@@ -188,10 +230,11 @@ def main_table(rows: Sequence[ResultRow], primary: dict[str, str] | None = None)
 def task_table(rows: Sequence[ResultRow], task: str) -> pd.DataFrame:
     """Every sub-metric of one task, method x bits (x shots), in the task's declared order and labels."""
     own = sorted((r for r in rows if r.task == task), key=_method_sort_key)
+    variants = variant_labels(own)
     meta = task_meta(own, task)
     records, intervals = [], {}
     for r in own:
-        rec = {"Method": _method_label(r), "Bits": _bits_label(r.bits), "Exec": r.execution}
+        rec = {"Method": _method_label(r, variants), "Bits": _bits_label(r.bits), "Exec": r.execution}
         if r.shots or meta.varies_by_shots:
             rec["Shots"] = r.shots
         for k in meta.metrics:
@@ -207,10 +250,12 @@ def task_table(rows: Sequence[ResultRow], task: str) -> pd.DataFrame:
 
 
 def dedupe(rows: Sequence[ResultRow]) -> list[ResultRow]:
-    """One row per (model, method, bits, task, shots): the newest, so a store with reruns renders cleanly."""
-    newest: dict[tuple, ResultRow] = {}
+    """One row per cell id (the newest). Rows of one (method, bits, task) that differ in what they were computed
+    with (limit, seed, scoring, options, data...) are distinct cells and all kept; `variant_labels` tells them
+    apart in the tables."""
+    newest: dict[str, ResultRow] = {}
     for r in sorted(rows, key=lambda r: r.created):
-        newest[(r.model, r.method, r.bits, r.task, r.shots)] = r
+        newest[r.cell_id] = r
     return list(newest.values())
 
 
