@@ -29,6 +29,7 @@ from qvlm_harness.config import QuantSpec, RunSpec
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.measure import PeakRSS, environment, weight_bytes
 from qvlm_harness.method import Method, QuantizedModel
+from qvlm_harness.metrics.intervals import cell_intervals, interval_columns
 from qvlm_harness.models.llava import LlavaAdapter, set_threads
 from qvlm_harness.store import ResultRow, SampleLog, Store
 from qvlm_harness.task import Sample, Task, aggregate_trials
@@ -364,6 +365,7 @@ class Runner:
         bar.close()
         entries = [e for e in log.read() if e["id"] in {x.id for x in samples}]
         metrics = self._aggregate(task, entries, trials)
+        metrics |= interval_columns(cell_intervals(task, entries, trials))  # <metric>_ci_lo/_ci_hi, 95%
         measurements = self._measurements(entries, adapter, quantized, rss.peak_mb)
         method = self.methods[cell.method]
         return ResultRow(
