@@ -156,10 +156,16 @@ def test_resamples_lacking_a_class_are_left_out():
     labels[[3, 8]] = 1
     for r, y in zip(recs, labels, strict=True):
         r["label"] = int(y)
-    idx = ref_draws(12, 400, 0)
+    idx = ref_draws(12, 200, 0)
     aucs = [100 * roc_auc_score(labels[row], p[row]) if 0 < labels[row].sum() < 12 else np.nan for row in idx]
     assert np.isnan(aucs).any()
-    assert cell_intervals(HatefulMemes(), entries(recs), 1, n_boot=400)["auroc"] == pytest.approx(ref_interval(aucs))
+    assert cell_intervals(HatefulMemes(), entries(recs), 1, n_boot=200)["auroc"] == pytest.approx(ref_interval(aucs))
+    # with two trials (the same memes, other scores) such a resample is undefined in both: still left out
+    recs2 = [dict(r, p_yes=1.0 - r["p_yes"], pred=1 - r["pred"]) for r in recs]
+    aucs2 = [50 * (roc_auc_score(labels[row], p[row]) + roc_auc_score(labels[row], 1 - p[row]))
+             if 0 < labels[row].sum() < 12 else np.nan for row in idx]
+    got = cell_intervals(HatefulMemes(), entries([recs, recs2], trials=2), 2, n_boot=200)["auroc"]
+    assert got == pytest.approx(ref_interval(aucs2))
 
 
 def test_a_metric_too_slow_to_resample_gets_no_interval_with_a_warning():

@@ -28,6 +28,7 @@ absent from it) leaves that resample out; when all are undefined the interval is
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -119,9 +120,15 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
 
 
 def _aggregate(task: Task, entries: Sequence[Mapping[str, Any]], trials: int) -> dict[str, float]:
+    """The metrics of `aggregate_trials` (the task's aggregate, or its mean over trials), without the spreads it
+    adds: they are not resampled, and `statistics.stdev` raises on the NaN a resample can produce (one class)."""
     with warnings.catch_warnings():  # a resample with one class makes AUROC NaN; the interval drops it
         warnings.simplefilter("ignore")
-        return aggregate_trials(task, entries, trials)
+        if trials == 1:
+            return aggregate_trials(task, entries, 1)
+        per_trial = [task.aggregate([e["record"] for e in entries if e["trial"] == t]) for t in range(trials)]
+    keys = [k for k, v in per_trial[0].items() if isinstance(v, int | float)]
+    return {k: statistics.fmean(_number(p.get(k)) for p in per_trial) for k in keys}
 
 
 def _number(value: Any) -> float:
