@@ -1,9 +1,9 @@
 """Bootstrap intervals for every metric of a cell, and for the paired difference between two cells.
 
-The statistic is the task's own `aggregate` (through `aggregate_trials`) recomputed on each resample, so the
-interval is about exactly the number a table reports: ROC AUC, category accuracies, VQA accuracy by answer type,
-the mean over few-shot trials; not about a per-sample proxy. Percentile intervals, seeded: the same entries give
-the same interval on every machine.
+The statistic is the task's own `aggregate` (combined over trials as `aggregate_trials` does) recomputed on each
+resample, so the interval is about exactly the number a table reports: ROC AUC, category accuracies, VQA accuracy
+by answer type, the mean over few-shot trials; not about a per-sample proxy. Percentile intervals, seeded: the
+same entries give the same interval on every machine.
 
 Resampling unit: a sample id, with all of its trials. Samples are drawn with replacement in the order of their
 sorted ids, from `numpy.random.default_rng(seed).integers(0, n, size=(rows, n))` (the same draws as
@@ -17,12 +17,13 @@ question is hard in every trial). Resampling the trials too (a two-level bootstr
 trials a run has, a bootstrap over trials draws from two or three values, which says little and makes the interval
 jumpy; the spread over demonstration seeds is reported on its own as `<metric>_std`.
 
-Speed: metrics that are group means (accuracy, category and answer-type accuracies, parse-failure rate: anything
-an aggregate computes as a mean of per-sample values over the samples of a group) are recognised by aggregating
-each record alone, then checked against the real aggregate on the full set and on a few resamples; those are
-computed for all resamples at once as count-weighted sums (a matrix product). Every other metric (ROC AUC,
-precision/recall) calls the aggregate once per resample. A metric whose resample is undefined (a category or class
-absent from it) leaves that resample out; when all are undefined the interval is (NaN, NaN).
+Speed: when every metric of a cell is a group mean (accuracy, category and answer-type accuracies, parse-failure
+rate: a mean of per-sample values over the samples of a group), which is recognised by aggregating each record
+alone and checked against the task's aggregate on the full set and on a few resamples, all resamples are computed at
+once as count-weighted sums (a matrix product). Otherwise (ROC AUC, a precision) the aggregate is called once per
+resample; it returns every metric at once, so vectorising the others would save nothing. A metric undefined on a
+resample (a category or class absent from it) leaves that resample out; when all are undefined the interval is
+(NaN, NaN). `bench/intervals_speed.py` measures both paths.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from qvlm_harness.metrics.classification import ConfidenceInterval
-from qvlm_harness.task import Task, aggregate_trials
+from qvlm_harness.task import Task
 
 __all__ = [
     "CI_SUFFIXES",
@@ -51,6 +52,7 @@ __all__ = [
 CI_SUFFIXES = ("_ci_lo", "_ci_hi")
 _MAX_INDEX_CELLS = 4_000_000  # resample indices per chunk, as in classification.py (same draws)
 _VERIFY_RESAMPLES = 4  # resamples on which a vectorised group mean must equal the task's aggregate
+_PREFIX_SAMPLES = 32  # samples probed first, to rule out vectorising cheaply
 _VERIFY_SEED = 20240601  # fixed: verifying must not depend on (or consume) the caller's seed
 _PROBE_ROWS, _SLICE_ROWS = 10, 250  # resamples per step of the loop (the budget is checked after each)
 GENERIC_BUDGET_S = 300.0  # a metric that needs the aggregate per resample gets no interval if it would take longer
@@ -59,7 +61,7 @@ Entries = Sequence[Mapping[str, Any]]  # per-sample log entries {"trial", "id", 
 
 
 class IntervalWarning(RuntimeWarning):
-    """An interval was not computed (its aggregate is too slow to recompute on every resample)."""
+    """Intervals were not computed: the cell's aggregate is too slow to recompute on every resample."""
 
 
 def interval_metrics(metrics: Mapping[str, Any]) -> list[str]:
@@ -79,27 +81,33 @@ def interval_columns(intervals: Mapping[str, tuple[float, float]]) -> dict[str, 
 
 # -- resampling --------------------------------------------------------------------------------------------------------
 class _Samples:
-    """A cell's entries grouped by sample id (sorted), the unit that is resampled."""
+    """A cell's records per trial, grouped by sample id (sorted ids): the unit that is resampled."""
 
     def __init__(self, entries: Entries, trials: int):
         if trials < 1:
             raise ValueError(f"trials must be >= 1, got {trials}")
         self.trials = trials
-        groups: dict[str, list[Mapping[str, Any]]] = {}
+        groups: dict[str, list[list[Mapping[str, Any]]]] = {}
         for e in entries:
-            if int(e["trial"]) < trials:
-                groups.setdefault(str(e["id"]), []).append(e)
+            t = int(e["trial"])
+            if t < trials:
+                groups.setdefault(str(e["id"]), [[] for _ in range(trials)])[t].append(e["record"])
         self.ids = sorted(groups)
-        self.groups = [groups[i] for i in self.ids]
-        self._single = [g[0] for g in self.groups] if all(len(g) == 1 for g in self.groups) else None
+        self.by_trial = [[groups[i][t] for i in self.ids] for t in range(trials)]  # [trial][sample] -> records
+        # one record per sample and trial, the common case: kept as a flat list for fast resampling
+        self._single = [[g[0] for g in recs] if all(len(g) == 1 for g in recs) else None for recs in self.by_trial]
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def entries(self, row: np.ndarray) -> list[Mapping[str, Any]]:
-        if self._single is not None:  # one entry per sample (one trial): the common case, kept fast
-            return [self._single[j] for j in row.tolist()]
-        return [e for j in row.tolist() for e in self.groups[j]]
+    def records(self, row: np.ndarray) -> list[list[Mapping[str, Any]]]:
+        """Per trial, the records of the samples drawn in `row` (a sample drawn twice counts twice)."""
+        js = row.tolist()
+        return [[flat[j] for j in js] if flat is not None else [r for j in js for r in recs[j]]
+                for flat, recs in zip(self._single, self.by_trial, strict=True)]
+
+    def all_records(self) -> list[list[Mapping[str, Any]]]:
+        return self.records(np.arange(len(self)))
 
 
 def _draws(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
@@ -119,14 +127,15 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
 
 
-def _aggregate(task: Task, entries: Sequence[Mapping[str, Any]], trials: int) -> dict[str, float]:
-    """The metrics of `aggregate_trials` (the task's aggregate, or its mean over trials), without the spreads it
-    adds: they are not resampled, and `statistics.stdev` raises on the NaN a resample can produce (one class)."""
+def _aggregate(task: Task, per_trial_records: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, float]:
+    """The metrics `aggregate_trials` reports (the task's aggregate; with several trials its mean over trials),
+    without the spreads it adds: they are not resampled, and `statistics.stdev` raises on the NaN a resample can
+    produce (one class only)."""
     with warnings.catch_warnings():  # a resample with one class makes AUROC NaN; the interval drops it
         warnings.simplefilter("ignore")
-        if trials == 1:
-            return aggregate_trials(task, entries, 1)
-        per_trial = [task.aggregate([e["record"] for e in entries if e["trial"] == t]) for t in range(trials)]
+        per_trial = [task.aggregate(recs) for recs in per_trial_records]
+    if len(per_trial) == 1:
+        return {k: float(v) for k, v in per_trial[0].items() if isinstance(v, int | float)}
     keys = [k for k, v in per_trial[0].items() if isinstance(v, int | float)]
     return {k: statistics.fmean(_number(p.get(k)) for p in per_trial) for k in keys}
 
@@ -141,49 +150,58 @@ class _Statistic:
     def __init__(self, task: Task, samples: _Samples, metrics: Sequence[str], budget_s: float, vectorise: bool):
         self.task, self.samples, self.metrics = task, samples, list(metrics)
         self.budget_s = budget_s
-        self.sums, self.members = self._group_means() if vectorise else ({}, {})
-        self._verify()
+        self.sums: dict[str, np.ndarray] = {}
+        self.members: dict[str, np.ndarray] = {}
+        # The per-resample aggregate computes every metric at once, so vectorising pays only if every metric is a
+        # group mean: a cheap check on the first samples rules out the cells with ROC AUC or a precision first.
+        if vectorise and self._all_group_means(np.arange(min(len(samples), _PREFIX_SAMPLES))[None, :]):
+            self.sums, self.members = self._group_means(len(samples))
+            self._all_group_means(np.vstack([np.arange(len(samples))[None, :], np.random.default_rng(
+                _VERIFY_SEED).integers(0, len(samples), size=(_VERIFY_RESAMPLES, len(samples)))]))
         self.generic = [m for m in self.metrics if m not in self.sums]
         self._spent, self._done, self.abandoned = 0.0, 0, False
 
-    def _group_means(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Per metric, per trial and sample: the sum of its records' values and how many records are in the
-        metric's group (a record alone aggregating to NaN is outside it)."""
+    def _group_means(self, k: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Per metric, per trial and sample (the first k): the sum of its records' values and how many records are
+        in the metric's group (a record that alone aggregates to NaN is outside it)."""
         t, n = self.samples.trials, len(self.samples)
         sums = {m: np.zeros((t, n)) for m in self.metrics}
         members = {m: np.zeros((t, n)) for m in self.metrics}
         candidates = set(self.metrics)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for i, group in enumerate(self.samples.groups):
-                for e in group:
-                    try:
-                        alone = self.task.aggregate([e["record"]])
-                    except Exception:  # an aggregate that cannot take one record: no metric is vectorised
-                        return {}, {}
-                    for m in list(candidates):
-                        v = _number(alone.get(m))
-                        if math.isinf(v) or (m not in alone):
-                            candidates.discard(m)
-                        elif not math.isnan(v):
-                            sums[m][int(e["trial"]), i] += v
-                            members[m][int(e["trial"]), i] += 1
+            for trial, per_sample in enumerate(self.samples.by_trial):
+                for i, recs in enumerate(per_sample[:k]):
+                    for rec in recs:
+                        try:
+                            alone = self.task.aggregate([rec])
+                        except Exception:  # an aggregate that cannot take one record: no metric is vectorised
+                            return {}, {}
+                        for m in list(candidates):
+                            v = _number(alone.get(m))
+                            if math.isinf(v) or (m not in alone):
+                                candidates.discard(m)
+                            elif not math.isnan(v):
+                                sums[m][trial, i] += v
+                                members[m][trial, i] += 1
         return {m: sums[m] for m in candidates}, {m: members[m] for m in candidates}
 
-    def _verify(self) -> None:
-        """Keep a metric vectorised only if it equals the task's aggregate on the full set and on resamples."""
+    def _all_group_means(self, rows: np.ndarray) -> bool:
+        """Keep only the metrics whose group means (from the samples probed so far; probes the rows' samples first
+        if nothing is probed yet) equal the task's aggregate on each row; True if every metric is kept."""
         if not self.sums:
-            return
-        n = len(self.samples)
-        rows = np.vstack([np.arange(n)[None, :], np.random.default_rng(_VERIFY_SEED).integers(
-            0, n, size=(_VERIFY_RESAMPLES, n))])
+            self.sums, self.members = self._group_means(int(rows.max()) + 1)
         predicted = self._vectorised(rows)
         for r, row in enumerate(rows):
-            actual = _aggregate(self.task, self.samples.entries(row), self.samples.trials)
+            actual = _aggregate(self.task, self.samples.records(row))
             for m in list(self.sums):
                 a, p = _number(actual.get(m)), predicted[m][r]
                 if not (math.isnan(a) and math.isnan(p)) and not math.isclose(a, p, rel_tol=1e-9, abs_tol=1e-9):
                     del self.sums[m], self.members[m]
+        keep = len(self.sums) == len(self.metrics)
+        if not keep:
+            self.sums, self.members = {}, {}
+        return keep
 
     def _vectorised(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         counts = _counts(idx, len(self.samples))
@@ -202,7 +220,7 @@ class _Statistic:
         if self.generic and not self.abandoned:
             start = time.perf_counter()
             for r, row in enumerate(idx):
-                agg = _aggregate(self.task, self.samples.entries(row), self.samples.trials)
+                agg = _aggregate(self.task, self.samples.records(row))
                 for m in self.generic:
                     generic[m][r] = _number(agg.get(m))
             self._spent += time.perf_counter() - start
@@ -268,7 +286,7 @@ def cell_intervals(task: Task, entries: Entries, trials: int, *, level: float = 
     """{metric: (lo, hi)}: percentile bootstrap interval of each metric the task reports for this cell.
 
     `entries` are the cell's per-sample log entries ({"trial", "id", "record"}), `trials` its few-shot trial count
-    (1 otherwise). By default every metric of `interval_metrics(aggregate_trials(...))`; the bounds are in the
+    (1 otherwise). By default every metric `interval_metrics` selects from the cell's metrics; the bounds are in the
     metric's own units. See the module docstring for how samples and trials are resampled. `vectorise=False`
     recomputes the aggregate on every resample for every metric (same draws, same result; for checks and timing).
     """
@@ -277,7 +295,7 @@ def cell_intervals(task: Task, entries: Entries, trials: int, *, level: float = 
     if not len(samples):
         raise ValueError("intervals need at least one sample")
     if metrics is None:
-        metrics = interval_metrics(_aggregate(task, [e for g in samples.groups for e in g], trials))
+        metrics = interval_metrics(_aggregate(task, samples.all_records()))
     stat = _Statistic(task, samples, metrics, budget_s, vectorise)
     (values,) = _resample_values([stat], len(samples), int(n_boot), seed)
     return {m: _percentiles(values[m], level) for m in metrics}
@@ -298,8 +316,7 @@ def paired_intervals(task: Task, entries_a: Entries, entries_b: Entries, trials:
                          f"(e.g. {only[0]})")
     if not len(a):
         raise ValueError("intervals need at least one sample")
-    full_a = _aggregate(task, [e for g in a.groups for e in g], trials)
-    full_b = _aggregate(task, [e for g in b.groups for e in g], trials)
+    full_a, full_b = _aggregate(task, a.all_records()), _aggregate(task, b.all_records())
     if metrics is None:
         metrics = [m for m in interval_metrics(full_a) if m in full_b]
     stats = [_Statistic(task, x, metrics, budget_s, vectorise) for x in (a, b)]
