@@ -55,7 +55,7 @@ _VERIFY_RESAMPLES = 4  # resamples on which a vectorised group mean must equal t
 _PREFIX_SAMPLES = 32  # samples probed first, to rule out vectorising cheaply
 _VERIFY_SEED = 20240601  # fixed: verifying must not depend on (or consume) the caller's seed
 _PROBE_ROWS, _SLICE_ROWS = 10, 250  # resamples per step of the loop (the budget is checked after each)
-GENERIC_BUDGET_S = 300.0  # a metric that needs the aggregate per resample gets no interval if it would take longer
+GENERIC_BUDGET_S = 300.0  # a cell that needs its aggregate per resample gets no intervals if that takes longer
 
 Entries = Sequence[Mapping[str, Any]]  # per-sample log entries {"trial", "id", "record"}
 
@@ -75,8 +75,10 @@ def interval_metrics(metrics: Mapping[str, Any]) -> list[str]:
 
 def interval_columns(intervals: Mapping[str, tuple[float, float]]) -> dict[str, float]:
     """{metric: (lo, hi)} -> {"<metric>_ci_lo": lo, "<metric>_ci_hi": hi}, the keys a result row stores."""
-    return {f"{m}{suffix}": float(v) for m, (lo, hi) in intervals.items() for suffix, v in zip(CI_SUFFIXES, (lo, hi),
-                                                                                              strict=True)}
+    out: dict[str, float] = {}
+    for m, (lo, hi) in intervals.items():
+        out[f"{m}{CI_SUFFIXES[0]}"], out[f"{m}{CI_SUFFIXES[1]}"] = float(lo), float(hi)
+    return out
 
 
 # -- resampling --------------------------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def _number(value: Any) -> float:
 
 
 class _Statistic:
-    """A cell's metrics on resamples of its samples: group means vectorised, other metrics by the aggregate."""
+    """A cell's metrics on resamples of its samples: vectorised when all are group means, else the aggregate."""
 
     def __init__(self, task: Task, samples: _Samples, metrics: Sequence[str], budget_s: float, vectorise: bool):
         self.task, self.samples, self.metrics = task, samples, list(metrics)
