@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from qvlm_harness.identity import samples_fingerprint
 from qvlm_harness.measure import PeakRSS, weight_bytes
 from qvlm_harness.method import QuantizedModel
+from qvlm_harness.metrics.intervals import cell_intervals, interval_columns
 from qvlm_harness.plan import Cell, Plan
 from qvlm_harness.store import ResultRow, SampleLog
 from qvlm_harness.task import Sample, aggregate_trials
@@ -48,7 +49,7 @@ def evaluate_cell(plan: Plan, cell: Cell, quantized: QuantizedModel, *, run_id: 
     return ResultRow(
         cell_id=cid, run_id=run_id, model=plan.model_id, method=cell.method, bits=cell.bits, task=cell.task,
         split=task.resolve_split(s.split), seed=s.seed, n_samples=len(samples), execution=quantized.execution,
-        metrics=aggregate_trials(task, entries, trials),
+        metrics=aggregate_trials(task, entries, trials) | interval_columns(cell_intervals(task, entries, trials)),
         measurements=measurements(entries, quantized, rss_mb) | {"fidelity": fidelity},
         search_cost=quantized.search_cost.to_dict(),
         settings={"scope": list(s.scope), "scoring": scoring, "image_control": s.image_control,

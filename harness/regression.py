@@ -224,9 +224,11 @@ class Comparison:
 
 
 def comparable_metrics(metrics: Mapping[str, float]) -> list[str]:
-    """The metrics worth a delta: not counts (n, n_*), not spreads (*_std), not the trial count."""
+    """The metrics worth a delta: not counts (n, n_*), not spreads (*_std), not the trial count, not the stored
+    interval bounds (*_ci_lo, *_ci_hi)."""
     return [k for k, v in metrics.items()
-            if not (k == "n" or k.startswith("n_") or k.endswith("_std") or k == "trials")
+            if not (k == "n" or k.startswith("n_") or k.endswith("_std") or k == "trials"
+                    or k.endswith(("_ci_lo", "_ci_hi")))
             and isinstance(v, int | float)]
 
 

@@ -6,7 +6,10 @@ evaluation split is `val`; test has no answers).
 
 Prompt (LLaVA-1.5 / lmms-eval): "{question}\\nWhen the provided information is insufficient, respond with
 'Unanswerable'.\\nAnswer the question using a single word or phrase." Metric: VQA accuracy overall and by answer
-type, plus precision/recall of answering "unanswerable".
+type, plus precision/recall of answering "unanswerable". The prediction is submitted through the EvalAI answer
+processor (as LLaVA-1.5's convert_vizwiz_for_submission.py does) and scored by the VizWiz API's own evaluation
+(`qvlm_harness.metrics.vqa_eval.vizwiz_accuracy`): the annotators' answers are compared as stored, and its
+contraction table is not VQAv2's.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from qvlm_harness.errors import DataError
-from qvlm_harness.metrics.vqa import aggregate_vqa, normalize_answer, unanswerable_precision_recall, vqa_accuracy
+from qvlm_harness.metrics.vqa import aggregate_vqa, normalize_answer, unanswerable_precision_recall
+from qvlm_harness.metrics.vqa_eval import vizwiz_accuracy
 from qvlm_harness.task import Request, Response, Sample, Task, TaskMeta
 from qvlm_harness.tasks._common import data_folder, read_json
 
@@ -70,8 +74,8 @@ class VizWiz(Task):
 
     def score(self, sample: Sample, response: Response) -> dict[str, Any]:
         raw = response.text or ""
-        pred = normalize_answer(raw)
-        return {"raw": raw, "pred": pred, "accuracy": vqa_accuracy(raw, sample.data["answers"]),
+        pred = normalize_answer(raw)  # the submitted answer
+        return {"raw": raw, "pred": pred, "accuracy": vizwiz_accuracy(pred, sample.data["answers"]),
                 "answer_type": sample.data["answer_type"], "pred_unanswerable": pred == "unanswerable",
                 "gold_unanswerable": not sample.data["answerable"]}
 

@@ -7,18 +7,22 @@ Data, from `--data-dir` (or the embedded sample set):
   answers (list of strings or of {answer: ...}), answer_type, image ({bytes} or bytes).
 
 Prompt (LLaVA-1.5 / lmms-eval): "{question}\\nAnswer the question using a single word or phrase." Greedy, up to
-16 new tokens. Metric: min(1, matches/3) averaged over the 10 leave-one-annotator-out subsets, after the official
-answer normalisation; overall and by answer type.
+16 new tokens. Metric: the prediction is submitted through the EvalAI answer processor (as LLaVA-1.5's
+convert_vqav2_for_submission.py does) and scored by the VQA API's own evaluation
+(`qvlm_harness.metrics.vqa_eval.vqav2_accuracy`): min(1, matches/3) averaged over the 10 leave-one-annotator-out
+subsets, both sides normalised when the annotators disagree; overall and by answer type.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from qvlm_harness.errors import DataError
-from qvlm_harness.metrics.vqa import aggregate_vqa, normalize_answer, vqa_accuracy
+from qvlm_harness.metrics.vqa import aggregate_vqa, normalize_answer
+from qvlm_harness.metrics.vqa_eval import vqav2_accuracy
 from qvlm_harness.task import Request, Response, Sample, Task, TaskMeta
 from qvlm_harness.tasks._common import data_folder, read_json
 
@@ -47,17 +51,16 @@ class VQAv2(Task):
         parquet = sorted(folder.glob(f"{split}-*.parquet")) + sorted(folder.glob(f"data/{split}-*.parquet"))
         if not qfile.exists() and parquet:
             return self._load_parquet(parquet, split)
-        questions = read_json(qfile, self.name, LAYOUT)
-        annotations = read_json(folder / f"v2_mscoco_{split}2014_annotations.json", self.name, LAYOUT)
-        by_qid = {a["question_id"]: a for a in annotations.get("annotations", [])}
+        afile = folder / f"v2_mscoco_{split}2014_annotations.json"
+        questions = _entries(read_json(qfile, self.name, LAYOUT), "questions", qfile,
+                             ("question_id", "image_id", "question"))
+        annotations = _entries(read_json(afile, self.name, LAYOUT), "annotations", afile, ("question_id", "answers"))
+        by_qid = {a["question_id"]: a for a in annotations}
+        _check_same_questions([q["question_id"] for q in questions], [a["question_id"] for a in annotations],
+                              qfile, afile)
         samples = []
-        for i, q in enumerate(questions.get("questions", [])):
-            if "question_id" not in q or "image_id" not in q or "question" not in q:
-                raise DataError(f"vqav2: {qfile.name} question #{i} lacks question_id/image_id/question")
-            ann = by_qid.get(q["question_id"])
-            if ann is None:
-                raise DataError(f"vqav2: question_id {q['question_id']} has no entry in "
-                                f"v2_mscoco_{split}2014_annotations.json; use matching question/annotation files")
+        for q in questions:
+            ann = by_qid[q["question_id"]]
             image = folder / f"{split}2014" / f"COCO_{split}2014_{int(q['image_id']):012d}.jpg"
             samples.append(Sample(str(q["question_id"]), image, {
                 "question": q["question"], "answers": [a["answer"] for a in ann["answers"]],
@@ -92,11 +95,51 @@ class VQAv2(Task):
 
     def score(self, sample: Sample, response: Response) -> dict[str, Any]:
         raw = response.text or ""
-        return {"raw": raw, "pred": normalize_answer(raw), "accuracy": vqa_accuracy(raw, sample.data["answers"]),
+        pred = normalize_answer(raw)  # the submitted answer
+        return {"raw": raw, "pred": pred, "accuracy": vqav2_accuracy(pred, sample.data["answers"]),
                 "answer_type": sample.data["answer_type"]}
 
     def aggregate(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         return aggregate_vqa(records)
+
+
+def _entries(data: Any, key: str, path: Path, required: tuple[str, ...]) -> list[dict]:
+    """The list under `key` of an official file, each entry with the fields the loader reads."""
+    items = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise DataError(f"vqav2: {path.name} has no {key!r} list; use the official VQAv2 files")
+    for i, item in enumerate(items):
+        missing = [k for k in required if not isinstance(item, dict) or k not in item]
+        if missing:
+            noun = key[:-1]
+            raise DataError(f"vqav2: {path.name} {noun} #{i} lacks {'/'.join(missing)}; use the official VQAv2 files")
+    return items
+
+
+def _first(ids: Sequence[Any], limit: int = 3) -> str:
+    return ", ".join(str(i) for i in ids[:limit]) + (", ..." if len(ids) > limit else "")
+
+
+def _check_same_questions(question_ids: list[Any], annotation_ids: list[Any], qfile: Path, afile: Path) -> None:
+    """The question and annotation files must describe exactly the same questions, each once: a question without
+    answers cannot be scored and an answer without its question would be dropped silently, so a mismatched pair of
+    files (another split, a truncated download) is refused instead of evaluating a different set."""
+    for ids, path in ((question_ids, qfile), (annotation_ids, afile)):
+        twice = [i for i, k in Counter(ids).items() if k > 1]
+        if twice:
+            raise DataError(f"vqav2: {path.name} lists question_id {_first(twice)} more than once; "
+                            "use the official VQAv2 files")
+    questions, annotated = set(question_ids), set(annotation_ids)
+    unanswered = [q for q in question_ids if q not in annotated]
+    if unanswered:
+        raise DataError(f"vqav2: question_id {unanswered[0]} has no entry in {afile.name} ({len(unanswered)} of "
+                        f"{len(question_ids)} questions of {qfile.name} have none: {_first(unanswered)}); "
+                        "use matching question/annotation files of one split")
+    orphans = [a for a in annotation_ids if a not in questions]
+    if orphans:
+        raise DataError(f"vqav2: {afile.name} annotates question_id {_first(orphans)} ({len(orphans)} of "
+                        f"{len(annotation_ids)}) missing from {qfile.name}; use matching question/annotation files "
+                        "of one split")
 
 
 def _mode(answers: Sequence[str]) -> str:

@@ -1,10 +1,16 @@
-"""Official VQA answer normalisation and accuracy (VQAv2, VizWiz).
+"""VQA answer processing shared by VQAv2 and VizWiz: the EvalAI answer processor, leave-one-out accuracy, reports.
 
-Published VQAv2/VizWiz numbers for LLaVA-style models come from the EvalAI answer processor (the one MMF and
-lmms-eval ship) followed by the leave-one-annotator-out accuracy of the VQA challenge. Any deviation in
-normalisation moves scores by tenths of a point, which is the size of the effects quantization studies
-report, so this module reproduces that processor rule for rule, including its quirks (listed below), rather
-than "improving" it. Written from the published rules; no code copied.
+`normalize_answer` is the EvalAI answer processor (the one MMF and lmms-eval ship). LLaVA-1.5's
+scripts/convert_vqav2_for_submission.py and convert_vizwiz_for_submission.py pass every model output through it
+before the answer file goes to the evaluation server, so the harness applies it to a prediction first; the
+benchmark's own evaluation script then scores that submitted answer (`qvlm_harness.metrics.vqa_eval`:
+`vqav2_accuracy`, `vizwiz_accuracy`, which differ from each other). Any deviation in normalisation moves scores
+by tenths of a point, the size of the effects quantization studies report, so this module reproduces the
+processor rule for rule, including its quirks (listed below), rather than "improving" it. Written from the
+published rules; no code copied.
+
+`vqa_accuracy` applies the processor to both sides (the prediction and every annotator's answer) before the
+leave-one-out accuracy: lmms-eval's VizWiz scoring. It is kept as a primitive; the tasks use the official scripts.
 
 Normalisation, in order (`normalize_answer`):
 
@@ -31,10 +37,10 @@ Quirks kept on purpose (changing any of them changes scores relative to publishe
 - The contraction map keys "Im", "Ive", "Id've", "I'dve" are capitalised and can never match lower-cased
   text, and "somebody'd" maps to "somebodyd". Kept verbatim.
 
-The punctuation list is the EvalAI/MMF one (21 marks, includes "-" and "!", excludes "'" and ":"). The
-2015 GT-Vision-Lab script lists "'" and ":" instead; with that list "don't" would become "don t" and never
-equal the contraction-restored "dont" -> "don't". The task spec (shared/reference/tasks.md) names the
-EvalAI/MMF processor, so that is what we implement.
+The punctuation list is the EvalAI/MMF one (21 marks, includes "-" and "!", excludes "'" and ":"), the same as
+the VQA API's and the VizWiz API's. Only the VQA API's first release (GT-Vision-Lab/VQA 07aecec, July 2015)
+listed "'" and ":" instead; with that list "don't" would become "don t" and never equal the contraction-restored
+"dont" -> "don't".
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ __all__ = [
     "NUMBER_MAP",
     "PUNCTUATION",
     "aggregate_vqa",
+    "leave_one_out_accuracy",
     "normalize_answer",
     "said_unanswerable",
     "unanswerable_precision_recall",
@@ -143,7 +150,7 @@ def normalize_answer(ans: str) -> str:
     return _process_words(_process_punctuation(text))
 
 
-def _leave_one_out_accuracy(n_matches: int, n_answers: int) -> Fraction:
+def leave_one_out_accuracy(n_matches: int, n_answers: int) -> Fraction:
     """Mean over annotators i of min(1, matches among the other answers / 3), in exact arithmetic.
 
     An annotator whose own answer matches sees `n_matches - 1` matches among the others; one whose answer
@@ -176,7 +183,7 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
     if len(gts) == 1:
         return float(pred == gts[0])
     n_matches = sum(g == pred for g in gts)
-    return float(_leave_one_out_accuracy(n_matches, len(gts)))
+    return float(leave_one_out_accuracy(n_matches, len(gts)))
 
 
 def said_unanswerable(prediction: str) -> bool:
