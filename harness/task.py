@@ -7,6 +7,7 @@ never sees a task's fields: that keeps every task usable with every model and me
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from abc import ABC, abstractmethod
@@ -221,6 +222,13 @@ def aggregate_trials(task: Task, entries: Sequence[dict[str, Any]], trials: int)
     if trials == 1:
         return {k: float(v) for k, v in per_trial[0].items() if isinstance(v, int | float)}
     keys = [k for k, v in per_trial[0].items() if isinstance(v, int | float)]
-    out = {k: statistics.fmean(p[k] for p in per_trial) for k in keys}
-    out |= {f"{k}_std": statistics.stdev(p[k] for p in per_trial) for k in keys if not k.startswith("n")}
+    out = {k: statistics.fmean(float(p[k]) for p in per_trial) for k in keys}  # NaN in any trial: NaN
+    out |= {f"{k}_std": _stdev([float(p[k]) for p in per_trial]) for k in keys if not k.startswith("n")}
     return out | {"trials": float(trials)}
+
+
+def _stdev(values: list[float]) -> float:
+    """Sample standard deviation, NaN when a value is NaN (e.g. AUROC of a single-class trial) or fewer than 2."""
+    if len(values) < 2 or any(math.isnan(v) for v in values):
+        return math.nan
+    return statistics.stdev(values)

@@ -82,3 +82,16 @@ def test_missing_split_file(tmp_path):
     write_hm(tmp_path)
     with pytest.raises(DataError, match="missing test_unseen.jsonl"):
         HatefulMemes().load("test_unseen", tmp_path)
+
+
+def test_trials_with_an_undefined_metric_give_nan_not_a_crash():
+    import math
+
+    from qvlm_harness.task import aggregate_trials
+
+    task = HatefulMemes()
+    one_class = [{"trial": t, "record": {"label": 0, "p_yes": 0.1 * (i + 1), "pred": 0, "correct": True}}
+                 for t in range(2) for i in range(3)]
+    out = aggregate_trials(task, one_class, 2)
+    assert math.isnan(out["auroc"]) and math.isnan(out["auroc_std"]) and out["acc"] == 100.0
+    assert out["acc_std"] == 0.0
