@@ -8,8 +8,9 @@ all linears of the group), with ``max|X_j|`` from the calibration set. The norm'
 ``s`` (``(1 + w) / s - 1`` for a Gemma norm, through `adapter.fold_scales`, which records the fold in
 `adapter.transforms`) and the linears' input columns multiplied by it, which leaves the float model unchanged;
 then every in-scope linear is quantized round-to-nearest in the run's spec (symmetric per-channel weights;
-per-token dynamic or, with `-tensor-static`, calibrated per-tensor activations). Layers without a preceding norm (o/down/fc2, the
-projector) are quantized without smoothing, as in the paper's recipe. Simulated (fake-quant in float).
+per-token dynamic or, with `-tensor-static`, calibrated per-tensor activations). Layers without a preceding norm
+(o/down/fc2, the projector) are quantized without smoothing, as in the paper's recipe. Simulated (fake-quant in
+float).
 """
 
 from __future__ import annotations

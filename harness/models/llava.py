@@ -306,10 +306,16 @@ class LlavaAdapter:
         if not full.startswith(prompt):
             return target + eos
         suffix = full[len(prompt):].rstrip()
-        specials = [t for t in self.tokenizer.all_special_tokens if t]
-        if not any(suffix.endswith(t) for t in specials):
+        if not any(suffix.endswith(t) for t in self._special_tokens()):
             suffix += eos
         return suffix
+
+    def _special_tokens(self) -> set[str]:
+        """Every special token's text: the named ones (BOS, EOS, ...) and added special tokens such as a
+        template's end-of-turn marker, which reloaded tokenizers list only among their added tokens."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        named = set(self.tokenizer.all_special_tokens)
+        return {t for t in named | {a.content for a in added.values() if getattr(a, "special", False)} if t}
 
     def calibration_batches(self, calibration: CalibrationSet, *, with_targets: bool = True,
                             batch_size: int = 8) -> Iterator[CalibBatch]:
