@@ -334,3 +334,22 @@ def test_describe_config_on_a_meta_skeleton_matches_the_loaded_model(model_dirs,
                                                                              text.num_key_value_heads)}
     linears = [f for s in loaded for u in s.units for f in u.linears]
     assert sorted(linears) == sorted(a.linear_names(["vision", "projector", "lm"]))
+
+
+# -- end to end ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gptq_awq_smoothquant_qvlm_run_end_to_end_on_tiny_gemma(tiny_gemma_dir, tmp_path):
+    """Every method that walks the model's structure, through `harness run`, on the Gemma3 + DINOv2 architecture."""
+    from qvlm_harness.cli import main
+    from qvlm_harness.store import Store
+
+    out = tmp_path / "out"
+    methods = ("rtn", "awq", "gptq", "smoothquant", "zeroquant-v2", "qvlm")
+    code = main(["run", "--model", str(tiny_gemma_dir), "--methods", ",".join(methods), "--tasks", "sqa",
+                 "--bits", "w4a16,w8a8", "--limit", "2", "--calib-samples", "4", "--max-new-tokens", "2",
+                 "--method-option", "qvlm.iters=2", "--output", str(out), "--no-progress"])
+    assert code == 0
+    got = {(r.method, r.bits) for r in Store(out / "harness.db").rows()}
+    assert {(m, b) for m in methods for b in ("w4a16", "w8a8")} <= got

@@ -211,7 +211,9 @@ def describe_unit(layer: nn.Module, name: str, stack: str, index: int, used: boo
         raise HarnessError(f"{name or type(layer).__name__}: the {type(layer).__name__} layout names linears the "
                            f"module does not have: {', '.join(missing)}")
     listed = set(rel.values())
-    extra = [n for n, mod in modules.items() if isinstance(mod, nn.Linear) and n not in listed]
+    # (a linear inside a listed one is a quantized wrapper's float original, not another layer)
+    extra = [n for n, mod in modules.items() if isinstance(mod, nn.Linear) and n not in listed
+             and not any(n.startswith(f + ".") for f in listed)]
     if extra:
         raise HarnessError(f"{name or type(layer).__name__}: linears the seam's {type(layer).__name__} layout does "
                            f"not list: {', '.join(prefix + n for n in extra)}")

@@ -101,6 +101,7 @@ def run_unit(unit: Unit, x: Tensor, si: StackInput) -> Tensor:
 
 
 def run_units(units: Sequence[Unit], x: Tensor, si: StackInput) -> Tensor:
+    """Run consecutive units of one stack standalone, each with its own call arguments."""
     for u in units:
         x = run_unit(u, x, si)
     return x
@@ -126,6 +127,7 @@ def capture_stack_inputs(model: nn.Module, stacks: Sequence[Stack],
 
 
 def _capture_batch(model: nn.Module, here: Sequence[Stack], batch: EncodedBatch, bi: int) -> dict[str, StackInput]:
+    """One capture forward: pre-hooks on the units of every stack but the last, pass-throughs on the last's."""
     seen: dict[str, StackInput] = {}
 
     def record(stack: Stack, unit: Unit, args: tuple, kwargs: dict) -> Tensor:

@@ -92,6 +92,11 @@ class BlockContext:
     unit: Unit | None = None
     report: dict = field(default_factory=dict)
 
+    @property
+    def scope(self) -> str:
+        """The former name of `stack` (kept so that methods written against it keep working)."""
+        return self.stack
+
     def rel(self, fqn: str) -> str:
         return fqn[len(self.name) + 1:]
 
