@@ -9,6 +9,7 @@ References are independent of the seam: forward hooks on the real forward, the F
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,12 +20,12 @@ from qvlm_harness.config import QuantSpec
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.methods.awq import AWQ
 from qvlm_harness.methods.smoothquant import SmoothQuant
-from qvlm_harness.models.architectures import NORMS, class_key, describe_config
+from qvlm_harness.models.architectures import NORMS, class_key, describe_config, describe_model
 from qvlm_harness.models.capture import capture_stack_inputs, first_output, run_unit
-from qvlm_harness.models.llava import LlavaAdapter
-from qvlm_harness.models.structure import NormKind
+from qvlm_harness.models.llava import CalibBatch, LlavaAdapter
+from qvlm_harness.models.structure import STACK_NAMES, NormKind
 from qvlm_harness.models.tiny import tiny_gemma_model_path
-from qvlm_harness.models.transforms import fold_scales, replay_transforms
+from qvlm_harness.models.transforms import fold_group, fold_scales, replay_transforms
 from qvlm_harness.quant.sequential import run_sequential
 from qvlm_harness.tasks.sqa import ScienceQA
 
@@ -150,6 +151,77 @@ def test_run_sequential_feeds_every_unit_its_own_inputs(model_dirs, calib, arch)
             assert len(seen[u.name]) == len(reached)
             for out, r in zip(seen[u.name], real, strict=True):
                 assert torch.allclose(out, r[u.name][1], rtol=0, atol=1e-5), u.name
+
+
+def _family_model(text_family: str, vision_family: str):
+    """A tiny random Llava for one (LM, vision tower) pairing of the architecture table, with random norms, and a
+    left-padded batch of two rows with 16 image tokens each."""
+    import transformers as tf
+
+    vocab, image_token = 100, 99
+    text_kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    text = {"mistral": lambda: tf.MistralConfig(sliding_window=8, **text_kw),
+            "qwen2": lambda: tf.Qwen2Config(**text_kw),
+            "qwen3": lambda: tf.Qwen3Config(**text_kw),
+            "gemma": lambda: tf.GemmaConfig(**text_kw),
+            "gemma2": lambda: tf.Gemma2Config(sliding_window=8, query_pre_attn_scalar=16, **text_kw)}[text_family]()
+    vision_kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                     patch_size=8)
+    vision = {"clip": lambda: tf.CLIPVisionConfig(**vision_kw),
+              "siglip": lambda: tf.SiglipVisionConfig(**vision_kw),
+              "dinov2-swiglu": lambda: tf.Dinov2Config(use_swiglu_ffn=True, **vision_kw)}[vision_family]()
+    torch.manual_seed(0)
+    config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token, image_seq_length=16,
+                            vision_feature_select_strategy="full" if vision_family == "siglip" else "default",
+                            vision_feature_layer=-1)
+    model = tf.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if class_key(m) in NORMS:
+                centre = 0.0 if NORMS[class_key(m)] is NormKind.RMSNORM_OFFSET else 1.0
+                m.weight.copy_(centre + 0.3 * torch.randn_like(m.weight))
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(0.1 * torch.randn_like(m.bias))
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.cat([torch.randint(1, 90, (5,), generator=g), torch.full((16,), image_token),
+                       torch.randint(1, 90, (9,), generator=g)]) for _ in range(2)]
+    ids = torch.stack(rows)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # left padding
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    return model, CalibBatch(inputs, torch.zeros_like(ids, dtype=torch.bool), torch.zeros(0, dtype=torch.long), 2, 2)
+
+
+@pytest.mark.parametrize(("text", "vision"), [("mistral", "dinov2-swiglu"), ("qwen2", "clip"), ("qwen3", "siglip"),
+                                              ("gemma", "siglip"), ("gemma2", "clip")])
+def test_every_family_of_the_table_propagates_and_folds_exactly(text, vision):
+    """The families no tiny checkpoint covers: unit-by-unit propagation from the captured inputs equals the real
+    forward, and folding random scales through every scale group leaves the logits unchanged."""
+    model, batch = _family_model(text, vision)
+    # the seam's parts of an adapter (a model without a tokenizer: the inputs are built by hand)
+    adapter = SimpleNamespace(model=model, transforms=[], stacks=lambda names=STACK_NAMES: describe_model(model, names))
+    stacks = adapter.stacks()
+    real = real_unit_io(adapter, batch.inputs)
+    for stack, entries in capture_stack_inputs(model, stacks, [batch]).items():
+        si = entries[0]
+        h = si.hidden
+        with torch.no_grad():
+            for u in next(s for s in stacks if s.name == stack).units:
+                h = run_unit(u, h, si)
+                assert torch.allclose(h, real[u.name][1], rtol=0, atol=1e-5), u.name
+    keep = batch.token_mask
+    with torch.no_grad():
+        ref = model(**batch.inputs).logits[keep]
+    g = torch.Generator().manual_seed(2)
+    groups = [grp for s in stacks for u in s.units for grp in u.scale_groups]
+    assert {grp.producer_kind for grp in groups} == {"norm", "linear"}
+    for grp in groups:
+        width = model.get_submodule(grp.consumers[0]).in_features
+        fold_group(adapter, grp, 0.5 + 1.5 * torch.rand(width, generator=g))
+    with torch.no_grad():
+        assert relative(model(**batch.inputs).logits[keep], ref) < 1e-5
+    assert len(adapter.transforms) == len(groups)
 
 
 # -- (ii) fold conformance -------------------------------------------------------------------------------------------
