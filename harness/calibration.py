@@ -1,12 +1,12 @@
 """Calibration data: seeded samples from a task's train split, turned into model requests (+ target answers).
 
 Methods that only need activations run `CalibrationSet.run(adapter)` under their own hooks; methods with
-output-guided losses (Q-VLM's auto-regressive term) also read the targets.
+output-guided losses (Q-VLM's auto-regressive term) also read the targets. Encoding is the adapter's
+(`LlavaAdapter.calibration_batches`), the one calibration encoder every method goes through.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +39,6 @@ class CalibrationSet:
 
     def run(self, adapter: LlavaAdapter, *, with_targets: bool = True, batch_size: int = 8) -> None:
         """Forward every calibration request through the model (prompt + target answer when asked)."""
-        targets: Sequence[str] | None = self.targets if with_targets else None
         with torch.no_grad():
-            for _ in adapter.forward_requests(self.requests, with_targets=targets, batch_size=batch_size):
-                pass
+            for batch in adapter.calibration_batches(self, with_targets=with_targets, batch_size=batch_size):
+                adapter.model(**batch.inputs, use_cache=False)

@@ -48,3 +48,6 @@ models.register("default", "qvlm_harness.models.default:default_model_path",
                 "embedded real-weights Llava: DINOv2-S/14 + SmolLM2-135M-Instruct + trained projector/LoRA")
 models.register("tiny", "qvlm_harness.models.tiny:tiny_model_path",
                 "tiny random-weight Llava (LLaVA-1.5 chat template) for tests and smoke runs")
+models.register("tiny-gemma", "qvlm_harness.models.tiny:tiny_gemma_model_path",
+                "tiny random-weight Llava: DINOv2 tower + Gemma3 LM (offset RMSNorm, sandwich norms, "
+                "sliding/full attention), Gemma-style template")

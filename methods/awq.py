@@ -1,13 +1,15 @@
 """AWQ (`awq`, Lin et al. 2023; reference: mit-han-lab/llm-awq auto_scale.py / auto_clip.py).
 
-Block by block over the language model (and, with the `search` option, the vision tower):
-1. Scale search per scale group (layers sharing an input; `qvlm_harness.quant.smoothing`): the per-input-channel
+Unit by unit over the language model (and, with the `search` option, the vision tower):
+1. Scale search per scale group (layers sharing an input, from the model seam: `Unit.scale_groups`; a sandwich
+   block's MLP group reads `pre_feedforward_layernorm`): the per-input-channel
    statistic ``x_mean = mean |x|`` over calibration tokens; for alpha in {0, 0.05, ..., 0.95}
    ``s = x_mean^alpha`` (duo_scaling: ``/ (w_mean^(1-alpha) + 1e-4)``), clamped at 1e-4 and normalised by
    ``sqrt(max(s) min(s))``; the group's linears get ``Q(W s) / s`` and the output of the inspected module
    (attention for q/k/v, MLP for gate/up or fc1, the layer itself for o/down) is compared with the float
    output; the alpha with the lowest MSE wins. All groups of a block are searched on the float block, then
-   the scales are folded into the producing norm / linear.
+   the scales are folded into the producing norm / linear through the seam (`adapter.fold_scales`: correct for
+   every norm kind, recorded in `adapter.transforms`).
 2. Clip search per linear (not q/k): per output channel and group, max |w| shrunk by up to 50% on a 20-point
    grid, keeping the shrink with the lowest MSE of the group's partial outputs on 512 sampled tokens.
 3. Round to nearest with the searched weights: asymmetric with zero point, groups of 128 (per channel where the
@@ -35,12 +37,11 @@ from qvlm_harness.cost import stage
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_calibration
 from qvlm_harness.methodconfig import option, resolve_group_size
-from qvlm_harness.quant.apply import _set_submodule, quantize_linears
+from qvlm_harness.quant.apply import quantize_linears, set_submodule
 from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, weights_reason
 from qvlm_harness.quant.qlinear import QLinear
 from qvlm_harness.quant.quantizer import compute_qparams, fake_quantize_weight, qrange
 from qvlm_harness.quant.sequential import BlockContext, first_output, run_sequential, valid_rows
-from qvlm_harness.quant.smoothing import fold_scales, scale_groups
 
 DEFAULT_GROUP = 128
 N_GRID = 20
@@ -191,41 +192,41 @@ class AWQ(Method):
 
         def process(ctx: BlockContext) -> None:
             in_scope = set(ctx.linears)
-            groups = [g for g in scale_groups(ctx.block)
-                      if all(f"{ctx.name}.{r}" in in_scope for r in g.linears)]
+            unit = ctx.unit
+            groups = [g for g in unit.scale_groups if all(c in in_scope for c in g.consumers)]
             if not ctx.batches:
                 self._quantize_block(ctx, lspec, model)
                 return
             feats = ctx.linear_inputs(ctx.linears)
-            inspect = sorted({g.inspect for g in groups if f"{ctx.name}.{g.inspect}" not in in_scope})
-            calls = ctx.capture_calls([f"{ctx.name}.{r}" for r in inspect])
+            inspect = sorted({g.inspect for g in groups if g.inspect not in in_scope})
+            calls = ctx.capture_calls(inspect)
             found = []
             for g in groups:
-                fqns = [f"{ctx.name}.{r}" for r in g.linears]
+                fqns = list(g.consumers)
                 lins = [ctx.module(f) for f in fqns]
                 ls = lspec(lins[0])
                 x = feats[fqns[0]]
                 x_mean = x.abs().mean(0)
-                insp = f"{ctx.name}.{g.inspect}"
-                if insp in in_scope:  # the inspected module is the linear itself
-                    mod = ctx.module(insp)
+                mod = ctx.module(g.inspect)
+                if g.inspect in in_scope:  # the inspected module is the linear itself
                     run = lambda mod=mod, x=x: F.linear(x, mod.weight, mod.bias)  # noqa: E731
                 else:
-                    mod = ctx.module(insp)
-                    run = lambda mod=mod, cs=calls[insp]: torch.cat(  # noqa: E731
+                    run = lambda mod=mod, cs=calls[g.inspect]: torch.cat(  # noqa: E731
                         [valid_rows(first_output(mod(*a, **k)), b.mask) for a, k, b in cs])
                 quant = lambda w, ls=ls: fake_quantize_weight(w, ls.w_bits, ls.w_symmetric, ls.w_group_size)  # noqa: E731
                 ratio, s, _ = search_scale(lins, x_mean, run, quant, n_grid=n_grid, duo=duo,
                                            group=ls.w_group_size)
                 found.append((g, fqns, s))
-                report["alphas"][f"{ctx.name}.{g.prev}"] = ratio
+                report["alphas"][g.producer] = ratio
             for g, fqns, s in found:
-                fold_scales(ctx.module(f"{ctx.name}.{g.prev}"), [ctx.module(f) for f in fqns], s)
+                adapter.fold_scales(g, s)
                 for f in fqns:
                     feats[f] = feats[f] / s[None, :]
+            # llm-awq clips no q/k projection: their error shows only through the attention scores
+            no_clip = {unit.attention.q, unit.attention.k} if unit.attention is not None else set()
             if clip:
                 for f in ctx.linears:
-                    if f.endswith(("q_proj", "k_proj")):
+                    if f in no_clip:
                         continue
                     lin = ctx.module(f)
                     ls = lspec(lin)
@@ -259,7 +260,7 @@ class AWQ(Method):
             lin = ctx.module(f)
             q = QLinear.from_linear(lin, lspec(lin), name=f)
             q.calibrating = True
-            _set_submodule(model, f, q)
+            set_submodule(model, f, q)
 
     def describe(self, spec: QuantSpec) -> str:
         group, c = self._group(spec), self.config

@@ -48,6 +48,7 @@ from qvlm_harness.errors import HarnessError
 from qvlm_harness.method import Method, MethodConfig, QuantizedModel
 from qvlm_harness.methodconfig import option
 from qvlm_harness.quant import MIN_SCALE
+from qvlm_harness.quant.apply import set_submodule
 from qvlm_harness.quant.nf4 import nf_quantize
 
 # -- the released activation quantizer ------------------------------------------------------------------------------
@@ -251,13 +252,10 @@ class OfficialQLinear(nn.Module):
 # -- the method ------------------------------------------------------------------------------------------------------
 
 
-def _layers(root: nn.Module) -> nn.ModuleList | None:
-    best = None
-    for m in root.modules():
-        if isinstance(m, nn.ModuleList) and len(m) and all(any(isinstance(c, nn.Linear) for c in x.modules())
-                                                          for x in m) and (best is None or len(m) > len(best)):
-            best = m
-    return best
+def _module_order_linears(unit) -> list[tuple[str, nn.Linear]]:
+    """(name relative to the unit, linear) in module registration order: the released code numbers a layer's
+    linears that way (its `position` 4 is o_proj in a Llama layer)."""
+    return [(n, m) for n, m in unit.module.named_modules() if isinstance(m, nn.Linear)]
 
 
 @dataclass(frozen=True)
@@ -321,27 +319,23 @@ class QVLMOfficial(Method):
         swapped: list[OfficialQLinear] = []
         a_bits = spec.a_bits if spec.quantizes_activations else FLOAT_BITS
         with stage("nf4"):
-            lm = _layers(model.model.language_model)
-            if lm is None:
-                raise HarnessError("qvlm-official: cannot find the language model's decoder layers")
+            quantize_vision = self.quantize_vision and "vision" in scope
+            stacks = {s.name: s for s in adapter.stacks(["vision", "lm"] if quantize_vision else ["lm"])}
             hidden = model.config.text_config.hidden_size
             if "lm" in scope:
-                for bi, layer in enumerate(lm):
-                    for pos, (name, lin) in enumerate(
-                            [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)], start=1):
+                for bi, unit in enumerate(stacks["lm"].units):
+                    for pos, (name, lin) in enumerate(_module_order_linears(unit), start=1):
                         dyn = (lin.in_features != (4096 if self.literal_4096 else hidden)) or pos == 4
                         mod = OfficialQLinear(lin, a_bits, "channel" if a_bits < FLOAT_BITS else "none", bi + 1, pos,
-                                              dyn, state, f"{_name(model, layer)}.{name}")
-                        _swap(layer, name, mod)
+                                              dyn, state, f"{unit.name}.{name}")
+                        set_submodule(unit.module, name, mod)
                         swapped.append(mod)
-            if self.quantize_vision and "vision" in scope:
-                vis = _layers(model.model.vision_tower)
-                for bi, layer in enumerate(vis or []):
-                    for pos, (name, lin) in enumerate(
-                            [(n, m) for n, m in layer.named_modules() if isinstance(m, nn.Linear)], start=1):
+            if quantize_vision:
+                for bi, unit in enumerate(stacks["vision"].units):
+                    for pos, (name, lin) in enumerate(_module_order_linears(unit), start=1):
                         mod = OfficialQLinear(lin, a_bits, "row" if a_bits < FLOAT_BITS else "none", bi + 1, pos,
-                                              False, state, f"{_name(model, layer)}.{name}")
-                        _swap(layer, name, mod)
+                                              False, state, f"{unit.name}.{name}")
+                        set_submodule(unit.module, name, mod)
                         swapped.append(mod)
         # the per-prompt (dynamic) ranges must ignore left padding: the LM's 2-D attention mask, per call
         model.model.language_model.register_forward_pre_hook(_mask_hook(state), with_kwargs=True)
@@ -383,19 +377,6 @@ class QVLMOfficial(Method):
         return {"calibration_ids": [r.sample_id for r in calib], "search_ids": [r.sample_id for r in search],
                 "entropies_last_sample": [round(e, 4) for e in state.entropies[-64:]]}
 
-
-
-def _swap(layer: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = layer.get_submodule(parent_name) if parent_name else layer
-    setattr(parent, child, new)
-
-
-def _name(model: nn.Module, module: nn.Module) -> str:
-    for n, m in model.named_modules():
-        if m is module:
-            return n
-    return "?"
 
 
 def _mask_hook(state: CalibState):

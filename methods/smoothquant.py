@@ -1,13 +1,16 @@
 """SmoothQuant (`smoothquant`, Xiao et al. 2023): migrate activation outliers into the weights.
 
-For every group of linears reading a norm's output (q/k/v after the attention norm; gate/up or fc1 after the
-MLP norm; vision tower and language model), per input channel j:
+For every group of linears reading a norm's output (the model seam's scale groups: q/k/v after the attention
+norm; gate/up or fc1 after the MLP's input norm, `pre_feedforward_layernorm` in a sandwich block; vision tower
+and language model), per input channel j:
 ``s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha)`` (alpha 0.5 by default, clamped at 1e-5; the weight max is over
 all linears of the group), with ``max|X_j|`` from the calibration set. The norm's weight (and bias) is divided by
-``s`` and the linears' input columns multiplied by it, which leaves the float model unchanged; then every in-scope
-linear is quantized round-to-nearest in the run's spec (symmetric per-channel weights; per-token dynamic or,
-with `-tensor-static`, calibrated per-tensor activations). Layers without a preceding norm (o/down/fc2, the
-projector) are quantized without smoothing, as in the paper's recipe. Simulated (fake-quant in float).
+``s`` (``(1 + w) / s - 1`` for a Gemma norm, through `adapter.fold_scales`, which records the fold in
+`adapter.transforms`) and the linears' input columns multiplied by it, which leaves the float model unchanged;
+then every in-scope linear is quantized round-to-nearest in the run's spec (symmetric per-channel weights;
+per-token dynamic or, with `-tensor-static`, calibrated per-tensor activations). Layers without a preceding norm
+(o/down/fc2, the projector) are quantized without smoothing, as in the paper's recipe. Simulated (fake-quant in
+float).
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_ca
 from qvlm_harness.methodconfig import option
 from qvlm_harness.quant import QLinear, collect_activation_stats, quantize_linears
 from qvlm_harness.quant.methodkit import activation_text, calibrate_activations
-from qvlm_harness.quant.sequential import find_stages
-from qvlm_harness.quant.smoothing import fold_scales, scale_groups
 
 
 def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -52,25 +53,22 @@ class SmoothQuant(Method):
         model = adapter.model
         wanted = adapter.linear_names(scope)
         report: dict = {"alpha": alpha, "smoothed_groups": 0}
-        groups = []
-        for found in find_stages(model, [s for s in scope if s != "projector"]):
-            for name, block in found.blocks:
-                for g in scale_groups(block):
-                    if g.prev_kind == "norm" and all(f"{name}.{r}" in wanted for r in g.linears):
-                        groups.append((f"{name}.{g.prev}", [f"{name}.{r}" for r in g.linears]))
+        keep = set(wanted)
+        groups = [g for stack in adapter.stacks([s for s in scope if s != "projector"])
+                  for unit in stack.units for g in unit.scale_groups
+                  if g.producer_kind == "norm" and all(c in keep for c in g.consumers)]
         with stage("activation_stats"):
-            firsts = [lins[0] for _, lins in groups]
+            firsts = [g.consumers[0] for g in groups]
             stats = collect_activation_stats(model, firsts, lambda: calibration.run(adapter)) if firsts else {}
         with stage("smooth"):
-            for prev, lins in groups:
-                if lins[0] not in stats:
+            for g in groups:
+                if g.consumers[0] not in stats:
                     continue
-                mods = [model.get_submodule(f) for f in lins]
-                s = smooth_scales(stats[lins[0]].absmax, [m.weight for m in mods], alpha)
-                fold_scales(model.get_submodule(prev), mods, s)
+                mods = [model.get_submodule(f) for f in g.consumers]
+                s = smooth_scales(stats[g.consumers[0]].absmax, [m.weight for m in mods], alpha)
+                adapter.fold_scales(g, s)
                 report["smoothed_groups"] += 1
         with stage("quantize"):
-            keep = set(wanted)
             quantize_linears(model, spec, include=lambda n, m: n in keep,
                              make=lambda n, m: QLinear.from_linear(m, spec, name=n))
         with stage("activation_calibration"):

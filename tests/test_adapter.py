@@ -62,7 +62,7 @@ def test_render_places_image_at_placeholder_and_uses_checkpoint_template(tiny_ad
 
 def test_linear_names_follow_forward_order_and_scopes(tiny_adapter):
     names = tiny_adapter.linear_names(["vision", "projector", "lm"])
-    scopes = [tiny_adapter.scope_of(n) for n in names]
+    scopes = [tiny_adapter.stack_of(n) for n in names]
     assert scopes == sorted(scopes, key=["vision", "projector", "lm"].index)
     assert not any(n.endswith("lm_head") for n in names)
     assert tiny_adapter.linear_names(["projector"]) == [n for n in names if "multi_modal_projector" in n]

@@ -7,9 +7,23 @@ from torch import nn
 
 from qvlm_harness.methods.awq import awq_scales, search_clip, search_scale
 from qvlm_harness.methods.smoothquant import smooth_scales
+from qvlm_harness.models.architectures import describe_unit
+from qvlm_harness.models.transforms import fold_scales
 from qvlm_harness.quant.lorc import LoRCLinear, lorc_factors
 from qvlm_harness.quant.quantizer import fake_quantize_per_token, fake_quantize_weight
-from qvlm_harness.quant.smoothing import fold_scales, scale_groups
+
+
+def scale_groups(block: nn.Module):
+    """The seam's scale groups of a standalone layer (names relative to it)."""
+    return describe_unit(block, "", "lm", 0).scale_groups
+
+
+def llama_layer() -> nn.Module:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return LlamaDecoderLayer(LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                         num_key_value_heads=4), 0)
 
 
 class ToyBlock(nn.Module):
@@ -95,9 +109,10 @@ def test_smoothquant_folding_is_exact_in_float_and_lowers_w8a8_error():
     x = outlier_inputs(seed=4)
     h = blk.input_layernorm(x).detach()
     lins = [blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj]
-    groups = scale_groups(blk)
-    assert groups[0].prev == "input_layernorm" and groups[0].linears == [f"self_attn.{n}" for n in
-                                                                        ("q_proj", "k_proj", "v_proj")]
+    # the seam's first scale group of a pre-norm decoder layer: the attention norm feeding q/k/v (ToyBlock's layout)
+    groups = scale_groups(llama_layer())
+    assert groups[0].producer == "input_layernorm" and groups[0].consumers == tuple(f"self_attn.{n}" for n in
+                                                                                   ("q_proj", "k_proj", "v_proj"))
 
     def w8a8_error() -> float:
         hh = blk.input_layernorm(x).detach()

@@ -2,8 +2,10 @@
 
 The adapter is the only code that knows how a LLaVA model is prompted: it renders the checkpoint's own chat
 template, places the image, batches with left padding, runs greedy generation (timing prefill and decode
-separately) and scores answer options by log-likelihood. Methods see the `torch.nn.Module` and the names of
-the linear layers of each part (`vision`, `projector`, `lm`); tasks see only `Request`/`Response`.
+separately) and scores answer options by log-likelihood. It is also the model seam methods go through: what the
+model is made of (`stacks()`: stacks of units, from `qvlm_harness.models.architectures`), the one calibration
+encoder (`calibration_batches()`), and the recorded function-preserving transforms (`fold_scales()`,
+`transforms`). Tasks see only `Request`/`Response`.
 """
 
 from __future__ import annotations
@@ -13,23 +15,24 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from qvlm_harness.errors import ModelError
 from qvlm_harness.images import load_image
+from qvlm_harness.models.architectures import describe_model
+from qvlm_harness.models.structure import STACK_NAMES, STACK_ROOTS, ScaleGroup, Stack
+from qvlm_harness.models.transforms import Transform, fold_group
 from qvlm_harness.task import Request, Response
 
+if TYPE_CHECKING:
+    from qvlm_harness.calibration import CalibrationSet
+
 IMAGE_PLACEHOLDER = "<image>"
-# Where each part of a Llava model lives (transformers >= 4.52 layout).
-SCOPE_PREFIXES = {
-    "vision": "model.vision_tower.",
-    "projector": "model.multi_modal_projector.",
-    "lm": "model.language_model.",
-}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -49,12 +52,20 @@ def _without_volatile_keys(value):
 
 
 @dataclass
-class Timing:
-    """Wall-clock seconds of one batch: prefill (prompt forward, up to the first new token) and decode."""
+class CalibBatch:
+    """One encoded calibration batch (left-padded; prompt + the assistant's answer turn when encoded with targets)
+    and where its answers are."""
 
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    new_tokens: list[int] = field(default_factory=list)
+    inputs: dict[str, torch.Tensor]
+    answer_pos: torch.Tensor  # bool [b, T]: positions whose *next* token belongs to the answer (none without targets)
+    answer_ids: torch.Tensor  # long [n]: those next tokens, in row-major order of answer_pos
+    n_samples: int
+    n_images: int
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """bool [b, T]: real (not padding) tokens."""
+        return self.inputs["attention_mask"].to(torch.bool)
 
 
 class _TimingStreamer:
@@ -79,6 +90,7 @@ class LlavaAdapter:
         self.tokenizer = processor.tokenizer
         self.name = name
         self.path = path
+        self.transforms: list[Transform] = []  # function-preserving transforms applied to the model, in order
         self._eos_ids = self._stop_token_ids()
 
     # -- loading -----------------------------------------------------------------------------------------------
@@ -119,24 +131,35 @@ class LlavaAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def stacks(self, stacks: Sequence[str] = STACK_NAMES) -> list[Stack]:
+        """What the model is made of: the requested stacks in forward order, each with its units (layers, or the
+        projector) in forward order; an architecture the seam does not know is refused by name."""
+        return describe_model(self.model, stacks)
+
     def linear_names(self, scopes: Sequence[str]) -> list[str]:
-        """Fully qualified names of the nn.Linear layers in the given parts, in forward order (vision tower,
-        projector, language model); the LM head is excluded (it is usually tied to the embeddings)."""
-        order = [s for s in ("vision", "projector", "lm") if s in scopes]
-        unknown = set(scopes) - set(SCOPE_PREFIXES)
+        """Fully qualified names of the nn.Linear layers in the given parts (the user's `--quantize` scopes), stack
+        by stack in forward order (vision tower, projector, language model) and in module order within a stack;
+        the LM head is excluded (it is usually tied to the embeddings)."""
+        unknown = set(scopes) - set(STACK_ROOTS)
         if unknown:
-            raise ModelError(f"unknown scope(s) {sorted(unknown)}; choose from vision, projector, lm")
+            raise ModelError(f"unknown scope(s) {sorted(unknown)}; choose from {', '.join(STACK_NAMES)}")
         names = []
-        for scope in order:
-            prefix = SCOPE_PREFIXES[scope]
+        for stack in (s for s in STACK_NAMES if s in scopes):
+            prefix = STACK_ROOTS[stack] + "."
             names += [n for n, m in self.model.named_modules() if n.startswith(prefix) and isinstance(m, nn.Linear)]
         return names
 
-    def scope_of(self, module_name: str) -> str:
-        for scope, prefix in SCOPE_PREFIXES.items():
-            if module_name.startswith(prefix):
-                return scope
+    def stack_of(self, module_name: str) -> str:
+        """The stack (vision, projector, lm) a module belongs to, or "other"."""
+        for stack, root in STACK_ROOTS.items():
+            if module_name.startswith(root + "."):
+                return stack
         return "other"
+
+    def fold_scales(self, group: ScaleGroup, scales: torch.Tensor) -> Transform:
+        """Fold per-channel `scales` through a scale group (see `qvlm_harness.models.transforms`) and record it in
+        `transforms`, so that the transform can be replayed alone on another model."""
+        return fold_group(self, group, scales)
 
     def fingerprint(self) -> str:
         """A short hash of the config and of a sample of every weight tensor: equal fingerprints mean the same
@@ -153,6 +176,12 @@ class LlavaAdapter:
     # -- prompting -------------------------------------------------------------------------------------------------
     def render(self, request: Request) -> str:
         """The full prompt text (chat template applied, generation prompt appended) for one request."""
+        conversation = [{"role": "user", "content": self._content(request)}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    @staticmethod
+    def _content(request: Request) -> list[dict]:
+        """The user turn's content parts: the image where the prompt places it (at the start otherwise)."""
         content: list[dict] = []
         text = request.prompt
         if request.image is not None:
@@ -167,8 +196,7 @@ class LlavaAdapter:
             text = text.replace(IMAGE_PLACEHOLDER, "")
         if text:
             content.append({"type": "text", "text": text})
-        conversation = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return content
 
     def encode(self, requests: Sequence[Request], *, suffixes: Sequence[str] | None = None,
                padding_side: str = "left") -> dict[str, torch.Tensor]:
@@ -179,7 +207,8 @@ class LlavaAdapter:
             texts = [t + s for t, s in zip(texts, suffixes, strict=True)]
         images = [load_image(r.image, what=f"sample {r.sample_id}") for r in requests if r.image is not None]
         self.tokenizer.padding_side = padding_side
-        batch = self.processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+        batch = self.processor(images=images or None, text=texts, return_tensors="pt", padding=True,
+                               add_special_tokens=self._add_special_tokens(texts))
         return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in batch.items()}
 
@@ -262,22 +291,73 @@ class LlavaAdapter:
                     out[i] = resp
         return out  # type: ignore[return-value]
 
-    def forward_requests(self, requests: Sequence[Request], *, with_targets: Sequence[str] | None = None,
-                         batch_size: int = 8) -> Iterator[tuple[dict, torch.Tensor]]:
-        """Run the model on calibration requests (optionally teacher-forcing target answers) and yield
-        (inputs, logits) per batch; methods use it with hooks to capture activations."""
-        for start in range(0, len(requests), batch_size):
-            chunk = requests[start:start + batch_size]
-            suffixes = None
-            if with_targets is not None:
-                end = self.tokenizer.eos_token or ""
-                suffixes = [t + end for t in with_targets[start:start + batch_size]]
-            batch = self.encode(chunk, suffixes=suffixes)
-            with torch.no_grad():
-                logits = self.model(**batch).logits
-            yield batch, logits
+    # -- calibration ---------------------------------------------------------------------------------------------------
+    def answer_suffix(self, request: Request, target: str) -> str:
+        """The text that follows the rendered prompt when the assistant answers `target`: the assistant turn
+        rendered through the chat template, up to and including its end-of-turn token (trailing whitespace after
+        it is never generated, so it is dropped). A template whose assistant turn ends in no special token gets
+        the EOS token appended (the model must learn where the answer stops); one whose full conversation does not
+        extend the rendered prompt falls back to ``target + EOS``."""
+        prompt = self.render(request)
+        conversation = [{"role": "user", "content": self._content(request)},
+                        {"role": "assistant", "content": [{"type": "text", "text": target}]}]
+        full = self.processor.apply_chat_template(conversation, add_generation_prompt=False, tokenize=False)
+        eos = self.tokenizer.eos_token or ""
+        if not full.startswith(prompt):
+            return target + eos
+        suffix = full[len(prompt):].rstrip()
+        if not any(suffix.endswith(t) for t in self._special_tokens()):
+            suffix += eos
+        return suffix
+
+    def _special_tokens(self) -> set[str]:
+        """Every special token's text: the named ones (BOS, EOS, ...) and added special tokens such as a
+        template's end-of-turn marker, which reloaded tokenizers list only among their added tokens."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        named = set(self.tokenizer.all_special_tokens)
+        return {t for t in named | {a.content for a in added.values() if getattr(a, "special", False)} if t}
+
+    def calibration_batches(self, calibration: CalibrationSet, *, with_targets: bool = True,
+                            batch_size: int = 8) -> Iterator[CalibBatch]:
+        """The calibration set encoded in fixed order, `batch_size` requests per batch: prompts followed (with
+        `with_targets`) by the assistant's answer turn (`answer_suffix`), with the answer positions and ids that
+        output-guided losses read. The one calibration encoder: every method's calibration goes through it."""
+        reqs, targets = calibration.requests, calibration.targets
+        for start in range(0, len(reqs), batch_size):
+            chunk = reqs[start:start + batch_size]
+            suffixes = ([self.answer_suffix(r, t) for r, t in zip(chunk, targets[start:start + batch_size],
+                                                                  strict=True)] if with_targets else None)
+            inputs = self.encode(chunk, suffixes=suffixes)
+            ids = inputs["input_ids"]
+            pos = torch.zeros_like(ids, dtype=torch.bool)
+            if suffixes is not None:
+                n_answer = self._answer_token_counts(chunk, suffixes)
+                n_real = inputs["attention_mask"].sum(dim=1)
+                t = ids.shape[1]
+                for i, n in enumerate(n_answer):
+                    n = int(max(1, min(n, int(n_real[i]) - 1)))
+                    pos[i, t - n - 1:t - 1] = True  # left padding: the answer ends the row
+            answer_ids = ids[:, 1:][pos[:, :-1]]
+            n_images = int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0
+            yield CalibBatch(inputs, pos, answer_ids, len(chunk), n_images)
+
+    def _answer_token_counts(self, requests: Sequence[Request], suffixes: Sequence[str]) -> list[int]:
+        """Tokens the suffix adds to each rendered prompt (text only: the image placeholder's expansion is the same
+        with and without the suffix)."""
+        prompts = [self.render(r) for r in requests]
+        full = [p + s for p, s in zip(prompts, suffixes, strict=True)]
+        special = self._add_special_tokens(prompts)
+        n_full = [len(x) for x in self.tokenizer(full, add_special_tokens=special).input_ids]
+        n_prompt = [len(x) for x in self.tokenizer(prompts, add_special_tokens=special).input_ids]
+        return [a - b for a, b in zip(n_full, n_prompt, strict=True)]
 
     # -- helpers ---------------------------------------------------------------------------------------------------
+    def _add_special_tokens(self, texts: Sequence[str]) -> bool:
+        """Whether tokenizing rendered prompts should add the tokenizer's special tokens: not when the chat
+        template already rendered the BOS token (``{{ bos_token }}``), which would double it."""
+        bos = self.tokenizer.bos_token
+        return not (bos and texts and all(t.startswith(bos) for t in texts))
+
     def _stop_token_ids(self) -> list[int]:
         ids = set()
         gen_cfg = getattr(self.model, "generation_config", None)

@@ -59,10 +59,15 @@ def linear_names(model: nn.Module, prefixes: Include = None) -> list[str]:
     return [name for name, m in _swappable_linears(model) if pred(name, m)]
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Install `new` at `name` (an FQN relative to `model`), replacing what was there: the one module swap every
+    method, checkpoint loader and transform uses."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+_set_submodule = set_submodule  # the former private name, still imported by aespa and the checkpoint loader
 
 
 def quantize_linears(
@@ -89,7 +94,7 @@ def quantize_linears(
         key = id(linear)
         if key not in built:
             built[key] = make(name, linear)  # type: ignore[arg-type]
-        _set_submodule(model, name, built[key])
+        set_submodule(model, name, built[key])
     return selected
 
 

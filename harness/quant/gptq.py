@@ -163,16 +163,16 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, symmetric: bool = True, group
 
 def gptq_pass(adapter, calibration, spec, scope, *, layer_spec, make_module=None, act_order: bool = False,
               percdamp: float = 0.01, block_size: int = 128, batch_size: int = 8, method: str = "gptq") -> dict:
-    """Quantize every in-scope linear of a Llava model with GPTQ, block by block and, inside a block, group of
-    layers sharing an input by group (q/k/v, then o, ...), each group's Hessian coming from the inputs of the
-    already-quantized prefix. Activation quantizers stay off during the pass (Hessians are taken on float
+    """Quantize every in-scope linear of a Llava model with GPTQ, unit by unit (the seam's stacks) and, inside a
+    unit, group of layers sharing an input by group (q/k/v, then o, ...), each group's Hessian coming from the
+    inputs of the already-quantized prefix. Activation quantizers stay off during the pass (Hessians are taken on float
     activations of the weight-quantized prefix).
 
     `layer_spec(fqn, linear) -> QuantSpec` gives each layer's spec; `make_module(fqn, linear, qlinear)` may wrap
     the resulting `QLinear` (ZeroQuant-V2's LoRC). Linears outside any block, or never reached by calibration
     data, get round-to-nearest. Returns ``{"quantized": [...], "rtn_fallback": [...]}``.
     """
-    from qvlm_harness.quant.apply import _set_submodule
+    from qvlm_harness.quant.apply import set_submodule
     from qvlm_harness.quant.qlinear import QLinear
     from qvlm_harness.quant.sequential import run_sequential, valid_rows
 
@@ -187,7 +187,7 @@ def gptq_pass(adapter, calibration, spec, scope, *, layer_spec, make_module=None
         for m in new.modules():
             if hasattr(m, "calibrating"):
                 m.calibrating = True
-        _set_submodule(model, fqn, new)
+        set_submodule(model, fqn, new)
 
     def process(ctx) -> None:
         for group in ctx.input_groups():

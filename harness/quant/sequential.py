@@ -1,45 +1,42 @@
-"""Block-by-block calibration passes, the way GPTQ and AWQ walk a transformer.
+"""Unit-by-unit calibration passes, the way GPTQ and AWQ walk a transformer.
 
-A Llava model is three stages in forward order: the vision tower's encoder layers, the projector (one block)
-and the language model's decoder layers. For each stage the calibration set is run through the whole model
-(vision tower and projector already processed) until the stage's first block is reached; its inputs
-(positional and keyword arguments, per batch) are kept and the forward is stopped there. Then every block of
-the stage is handed to the method (`process(ctx)`) and run on those inputs, and its outputs become the next
-block's inputs: either the outputs of the block *after* the method processed it (`propagate="quantized"`: GPTQ,
-"inputs from the already-quantized prefix") or the float block's outputs (`propagate="float"`: AWQ, whose
-scaling leaves the float function unchanged).
+A Llava model is three stacks in forward order (`adapter.stacks()`: the vision tower's layers, the projector as
+one unit, the language model's layers). For each stack the calibration set is run through the model once to
+capture the stack's entry activations and every unit's own call arguments (`qvlm_harness.models.capture`: the
+attention mask and rotary embeddings of a sliding-window layer are not those of a full-attention layer). Then
+every unit of the stack is handed to the method (`process(ctx)`) and run on its inputs, and its outputs become
+the next unit's inputs: either the outputs of the unit *after* the method processed it
+(`propagate="quantized"`: GPTQ, "inputs from the already-quantized prefix") or the float unit's outputs
+(`propagate="float"`: AWQ, whose scaling leaves the float function unchanged). A stack is captured when it is
+reached, so it sees the already-processed stacks before it.
 
-Token masks: in the language-model stage each batch carries the attention mask of its (left-padded) prompts, so
+Token masks: in the language-model stack each batch carries the attention mask of its (left-padded) prompts, so
 statistics and Hessians use real tokens only; vision and projector inputs have no padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
-from qvlm_harness.errors import HarnessError
+from qvlm_harness.models.capture import StackInput, capture_stack_inputs, first_output
+from qvlm_harness.models.structure import Unit
 
 if TYPE_CHECKING:
     from qvlm_harness.calibration import CalibrationSet
     from qvlm_harness.models.llava import LlavaAdapter
 
-STAGE_PREFIXES = {"vision": "model.vision_tower", "projector": "model.multi_modal_projector",
-                  "lm": "model.language_model"}
-
-
-class _Stop(Exception):
-    """Raised by the capture hook to end a calibration forward once a stage's first block is reached."""
+__all__ = ["Batch", "BlockContext", "first_output", "run_sequential", "valid_rows"]
 
 
 @dataclass
 class Batch:
-    """The inputs of one block call: positional args (hidden states first), keyword args, and the token mask."""
+    """The inputs of one unit call: positional args (hidden states first), keyword args, and the token mask."""
 
     args: tuple
     kwargs: dict
@@ -54,97 +51,18 @@ class Batch:
             return Batch((h,) + tuple(self.args[1:]), self.kwargs, self.mask)
         return Batch(self.args, self.kwargs | {"hidden_states": h}, self.mask)
 
+    @classmethod
+    def of(cls, si: StackInput, unit: Unit) -> Batch:
+        """The call of `unit` on the batch's current activations, with the unit's own recorded arguments."""
+        call = si.calls[unit.index]
+        return cls((si.hidden, *call.args), call.kwargs, si.mask)
+
 
 def valid_rows(x: Tensor, mask: Tensor | None) -> Tensor:
     """Rows ``[n, C]`` of a ``[..., C]`` tensor, keeping only real tokens when `mask` matches its leading dims."""
     if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         return x[mask.to(x.device)]
     return x.reshape(-1, x.shape[-1])
-
-
-def first_output(out) -> Tensor:
-    """The hidden-state output of a block or sub-module (HF modules may return tuples)."""
-    if isinstance(out, tuple | list):
-        return out[0]
-    if isinstance(out, Tensor):
-        return out
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        raise HarnessError(f"cannot find the hidden states in a {type(out).__name__} block output")
-    return hidden
-
-
-@dataclass
-class Stage:
-    scope: str
-    blocks: list[tuple[str, nn.Module]]
-
-
-def find_stages(model: nn.Module, scopes: Sequence[str]) -> list[Stage]:
-    """The stages of a Llava model in forward order, restricted to `scopes`.
-
-    Vision and language model: the `nn.ModuleList` of layers holding most parameters under the stage prefix
-    (CLIP `encoder.layers`, DINOv2 `encoder.layer`, Llama `layers`); projector: the projector module itself.
-    """
-    stages = []
-    for scope in ("vision", "projector", "lm"):
-        if scope not in scopes:
-            continue
-        prefix = STAGE_PREFIXES[scope]
-        try:
-            root = model.get_submodule(prefix)
-        except AttributeError:
-            raise HarnessError(f"the model has no {prefix} (not a transformers>=4.52 Llava layout)") from None
-        if scope == "projector":
-            stages.append(Stage(scope, [(prefix, root)]))
-            continue
-        best, best_params = None, -1
-        for name, m in root.named_modules():
-            if isinstance(m, nn.ModuleList) and len(m):
-                n = sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
-                if n > best_params:
-                    best, best_params = (name, m), n
-        if best is None:
-            raise HarnessError(f"cannot find the layer list of {prefix}")
-        name, layers = best
-        stages.append(Stage(scope, [(f"{prefix}.{name}.{i}", blk) for i, blk in enumerate(layers)]))
-    return stages
-
-
-def calibration_batches(adapter: LlavaAdapter, calibration: CalibrationSet, *, with_targets: bool = True,
-                        batch_size: int = 8) -> Iterator[dict[str, Tensor]]:
-    """Processor outputs of the calibration requests (prompt + target answer + EOS when `with_targets`)."""
-    reqs = calibration.requests
-    for start in range(0, len(reqs), batch_size):
-        chunk = reqs[start:start + batch_size]
-        suffixes = None
-        if with_targets:
-            end = adapter.tokenizer.eos_token or ""
-            suffixes = [t + end for t in calibration.targets[start:start + batch_size]]
-        yield adapter.encode(chunk, suffixes=suffixes)
-
-
-def capture_block_inputs(adapter: LlavaAdapter, calibration: CalibrationSet, block: nn.Module, *,
-                         lm_mask: bool, with_targets: bool = True, batch_size: int = 8) -> list[Batch]:
-    """Inputs of `block` for every calibration batch that reaches it, stopping each forward right there."""
-    batches: list[Batch] = []
-    state: dict[str, Tensor | None] = {"mask": None}
-
-    def hook(_m, args, kwargs):
-        batches.append(Batch(tuple(args), dict(kwargs), state["mask"]))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in calibration_batches(adapter, calibration, with_targets=with_targets,
-                                             batch_size=batch_size):
-                state["mask"] = batch["attention_mask"].bool() if lm_mask else None
-                with suppress(_Stop):
-                    adapter.model(**batch, use_cache=False)
-    finally:
-        handle.remove()
-    return batches
 
 
 @contextmanager
@@ -162,15 +80,22 @@ def _hooks(modules: dict[str, nn.Module], fn: Callable[[str, tuple, dict], None]
 
 @dataclass
 class BlockContext:
-    """What a method sees of one block: its module, its calibration inputs and the linears to quantize."""
+    """What a method sees of one unit ("block"): its module, its calibration inputs, the linears to quantize and
+    the seam's description of it (scale groups, attention, norms)."""
 
-    scope: str
+    stack: str
     name: str
     block: nn.Module
     batches: list[Batch]
-    linears: list[str]  # FQNs in the model, in module order, restricted to the requested scopes
+    linears: list[str]  # FQNs in the model, in module order, restricted to the requested stacks
     model: nn.Module
+    unit: Unit | None = None
     report: dict = field(default_factory=dict)
+
+    @property
+    def scope(self) -> str:
+        """The former name of `stack` (kept so that methods written against it keep working)."""
+        return self.stack
 
     def rel(self, fqn: str) -> str:
         return fqn[len(self.name) + 1:]
@@ -242,27 +167,28 @@ class BlockContext:
         return groups + [[f] for f in self.linears if f not in called]
 
 
-def run_sequential(adapter: LlavaAdapter, calibration: CalibrationSet, scopes: Sequence[str],
+def run_sequential(adapter: LlavaAdapter, calibration: CalibrationSet, stacks: Sequence[str],
                    linears: Sequence[str], process: Callable[[BlockContext], None], *,
                    propagate: Literal["quantized", "float"] = "quantized", with_targets: bool = True,
                    batch_size: int = 8, log: Callable[[str], None] | None = None) -> list[str]:
-    """Walk the stages block by block calling `process`; returns the FQNs of `linears` that lay in a block
+    """Walk the requested stacks unit by unit calling `process`; returns the FQNs of `linears` that lay in a unit
     (the others, if any, are the caller's to handle)."""
     model = adapter.model
+    encoded = list(adapter.calibration_batches(calibration, with_targets=with_targets, batch_size=batch_size))
     covered: list[str] = []
-    for stage in find_stages(model, scopes):
-        batches = capture_block_inputs(adapter, calibration, stage.blocks[0][1], lm_mask=stage.scope == "lm",
-                                       with_targets=with_targets, batch_size=batch_size)
-        for name, block in stage.blocks:
-            mine = [f for f in linears if f.startswith(name + ".")]
-            ctx = BlockContext(stage.scope, name, block, batches, mine, model)
-            outputs = ctx.run() if propagate == "float" and batches else None
+    for stack in adapter.stacks(stacks):
+        entries = capture_stack_inputs(model, [stack], encoded)[stack.name]
+        for unit in stack.units:
+            mine = [f for f in linears if f.startswith(unit.name + ".")]
+            ctx = BlockContext(stack.name, unit.name, unit.module, [Batch.of(si, unit) for si in entries], mine,
+                               model, unit)
+            outputs = ctx.run() if propagate == "float" and entries else None
             if mine:
                 process(ctx)
                 covered += mine
-            if batches:
+            if entries:
                 outputs = outputs if outputs is not None else ctx.run()
-                batches = [b.with_hidden(o) for b, o in zip(batches, outputs, strict=True)]
+                entries = [si.with_hidden(o) for si, o in zip(entries, outputs, strict=True)]
             if log:
-                log(f"{name}: {len(mine)} linear layers")
+                log(f"{unit.name}: {len(mine)} linear layers")
     return covered

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -115,7 +115,7 @@ class PairDED:
 
 
 def _clone(unit: Unit) -> Unit:
-    return Unit(unit.name, unit.stack, unit.index, copy.deepcopy(unit.module), unit.used)
+    return replace(unit, module=copy.deepcopy(unit.module))
 
 
 def _roundings(units: Sequence[Unit]) -> list:
@@ -190,7 +190,7 @@ def pair_ded(a: Unit, b: Unit, inputs: Sequence[StackInput], spec: QuantSpec, op
     a1, b1 = _clone(a), _clone(b)
     BlockSearch([a1], [1.0], spec, opts, seed).run(inputs, {k: [v] for k, v in ya.items()}, eval_inputs=inputs)
     with torch.no_grad():
-        qa = [StackInput(run_unit(a1, si.hidden, si), si.args, si.kwargs, si.mask, si.batch) for si in inputs]
+        qa = [si.with_hidden(run_unit(a1, si.hidden, si)) for si in inputs]
     BlockSearch([b1], [1.0], spec, opts, seed).run(qa, {k: [v] for k, v in yb.items()}, eval_inputs=qa)
     # joint: both searched together on the pair's output, warm-started from the layer-wise solution with its soft
     # offsets moved near the decision boundary (h = warm_h / 1 - warm_h, same hard decisions) so that the joint
@@ -237,7 +237,6 @@ def analyze_stack(units: Sequence[Unit], inputs: Sequence[StackInput], spec: Qua
         if i + 1 >= len(units) - 1 or not any(j > i for j in wanted):
             break
         with torch.no_grad():
-            stream = [StackInput(run_unit(units[i], si.hidden, si), si.args, si.kwargs, si.mask, si.batch)
-                      for si in stream]
+            stream = [si.with_hidden(run_unit(units[i], si.hidden, si)) for si in stream]
     return out
 

@@ -187,7 +187,8 @@ class Pipeline:
         return entropies, entries, cache, fp_logp
 
     def _lm_head(self):
-        return getattr(self.model.model.language_model, "norm", None), self.model.lm_head
+        final = self.adapter.stacks(["lm"])[0].final_norm
+        return (self.model.get_submodule(final) if final else None), self.model.lm_head
 
     def partition(self, entropies: dict[str, float]) -> dict[str, list[list[int]]]:
         out = {}
@@ -232,8 +233,7 @@ class Pipeline:
             self.quantized += search.finalize()
             self.blocks.append(result.to_dict() | {"stack": stack})
             with torch.no_grad():
-                q_stream = [StackInput(run_units(block_units, si.hidden, si), si.args, si.kwargs, si.mask, si.batch)
-                            for si in q_stream]
+                q_stream = [si.with_hidden(run_units(block_units, si.hidden, si)) for si in q_stream]
             del targets
         rest = [u for u in units if not u.used]
         if rest:  # layers whose output feeds nothing: round to nearest (static ranges from their inputs)
