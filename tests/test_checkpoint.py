@@ -13,6 +13,7 @@ from qvlm_harness.calibration import CalibrationSet
 from qvlm_harness.checkpoint import load_quantized, save_quantized
 from qvlm_harness.config import QuantSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.manifest import seal
 from qvlm_harness.models.llava import LlavaAdapter
 from qvlm_harness.quant.lorc import LoRCLinear
 from qvlm_harness.quant.nflinear import NFLinear
@@ -83,7 +84,8 @@ def test_tampered_or_missing_tensors_raise(tiny_model_dir, calibration, tmp_path
     save_file(edited, str(path))
     with pytest.raises(HarnessError, match="does not match the hash"):
         load_quantized(folder)
-    # 2. a missing tensor, with the hash updated to match (a consistent but incomplete file)
+    # 2. a missing tensor, with the hashes updated to match (a consistent but incomplete file; `seal` recomputes
+    #    the manifest's own hash, as a deliberate forger would)
     for drop in (key, "model.language_model.embed_tokens.weight"):
         partial = {k: v for k, v in original.items() if k != drop}
         save_file(partial, str(path))
@@ -91,11 +93,11 @@ def test_tampered_or_missing_tensors_raise(tiny_model_dir, calibration, tmp_path
         from qvlm_harness.checkpoint import _sha256
 
         manifest["tensors_sha256"] = _sha256(path)
-        (folder / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(HarnessError, match="missing"):
+        (folder / "manifest.json").write_text(json.dumps(seal(manifest)))
+        with pytest.raises(HarnessError, match=r"missing (tensors )?\['"):
             load_quantized(folder)
     # 3. an unknown module type
     manifest["modules"][next(iter(manifest["modules"]))]["type"] = "Mystery"
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(seal(manifest)))
     with pytest.raises(HarnessError, match="unknown type"):
         load_quantized(folder)
