@@ -290,6 +290,11 @@ def test_save_refuses_a_packed_model_and_wrong_labels(tiny_model_dir, tmp_path):
     with pytest.raises(HarnessError, match="execution is 'real' but module .* runs simulated"):
         save(qm, tmp_path / "ck")
     qm.execution = "simulated"
+    layer = qm.adapter.model.get_submodule("model.language_model.layers.1.self_attn.o_proj")
+    layer.calibrating = True  # would load as a calibrated layer: refused
+    with pytest.raises(HarnessError, match="layers.1.self_attn.o_proj: it is still calibrating"):
+        save(qm, tmp_path / "ck")
+    layer.calibrating = False
     convert_to_packed(qm.adapter.model, backend="torch")
     with pytest.raises(HarnessError, match=r"\(IntLinear\): no codec encodes this type"):
         save(qm, tmp_path / "ck")

@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
 
 def execute(args: argparse.Namespace) -> int:
     from qvlm_harness import plugins
-    from qvlm_harness.checkpoint import is_checkpoint, read_manifest, save_quantized
-    from qvlm_harness.models.llava import LlavaAdapter, set_threads
+    from qvlm_harness.checkpoint import is_checkpoint, load_float, read_manifest, save_quantized
+    from qvlm_harness.models.llava import set_threads
     from qvlm_harness.plan import check_model_source, resolve_model
     from qvlm_harness.quantize import calibration_for, quantize
 
@@ -54,7 +54,7 @@ def execute(args: argparse.Namespace) -> int:
     calibration = calibration_for(method, spec, task, args.calib_samples, args.seed, args.data_dir)
     set_threads(args.threads)
     model_id, path = resolve_model(args.model)
-    adapter = LlavaAdapter.load(path, name=model_id)
+    adapter = load_float(path, name=model_id)
     fingerprint = adapter.fingerprint()
     qm = quantize(adapter, method, spec, calibration, scope=tuple(args.scope), seed=args.seed)
     calib = None if calibration is None else {"task": task.name, "samples": len(calibration), "seed": args.seed}

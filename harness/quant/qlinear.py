@@ -325,6 +325,8 @@ class QLinear(nn.Module):
 # Stored: the integer codes, their scales and zero points, the bias and the static activation range; the dequantized
 # float weight is recomputed from the codes on load (bit-identical), so no float copy is written.
 def _codec_meta(m: QLinear) -> dict:
+    if m.calibrating:  # it would load as a calibrated layer and compute something else
+        raise HarnessError(f"cannot save {m.name or 'a QLinear'}: it is still calibrating (calibrating=True)")
     return {"in": m.in_features, "out": m.out_features, "spec": m.spec.to_dict(), "group": m.w_qgroup,
             "name": m.name, "dtype": dtype_name(m.weight.dtype)}
 
