@@ -286,23 +286,23 @@ def _codec_tensors(m: OfficialQLinear) -> dict[str, Tensor]:
 
 
 def _codec_build(s: StoredModule) -> OfficialQLinear:
-    s.need(nf_stat_names(bool(s.field("double_quant"))) | {"range_min", "range_max"}, {"bias"})
-    kind, a_bits = s.field("kind"), int(s.field("a_bits"))
+    s.need(nf_stat_names(bool(s.meta_field("double_quant"))) | {"range_min", "range_max"}, {"bias"})
+    kind, (a_bits, block, position, samples) = s.meta_field("kind"), s.ints("a_bits", "block", "position", "samples")
     if kind not in _KINDS:
         s.fail(f"unknown activation kind {kind!r} (known: {', '.join(_KINDS)})")
     if (kind == "none") != (a_bits >= FLOAT_BITS):
         s.fail(f"activation kind {kind!r} does not fit a_bits {a_bits}")
-    out_f, in_f = int(s.field("out")), int(s.field("in"))
+    out_f, in_f = s.ints("out", "in")
     nf4 = nf_state_from(s, (out_f, in_f))
     lo, hi = s.tensors["range_min"], s.tensors["range_max"]
     width = {"channel": in_f, "none": 0}.get(kind, lo.numel())
     s.shaped("range_min", (width,))
     s.shaped("range_max", (width,))
     bias = s.shaped("bias", (out_f,)) if "bias" in s.tensors else None
-    m = OfficialQLinear.restore(nf4, bias, s.dtype(), a_bits, kind, int(s.field("block")), int(s.field("position")),
-                                bool(s.field("dynamic")), CalibState(), s.meta.get("name", ""))
+    m = OfficialQLinear.restore(nf4, bias, s.dtype(), a_bits, kind, block, position, bool(s.meta_field("dynamic")),
+                                CalibState(), s.meta.get("name", ""))
     m.range_min, m.range_max = lo.float(), hi.float()
-    m.samples, m.shrink = int(s.field("samples")), float(s.field("shrink"))
+    m.samples, m.shrink = samples, float(s.meta_field("shrink"))
     return m
 
 

@@ -62,14 +62,22 @@ class StoredModule:
         if missing or extra:
             self.fail(f"missing tensors {sorted(missing)}, unexpected {sorted(extra)}")
 
-    def field(self, key: str) -> Any:
+    def meta_field(self, key: str) -> Any:
         """A metadata field, or one line naming it when the manifest lacks it."""
         if key not in self.meta:
             self.fail(f"metadata has no {key!r}")
         return self.meta[key]
 
+    def ints(self, *keys: str) -> tuple[int, ...]:
+        """Integer metadata fields (one line for a missing or non-integer one)."""
+        values = tuple(self.meta_field(k) for k in keys)
+        for k, v in zip(keys, values, strict=True):
+            if not isinstance(v, int) or isinstance(v, bool):
+                self.fail(f"metadata {k!r} is {v!r}, expected an integer")
+        return values
+
     def dtype(self, key: str = "dtype") -> torch.dtype:
-        name = self.field(key)
+        name = self.meta_field(key)
         if name not in DTYPES:
             self.fail(f"unknown dtype {name!r} (known: {', '.join(DTYPES)})")
         return DTYPES[name]

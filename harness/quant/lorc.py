@@ -100,7 +100,7 @@ def _codec_build(s: StoredModule) -> LoRCLinear:
     inner = s.children.get("qlinear")
     if inner is None:
         s.fail("the wrapped layer 'qlinear' is missing")
-    r, o, i, bits = int(s.field("rank")), int(s.field("out")), int(s.field("in")), int(s.field("bits"))
+    r, o, i, bits = s.ints("rank", "out", "in", "bits")
     name = s.meta.get("name", "")
     if bits < 16:
         s.need(_FACTOR_CODES)

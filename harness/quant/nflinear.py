@@ -161,7 +161,7 @@ def nf_stat_names(double_quant: bool) -> set[str]:
 def nf_state_from(s: StoredModule, shape: tuple[int, int]) -> NFState:
     """The `NFState` of shape `shape` stored in `s` (metadata from `nf_state_meta`, tensors from
     `nf_state_tensors`), with every size checked so an inconsistent checkpoint fails in one line."""
-    bits, blocksize, blocksize2 = int(s.field("bits")), int(s.field("blocksize")), int(s.field("blocksize2"))
+    bits, blocksize, blocksize2 = s.ints("bits", "blocksize", "blocksize2")
     if not 2 <= bits <= 8 or blocksize < 1 or blocksize2 < 1:
         s.fail(f"invalid NormalFloat layout (bits {bits}, blocks {blocksize}/{blocksize2})")
     numel = shape[0] * shape[1]
@@ -169,7 +169,7 @@ def nf_state_from(s: StoredModule, shape: tuple[int, int]) -> NFState:
     q = s.shaped("qweight", ((numel + 1) // 2,) if bits == 4 else (numel,))
     codes = unpack_4bit(q, numel) if bits == 4 else q.to(torch.uint8)
     st = NFState(tuple(shape), bits, blocksize, codes, blocksize2=blocksize2)
-    if s.field("double_quant"):
+    if s.meta_field("double_quant"):
         st.absmax_q = s.shaped("absmax_q", (blocks,)).to(torch.uint8)
         st.absmax2 = s.shaped("absmax2", (math.ceil(blocks / blocksize2),)).float()
         st.code2 = s.shaped("code2", (256,)).float()
@@ -191,13 +191,13 @@ def _codec_meta(m: NFLinear) -> dict:
 def _codec_build(s: StoredModule) -> NFLinear:
     from qvlm_harness.quant.nf4 import bnb_available
 
-    s.need(nf_stat_names(bool(s.field("double_quant"))), {"bias", "a_scale", "a_zero"})
-    state = nf_state_from(s, (int(s.field("out")), int(s.field("in"))))
-    backend = s.field("backend")
+    s.need(nf_stat_names(bool(s.meta_field("double_quant"))), {"bias", "a_scale", "a_zero"})
+    state = nf_state_from(s, s.ints("out", "in"))
+    backend = s.meta_field("backend")
     if backend == "bnb" and not bnb_available():
         raise HarnessError("this checkpoint runs NF4 layers through bitsandbytes, which is not installed: "
                            "pip install 'qvlm-harness[bnb]'")
-    spec = spec_from_dict(s.field("spec"), f"checkpoint module {s.name}")
+    spec = spec_from_dict(s.meta_field("spec"), f"checkpoint module {s.name}")
     m = NFLinear(state, s.tensors.get("bias"), spec, name=s.meta.get("name", ""), backend=backend, dtype=s.dtype())
     if ("a_scale" in s.tensors) != ("a_zero" in s.tensors):
         s.fail("a_scale and a_zero must be stored together")

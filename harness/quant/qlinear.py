@@ -339,23 +339,24 @@ def _codec_tensors(m: QLinear) -> dict[str, Tensor]:
 
 
 def _codec_build(s: StoredModule) -> QLinear:
-    spec = spec_from_dict(s.field("spec"), f"checkpoint module {s.name}")
+    spec = spec_from_dict(s.meta_field("spec"), f"checkpoint module {s.name}")
     dtype = s.dtype()
     optional = {"bias", "a_scale", "a_zero"}
     if spec.quantizes_weights:
         s.need({"codes", "w_scale", "w_zero"}, optional)
         t = s.tensors
         qp = QParams(t["w_scale"].float(), t["w_zero"].to(torch.int32), spec.w_bits, spec.w_symmetric,
-                     s.field("group"))
+                     s.meta_field("group"))
         try:
-            m = QLinear.from_codes(t["codes"], qp, t.get("bias"), spec, in_features=s.field("in"),
-                                   out_features=s.field("out"), dtype=dtype, name=s.meta.get("name", ""))
+            in_f, out_f = s.ints("in", "out")
+            m = QLinear.from_codes(t["codes"], qp, t.get("bias"), spec, in_features=in_f, out_features=out_f,
+                                   dtype=dtype, name=s.meta.get("name", ""))
         except (ValueError, RuntimeError) as exc:
             s.fail(str(exc))
     else:
         s.need({"weight"}, optional)
         try:
-            m = QLinear(s.field("in"), s.field("out"), spec, weight=s.tensors["weight"].to(dtype),
+            m = QLinear(*s.ints("in", "out"), spec, weight=s.tensors["weight"].to(dtype),
                         bias=s.tensors.get("bias"), name=s.meta.get("name", ""))
         except ValueError as exc:
             s.fail(str(exc))
