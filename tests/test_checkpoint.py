@@ -339,3 +339,25 @@ def test_qvlm_official_quantize_then_eval_matches_run(tiny_model_dir, tmp_path):
     assert (a.method, a.bits, a.execution) == (b.method, b.bits, b.execution) == ("qvlm-official", "w4a4",
                                                                                     "simulated")
     assert a.metrics == b.metrics
+
+
+def test_qvlm_official_vision_rows_round_trip(tiny_model_dir, calibration, tmp_path):
+    """The released code's per-token-row vision branch (quantize_vision=true): its row ranges are sized by the
+    calibration image, and stored as they are."""
+    from qvlm_harness.methods.qvlm_official import OfficialQLinear
+
+    options = {"quantize_vision": True, "n_calib": 2, "n_search": 1}
+    adapter, qm, folder = quantize_and_save(tiny_model_dir, calibration, tmp_path, "qvlm-official", "w4a4", options)
+    rows = [m for m in adapter.model.modules() if isinstance(m, OfficialQLinear) and m.kind == "row"]
+    assert rows and all(m.range_min.numel() > 0 for m in rows)
+    requests = [calibration.requests[i] for i in (0, 3)]  # text-only and with an image, padded together
+    before = logits_of(adapter, requests)
+    loaded, manifest = load_quantized(folder)
+    assert torch.equal(before, logits_of(loaded, requests))
+    kinds = {e["meta"]["kind"] for e in manifest["modules"].values()}
+    assert kinds == {"channel", "row"} and len(manifest["modules"]) == len(qm.quantized_modules)
+
+
+def logits_of(adapter, requests):
+    with torch.no_grad():
+        return adapter.model(**adapter.encode(requests)).logits
