@@ -2,23 +2,28 @@
 
 Layout: ``config.json`` (+ generation config) and the processor files, as `save_pretrained` writes them, so the
 model skeleton and the prompts are rebuilt from the folder alone; ``model.safetensors`` with every tensor
-(quantized layers store their integer codes and scales, never a dequantized float copy); ``manifest.json``:
-method, spec, execution, scope, base model id and fingerprint, calibration, search cost, per-module type and
-metadata, tensor aliases (tied weights), the SHA-256 of the tensor file, package versions and `describe()`.
+(quantized layers store what their codec stores: integer codes and scales, never a dequantized float copy);
+``manifest.json``: method, spec, execution, the method's canonical config, scope, base model id and fingerprint,
+calibration, search cost, per-module type and metadata, tensor aliases (tied weights), the SHA-256 of the tensor
+file and of every other file, package versions, `describe()`, and the hash of the manifest itself (see
+`qvlm_harness.manifest`).
 
-Loading is strict: an unknown module type, a missing or extra tensor, a shape mismatch or a tensor file that
-does not match its recorded hash raises `HarnessError`; a checkpoint never loads silently as a float model.
+Which module types can be saved is decided by their codecs (`qvlm_harness.quant.codec`), declared by the method
+that produces them (`Method.produces`): saving refuses, in one line, a module whose type has no codec or that the
+method does not declare, and any module that differs from the plain Llava model built from the config without a
+codec to say how (it would otherwise load back as the plain module). Loading resolves the codecs through the
+method the manifest names.
 
-Quantized module types are registered in `MODULE_TYPES` (name -> `ModuleCodec`); another method adds its own
-module with `register_module_type`.
+Loading is strict: an edited manifest or file, a label the modules contradict, an unknown module type, a missing
+or extra tensor or a shape mismatch raises `HarnessError`; a checkpoint never loads silently as a float model.
+Float model folders are loaded strictly too (`load_float`): transformers would initialise missing weights randomly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -28,183 +33,109 @@ from torch import Tensor, nn
 
 from qvlm_harness.config import QuantSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.manifest import (
+    FIX,
+    FORMAT,
+    HASH_FIELD,
+    MANIFEST,
+    check_labels,
+    check_schema,
+    codec_named,
+    codecs_for,
+    digest,
+    method_class,
+    seal,
+    stored_config,
+)
 from qvlm_harness.method import Method, QuantizedModel, SearchCost
+from qvlm_harness.quant.codec import DTYPES, ModuleCodec, StoredModule, codec_of, spec_from_dict
 
-MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
-FORMAT = "qvlm-harness-quantized/1"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class ModuleCodec:
-    """How one quantized module type is saved and rebuilt.
+# -- encoding modules ------------------------------------------------------------------------------------------------
+def _skeleton_types(config) -> dict[str, type]:
+    """Module path -> type of the plain Llava model `config` builds (on the meta device: no memory, no init)."""
+    from transformers import LlavaForConditionalGeneration
 
-    `meta(module)` -> JSON-able dict; `exclude(module)` -> state-dict keys not to store (recomputed on load);
-    `build(meta, tensors)` -> the module, from the stored tensors (keys relative to the module).
-    """
-
-    cls: type
-    meta: Callable[[nn.Module], dict]
-    build: Callable[[dict, dict[str, Tensor]], nn.Module]
-    exclude: Callable[[nn.Module], set[str]] = lambda m: set()
+    with torch.device("meta"):
+        skeleton = LlavaForConditionalGeneration(config)
+    return {name: type(m) for name, m in skeleton.named_modules()}
 
 
-MODULE_TYPES: dict[str, ModuleCodec] = {}
+def _encode(fqn: str, module: nn.Module, codecs: dict[str, ModuleCodec], method: str) -> tuple[dict, dict]:
+    """(manifest entry, tensors keyed relative to the module) of one quantized module and its children."""
+    codec = codec_of(module)
+    if codec is None:
+        raise HarnessError(f"cannot save module {fqn} ({type(module).__name__}): no codec encodes this type; give it "
+                           f"a ModuleCodec and list it in {method}'s Method.produces")
+    if codecs.get(codec.name) is not codec:
+        raise HarnessError(f"cannot save module {fqn} ({codec.name}): method {method} does not list "
+                           f"{codec.cls.__name__} in Method.produces (it lists {', '.join(codecs) or 'nothing'})")
+    tensors = dict(codec.stored_tensors(module))
+    children = {}
+    for child in codec.children:
+        sub = getattr(module, child, None)
+        if not isinstance(sub, nn.Module):
+            raise HarnessError(f"cannot save module {fqn} ({codec.name}): its child {child!r} is missing")
+        children[child], sub_tensors = _encode(f"{fqn}.{child}", sub, codecs, method)
+        tensors |= {f"{child}.{k}": v for k, v in sub_tensors.items()}
+    return {"type": codec.name, "meta": codec.meta(module), "children": children}, tensors
 
 
-def register_module_type(name: str, codec: ModuleCodec) -> None:
-    MODULE_TYPES[name] = codec
+def encode_model(model: nn.Module, codecs: dict[str, ModuleCodec], method: str
+                 ) -> tuple[dict[str, dict], dict[str, Tensor], dict[str, str]]:
+    """(module entries, tensors, aliases) of `model`: every module the plain Llava skeleton does not have (or has
+    with another type) must be encoded by one of `codecs`; the rest is the skeleton's own state. Tensors sharing
+    storage (tied weights) are stored once, the others recorded as aliases."""
+    skeleton = _skeleton_types(model.config)
+    modules: dict[str, dict] = {}
+    tensors: dict[str, Tensor] = {}
+    covered: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in covered):
+            continue
+        if codec_of(module) is None:
+            expected = skeleton.get(name)
+            if expected is type(module):
+                continue
+            where = (f"where the Llava model has a {expected.__name__}" if expected is not None
+                     else "which the Llava model does not have")
+            raise HarnessError(f"cannot save module {name} ({type(module).__name__}): no codec encodes this type, "
+                               f"{where}; give it a ModuleCodec and list it in {method}'s Method.produces")
+        modules[name], own = _encode(name, module, codecs, method)
+        covered.append(name)
+        tensors |= {f"{name}.{k}": v for k, v in own.items()}
+    for key, t in model.state_dict().items():
+        if not any(key.startswith(p + ".") for p in covered):
+            tensors[key] = t
+    stored: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_storage: dict[tuple, str] = {}
+    for key, t in tensors.items():
+        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
+        if ident is not None and ident in by_storage:
+            aliases[key] = by_storage[ident]
+            continue
+        if ident is not None:
+            by_storage[ident] = key
+        stored[key] = t.detach().cpu().contiguous().clone()
+    return modules, stored, aliases
 
 
-def _type_name(module: nn.Module) -> str | None:
-    for name, codec in MODULE_TYPES.items():
-        if type(module) is codec.cls:
-            return name
-    return None
-
-
-def _need(tensors: dict[str, Tensor], keys: set[str], optional: set[str], what: str) -> None:
-    missing = keys - tensors.keys()
-    extra = tensors.keys() - keys - optional
-    if missing or extra:
-        raise HarnessError(f"checkpoint module {what}: missing tensors {sorted(missing)}, unexpected "
-                           f"{sorted(extra)}; the checkpoint is incomplete or was edited: re-run harness quantize")
-
-
-# -- QLinear ------------------------------------------------------------------------------------------------------
-def _qlinear_meta(m) -> dict:
-    return {"in": m.in_features, "out": m.out_features, "spec": m.spec.to_dict(), "group": m.w_qgroup,
-            "name": m.name, "dtype": str(m.weight.dtype).replace("torch.", "")}
-
-
-def _spec(d: dict) -> QuantSpec:
-    return QuantSpec(**{k: v for k, v in d.items() if k != "tag"})
-
-
-def _qlinear_build(meta: dict, t: dict[str, Tensor]) -> nn.Module:
-    from qvlm_harness.quant.qlinear import QLinear
-    from qvlm_harness.quant.quantizer import QParams
-
-    spec = _spec(meta["spec"])
-    dtype = _DTYPES[meta["dtype"]]
-    opt = {"bias", "a_scale", "a_zero"}
-    what = meta.get("name", "QLinear")
-    if spec.quantizes_weights:
-        _need(t, {"codes", "w_scale", "w_zero"}, opt, what)
-        qp = QParams(t["w_scale"].float(), t["w_zero"].to(torch.int32), spec.w_bits, spec.w_symmetric, meta["group"])
-        try:
-            m = QLinear.from_codes(t["codes"], qp, t.get("bias"), spec, in_features=meta["in"],
-                                   out_features=meta["out"], dtype=dtype, name=meta.get("name", ""))
-        except (ValueError, RuntimeError) as exc:
-            raise HarnessError(f"checkpoint module {what}: {exc}; re-run harness quantize") from None
-    else:
-        _need(t, {"weight"}, opt, what)
-        m = QLinear(meta["in"], meta["out"], spec, weight=t["weight"].to(dtype), bias=t.get("bias"),
-                    name=meta.get("name", ""))
-    if "a_scale" in t:
-        m.a_scale, m.a_zero = t["a_scale"].float(), t["a_zero"].to(torch.int32)
-    return m
-
-
-def _qlinear_exclude(m) -> set[str]:
-    return {"weight"} if m.codes is not None else set()
-
-
-# -- NFLinear -----------------------------------------------------------------------------------------------------
-def _nf_meta(m) -> dict:
-    return {"in": m.in_features, "out": m.out_features, "bits": m.bits, "blocksize": m.blocksize,
-            "blocksize2": m.blocksize2, "double_quant": m.double_quant, "backend": m.backend,
-            "spec": m.spec.to_dict(), "name": m.name,
-            "dtype": str(m.weight.dtype if m.weight is not None else torch.float32).replace("torch.", "")}
-
-
-def _nf_build(meta: dict, t: dict[str, Tensor]) -> nn.Module:
-    from qvlm_harness.quant.nf4 import NFState, bnb_available, unpack_4bit
-    from qvlm_harness.quant.nflinear import NFLinear
-
-    what = meta.get("name", "NFLinear")
-    stats = {"absmax_q", "absmax2", "code2", "offset"} if meta["double_quant"] else {"absmax"}
-    _need(t, {"qweight"} | stats, {"bias", "a_scale", "a_zero"}, what)
-    numel = meta["in"] * meta["out"]
-    q = t["qweight"]
-    expect = (numel + 1) // 2 if meta["bits"] == 4 else numel
-    if q.numel() != expect:
-        raise HarnessError(f"checkpoint module {what}: qweight has {q.numel()} bytes, expected {expect}")
-    codes = unpack_4bit(q, numel) if meta["bits"] == 4 else q
-    st = NFState((meta["out"], meta["in"]), meta["bits"], meta["blocksize"], codes, blocksize2=meta["blocksize2"])
-    if meta["double_quant"]:
-        st.absmax_q, st.absmax2, st.code2, st.offset = t["absmax_q"], t["absmax2"], t["code2"], t["offset"]
-    else:
-        st.absmax = t["absmax"]
-    if meta["backend"] == "bnb" and not bnb_available():
-        raise HarnessError("this checkpoint runs NF4 layers through bitsandbytes, which is not installed: "
-                           "pip install 'qvlm-harness[bnb]'")
-    m = NFLinear(st, t.get("bias"), _spec(meta["spec"]), name=meta.get("name", ""), backend=meta["backend"],
-                 dtype=_DTYPES[meta["dtype"]])
-    if "a_scale" in t:
-        m.a_scale, m.a_zero = t["a_scale"].float(), t["a_zero"].to(torch.int32)
-    return m
-
-
-# -- LoRCLinear ---------------------------------------------------------------------------------------------------
-def _lorc_meta(m) -> dict:
-    inner = _type_name(m.qlinear)
-    if inner is None:
-        raise HarnessError(f"cannot save a LoRC layer wrapping an unregistered {type(m.qlinear).__name__}")
-    return {"rank": m.rank, "bits": m.bits, "in": m.in_features, "out": m.out_features, "name": m.name,
-            "inner": {"type": inner, "meta": MODULE_TYPES[inner].meta(m.qlinear)}}
-
-
-def _lorc_build(meta: dict, t: dict[str, Tensor]) -> nn.Module:
-    from qvlm_harness.quant.lorc import LoRCLinear
-
-    inner_t = {k[len("qlinear."):]: v for k, v in t.items() if k.startswith("qlinear.")}
-    own = {k: v for k, v in t.items() if not k.startswith("qlinear.")}
-    inner_type = meta["inner"]["type"]
-    if inner_type not in MODULE_TYPES:
-        raise HarnessError(f"checkpoint uses an unknown quantized module type {inner_type!r}")
-    inner = MODULE_TYPES[inner_type].build(meta["inner"]["meta"], inner_t)
-    r, o, i = meta["rank"], meta["out"], meta["in"]
-    what = meta.get("name", "LoRCLinear")
-    if meta["bits"] < 16:
-        _need(own, {"u_codes", "u_scale", "v_codes", "v_scale"}, set(), what)
-        m = LoRCLinear(inner, torch.zeros(o, r), torch.zeros(r, i), meta["bits"], name=meta.get("name", ""))
-        for k in ("u_codes", "u_scale", "v_codes", "v_scale"):
-            if tuple(own[k].shape) != tuple(getattr(m, k).shape):
-                raise HarnessError(f"checkpoint module {what}: {k} has shape {tuple(own[k].shape)}")
-            setattr(m, k, own[k].to(getattr(m, k).dtype))
-        m.refresh()
-    else:
-        _need(own, {"u", "v"}, set(), what)
-        m = LoRCLinear(inner, own["u"], own["v"], 16, name=meta.get("name", ""))
-    return m
-
-
-def _lorc_exclude(m) -> set[str]:
-    return {f"qlinear.{k}" for k in MODULE_TYPES[_type_name(m.qlinear)].exclude(m.qlinear)}
-
-
-def _register_builtins() -> None:
-    from qvlm_harness.quant.lorc import LoRCLinear
-    from qvlm_harness.quant.nflinear import NFLinear
-    from qvlm_harness.quant.qlinear import QLinear
-
-    register_module_type("QLinear", ModuleCodec(QLinear, _qlinear_meta, _qlinear_build, _qlinear_exclude))
-    register_module_type("NFLinear", ModuleCodec(NFLinear, _nf_meta, _nf_build))
-    register_module_type("LoRCLinear", ModuleCodec(LoRCLinear, _lorc_meta, _lorc_build, _lorc_exclude))
-
-
-_register_builtins()
-
-
-# -- save / load ---------------------------------------------------------------------------------------------------
+# -- files and hashes --------------------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _other_files(folder: Path) -> list[Path]:
+    """The folder's files besides the manifest and the tensors (config, processor...); hidden files are ignored."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.name not in (MANIFEST, TENSORS))
 
 
 def _versions() -> dict:
@@ -218,39 +149,33 @@ def _versions() -> dict:
 
 
 def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """FQN -> outermost registered quantized module (a LoRC wrapper hides its inner QLinear)."""
+    """FQN -> outermost module with a codec (a LoRC wrapper hides its inner QLinear)."""
     found: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
-        if _type_name(m) is not None and not any(name.startswith(p + ".") for p in found):
+        if codec_of(m) is not None and not any(name.startswith(p + ".") for p in found):
             found[name] = m
     return found
 
 
+# -- save --------------------------------------------------------------------------------------------------------------
 def save_quantized(qm: QuantizedModel, folder: Path | str, *, describe: str, base_model: str,
-                   fingerprint: str, scope, calibration: dict | None = None) -> Path:
-    """Write `qm` (its adapter's model and processor) as a self-contained quantized checkpoint folder."""
+                   fingerprint: str, scope: Sequence[str], calibration: dict | None = None) -> Path:
+    """Write `qm` (its adapter's model and processor) as a self-contained quantized checkpoint folder.
+
+    Refused before anything is written: a module nobody can encode, a module type the method does not declare,
+    and a result whose spec, execution or config its modules contradict (what saves, loads)."""
     from safetensors.torch import save_file
 
+    where = f"cannot save {qm.method} {qm.spec.tag}"
+    method_cls = method_class(qm.method, where)
+    codecs = codecs_for(method_cls)
+    model = qm.adapter.model
+    modules, tensors, aliases = encode_model(model, codecs, qm.method)
+    fix = "the method's result contradicts its own modules (a bug in the method)"
+    check_labels(qm.spec, qm.execution, modules, codecs, qm.method, where, fix)
+    stored_config({"method": qm.method, "config": qm.config}, method_cls, where)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = qm.adapter.model
-    mods = quantized_modules(model)
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_ptr: dict[tuple, str] = {}
-    skip: set[str] = set()
-    for fqn, m in mods.items():
-        skip |= {f"{fqn}.{k}" for k in MODULE_TYPES[_type_name(m)].exclude(m)}
-    for key, t in model.state_dict().items():
-        if key in skip:
-            continue
-        ident = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
-        if ident is not None and ident in by_ptr:
-            aliases[key] = by_ptr[ident]
-            continue
-        if ident is not None:
-            by_ptr[ident] = key
-        tensors[key] = t.detach().cpu().contiguous().clone()
     path = folder / TENSORS
     save_file(tensors, str(path))
     model.config.save_pretrained(folder)
@@ -258,7 +183,7 @@ def save_quantized(qm: QuantizedModel, folder: Path | str, *, describe: str, bas
     if gen is not None:
         gen.save_pretrained(folder)
     qm.adapter.processor.save_pretrained(folder)
-    manifest = {
+    manifest = seal({
         "format": FORMAT, "method": qm.method, "spec": qm.spec.to_dict(), "execution": qm.execution,
         "scope": list(scope), "base_model": base_model, "base_fingerprint": fingerprint,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -266,27 +191,88 @@ def save_quantized(qm: QuantizedModel, folder: Path | str, *, describe: str, bas
         "quantized_modules": list(qm.quantized_modules),
         "config": qm.config,
         "search_cost": qm.search_cost.to_dict(),
-        "modules": {fqn: {"type": _type_name(m), "meta": MODULE_TYPES[_type_name(m)].meta(m)}
-                    for fqn, m in mods.items()},
-        "aliases": aliases, "tensors_sha256": _sha256(path), "versions": _versions(),
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+        "modules": modules, "aliases": aliases,
+        "tensors_sha256": _sha256(path), "files_sha256": {p.name: _sha256(p) for p in _other_files(folder)},
+        "versions": _versions(),
+    })
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return folder
 
 
+# -- reading the manifest ----------------------------------------------------------------------------------------------
+def is_checkpoint(path: str | Path) -> bool:
+    """True when `path` is a folder with a manifest (valid or not: `read_manifest` says which)."""
+    return (Path(str(path)).expanduser() / MANIFEST).is_file()
+
+
 def read_manifest(path: str | Path) -> dict | None:
-    """The manifest of a quantized checkpoint folder, or None when `path` is not one."""
-    p = Path(str(path)).expanduser()
-    f = p / MANIFEST
+    """The verified manifest of a quantized checkpoint folder, or None when `path` is not one.
+
+    Everything that does not need the tensors is checked here, so the planner refuses an edited checkpoint
+    before any model loads: schema, the manifest's own hash, the other files' hashes, the method and its module
+    types, the recorded config, and the spec / execution against the stored modules."""
+    folder = Path(str(path)).expanduser()
+    f = folder / MANIFEST
     if not f.is_file():
         return None
     try:
         manifest = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise HarnessError(f"{f} is not valid JSON ({exc}); re-run harness quantize") from None
-    if manifest.get("format") != FORMAT:
-        raise HarnessError(f"{f} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"{f} is not valid JSON ({exc}); {FIX}") from None
+    check_schema(manifest, str(f))
+    if digest(manifest) != manifest[HASH_FIELD]:
+        raise HarnessError(f"{f} was edited after harness quantize wrote it (its content does not match its "
+                           f"{HASH_FIELD}); {FIX}")
+    _check_files(folder, manifest)
+    where = f"checkpoint {folder}"
+    method_cls = method_class(manifest["method"], where)
+    codecs = codecs_for(method_cls)
+    spec = spec_from_dict(manifest["spec"], where)
+    if spec.to_dict() != manifest["spec"]:
+        raise HarnessError(f"{where}: spec {manifest['spec']!r} is not in canonical form; {FIX}")
+    if manifest["dtype"] not in DTYPES:
+        raise HarnessError(f"{where}: dtype {manifest['dtype']!r} is not one of {', '.join(DTYPES)}; {FIX}")
+    check_labels(spec, manifest["execution"], manifest["modules"], codecs, manifest["method"], where)
+    stored_config(manifest, method_cls, where)
     return manifest
+
+
+def _check_files(folder: Path, manifest: dict) -> None:
+    recorded = manifest["files_sha256"]
+    for name, sha in recorded.items():
+        p = folder / name
+        if Path(name).name != name or not p.is_file():
+            raise HarnessError(f"{folder}: {name} is missing; the checkpoint is incomplete: {FIX}")
+        if _sha256(p) != sha:
+            raise HarnessError(f"{p} does not match the hash in {MANIFEST} (corrupt or edited); {FIX}")
+    extra = [p.name for p in _other_files(folder) if p.name not in recorded]
+    if extra:
+        raise HarnessError(f"{folder}: {extra[0]} is not part of the checkpoint harness quantize wrote (the folder "
+                           f"was edited; it could change how the model loads): remove it or {FIX}")
+
+
+# -- load --------------------------------------------------------------------------------------------------------------
+def _decode(fqn: str, entry: dict, tensors: dict[str, Tensor], codecs: dict[str, ModuleCodec], method: str,
+            built: dict[str, list[nn.Module]]) -> nn.Module:
+    """Rebuild one module (children first) from its entry and its tensors (keys relative to the module)."""
+    codec = codec_named(codecs, entry["type"], fqn, method)
+    unknown = set(entry["children"]) - set(codec.children)
+    if unknown:
+        raise HarnessError(f"checkpoint module {fqn} ({codec.name}) has unknown children {sorted(unknown)}; {FIX}")
+    children: dict[str, nn.Module] = {}
+    for child in codec.children:
+        if child not in entry["children"]:
+            raise HarnessError(f"checkpoint module {fqn} ({codec.name}) lacks its child {child!r}; {FIX}")
+        prefix = child + "."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        children[child] = _decode(f"{fqn}.{child}", entry["children"][child], sub, codecs, method, built)
+    prefixes = tuple(c + "." for c in codec.children)
+    own = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
+    module = codec.build(StoredModule(fqn, entry["meta"], own, children))
+    if type(module) is not codec.cls:
+        raise HarnessError(f"the {codec.name} codec built a {type(module).__name__} for {fqn}")
+    built.setdefault(codec.name, []).append(module)
+    return module
 
 
 def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None = None):
@@ -304,58 +290,89 @@ def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None 
                            "`harness quantize ... --output DIR`")
     path = folder / TENSORS
     if not path.is_file():
-        raise HarnessError(f"{path} is missing; the checkpoint is incomplete: re-run harness quantize")
+        raise HarnessError(f"{path} is missing; the checkpoint is incomplete: {FIX}")
     if _sha256(path) != manifest["tensors_sha256"]:
-        raise HarnessError(f"{path} does not match the hash in {MANIFEST} (corrupt or edited); re-run harness "
-                           "quantize")
+        raise HarnessError(f"{path} does not match the hash in {MANIFEST} (corrupt or edited); {FIX}")
     tensors = load_file(str(path))
+    for alias, target in manifest["aliases"].items():
+        if target not in tensors:
+            raise HarnessError(f"checkpoint alias {alias} -> {target}: target tensor missing; {FIX}")
+        tensors[alias] = tensors[target]
+    method = manifest["method"]
+    codecs = codecs_for(method_class(method, f"checkpoint {folder}"))
     config = AutoConfig.from_pretrained(folder)
-    model = LlavaForConditionalGeneration(config).to(_DTYPES.get(manifest["dtype"], torch.float32)).eval()
+    model = LlavaForConditionalGeneration(config).to(DTYPES[manifest["dtype"]]).eval()
     consumed: set[str] = set()
+    built: dict[str, list[nn.Module]] = {}
     for fqn, entry in manifest["modules"].items():
-        if entry["type"] not in MODULE_TYPES:
-            raise HarnessError(f"checkpoint module {fqn} has unknown type {entry['type']!r}; this harness knows "
-                               f"{', '.join(MODULE_TYPES)}")
         try:
             model.get_submodule(fqn)
         except AttributeError:
             raise HarnessError(f"checkpoint module {fqn} does not exist in the model built from config.json") from None
         sub = {k[len(fqn) + 1:]: v for k, v in tensors.items() if k.startswith(fqn + ".")}
         consumed |= {f"{fqn}.{k}" for k in sub}
-        _set_submodule(model, fqn, MODULE_TYPES[entry["type"]].build(entry["meta"], sub))
+        _set_submodule(model, fqn, _decode(fqn, entry, sub, codecs, method, built))
     rest = {k: v for k, v in tensors.items() if k not in consumed}
-    for alias, target in manifest.get("aliases", {}).items():
-        if target not in tensors:
-            raise HarnessError(f"checkpoint alias {alias} -> {target}: target tensor missing; re-run harness quantize")
-        rest[alias] = tensors[target]
-    quantized = list(manifest["modules"])
-    expected = {k for k in model.state_dict() if not any(k.startswith(q + ".") for q in quantized)}
+    quantized = tuple(f"{q}." for q in manifest["modules"])
+    expected = {k for k in model.state_dict() if not k.startswith(quantized)}
     missing, unexpected = expected - rest.keys(), rest.keys() - expected
     if missing or unexpected:
         raise HarnessError(f"checkpoint tensors do not match the model: missing {sorted(missing)[:5]}, unexpected "
-                           f"{sorted(unexpected)[:5]}; re-run harness quantize")
+                           f"{sorted(unexpected)[:5]}; {FIX}")
     try:
         model.load_state_dict(rest, strict=False)
     except RuntimeError as exc:
-        raise HarnessError(f"checkpoint tensors do not fit the model ({str(exc).splitlines()[0]}); re-run "
-                           "harness quantize") from None
+        raise HarnessError(f"checkpoint tensors do not fit the model ({str(exc).splitlines()[0]}); {FIX}") from None
+    for codec_name, modules in built.items():
+        if codecs[codec_name].on_load is not None:
+            codecs[codec_name].on_load(model, modules)
     model.to(device)
     processor = AutoProcessor.from_pretrained(folder)
     return LlavaAdapter(model, processor, name or folder.name, path=str(folder)), manifest
 
 
-def load_adapter(path: str, *, dtype: str = "fp32", device: str = "cpu", name: str | None = None):
-    """A model for the runner: a quantized checkpoint folder as stored, anything else through LlavaAdapter."""
-    from qvlm_harness.models.llava import LlavaAdapter
+def load_float(path: str | Path, *, dtype: str = "fp32", device: str = "cpu", name: str | None = None):
+    """A float Llava model. A local folder loads strictly: a tensor the model expects and the folder lacks
+    (transformers would initialise it randomly), a tensor the model has no place for, or a shape mismatch is
+    refused in one line. A hub id loads as `LlavaAdapter.load` does."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
 
+    from qvlm_harness.models.llava import LlavaAdapter, _dtype
+
+    folder = Path(str(path)).expanduser()
+    if not (folder / "config.json").is_file():
+        return LlavaAdapter.load(path, dtype=dtype, device=device, name=name)  # hub id, or its one-line error
+    if AutoConfig.from_pretrained(folder).model_type != "llava":
+        return LlavaAdapter.load(path, dtype=dtype, device=device, name=name)  # its one-line error
+    try:
+        model, info = LlavaForConditionalGeneration.from_pretrained(folder, dtype=_dtype(dtype),
+                                                                    output_loading_info=True)
+    except RuntimeError as exc:  # transformers raises on shape mismatches
+        raise HarnessError(f"{folder}: the weights do not fit the model in config.json "
+                           f"({str(exc).splitlines()[-1].strip()}); re-create the model folder") from None
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if missing or unexpected or info["mismatched_keys"]:
+        problems = ([f"{len(missing)} missing tensor(s) (e.g. {missing[0]}; they would be initialised randomly)"]
+                    if missing else []) + ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected
+                                           else []) + (["shape mismatches"] if info["mismatched_keys"] else [])
+        raise HarnessError(f"{folder}: the weights do not match the model in config.json: {', '.join(problems)}; "
+                           "the folder is incomplete or was edited: re-create it")
+    processor = AutoProcessor.from_pretrained(folder)
+    model.to(device)
+    return LlavaAdapter(model, processor, name or folder.name, path=str(folder))
+
+
+def load_adapter(path: str, *, dtype: str = "fp32", device: str = "cpu", name: str | None = None):
+    """A model for the runner: a quantized checkpoint folder as stored, anything else through `load_float`."""
     if read_manifest(path) is not None:
         return load_quantized(path, device=device, name=name)[0]
-    return LlavaAdapter.load(path, dtype=dtype, device=device, name=name)
+    return load_float(path, dtype=dtype, device=device, name=name)
 
 
 class StoredQuantization(Method):
     """Pass-through method for a quantized checkpoint: the model is already quantized, `quantize` only labels it
-    with the manifest's method, spec, execution and (original) search cost."""
+    with the manifest's method, spec, execution, config and (original) search cost. `config` is the typed config
+    of the method that made the checkpoint, rebuilt from the manifest."""
 
     fixed_precision = False
 
@@ -364,11 +381,13 @@ class StoredQuantization(Method):
         self.manifest = manifest
         self.path = path
         self.name = manifest["method"]
-        self.spec = _spec(manifest["spec"])
+        where = f"checkpoint {path}"
+        self.spec: QuantSpec = spec_from_dict(manifest["spec"], where)
+        self.config = stored_config(manifest, method_class(self.name, where), where)
 
     def identity(self) -> dict[str, Any]:
         """The stored method's config (the checkpoint's contents are the model's content fingerprint)."""
-        return {"method": self.name, "config": dict(self.manifest.get("config") or {})}
+        return {"method": self.name, "config": self.config.to_dict()}
 
     def supports(self, spec: QuantSpec) -> str | None:
         return None if spec == self.spec else f"the checkpoint holds {self.spec.tag}, not {spec.tag}"
@@ -378,8 +397,7 @@ class StoredQuantization(Method):
         report = dict(self.manifest.get("report") or {}) | {"checkpoint": self.path,
                                                              "base_model": self.manifest.get("base_model")}
         return QuantizedModel(adapter, self.name, self.spec, self.manifest["execution"],
-                              list(self.manifest.get("quantized_modules", [])), cost, report,
-                              dict(self.manifest.get("config") or {}))
+                              list(self.manifest.get("quantized_modules", [])), cost, report, self.config.to_dict())
 
     def describe(self, spec: QuantSpec) -> str:
         return f"{self.manifest['describe']} [loaded from the quantized checkpoint {self.path}]"

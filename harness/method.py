@@ -50,6 +50,12 @@ class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: True for baselines that ignore --bits (fp32/fp16/bf16): the planner evaluates them once.
     fixed_precision: ClassVar[bool] = False
+    #: the quantized module types this method leaves in the model (each with a codec, `qvlm_harness.quant.codec`):
+    #: a checkpoint saves only these and resolves their codecs through the method named in its manifest.
+    produces: ClassVar[tuple[type, ...]] = ()
+    #: True when the output converts to packed integer kernels (`convert_to_packed`) at every supported spec that
+    #: quantizes weights (float weights never pack).
+    packs: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, **options: Any):
         if config is not None and options:

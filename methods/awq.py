@@ -162,6 +162,8 @@ class AWQConfig(MethodConfig):
 class AWQ(Method):
     name = "awq"
     Config = AWQConfig
+    produces = (QLinear,)
+    packs = True
 
     def supports(self, spec: QuantSpec) -> str | None:
         return weights_reason(self.name, spec)

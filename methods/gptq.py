@@ -18,6 +18,7 @@ from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_ca
 from qvlm_harness.methodconfig import option, resolve_group_size
 from qvlm_harness.quant.gptq import gptq_pass
 from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, weights_reason
+from qvlm_harness.quant.qlinear import QLinear
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class GPTQConfig(MethodConfig):
 class GPTQ(Method):
     name = "gptq"
     Config = GPTQConfig
+    produces = (QLinear,)
+    packs = True
 
     def supports(self, spec: QuantSpec) -> str | None:
         return weights_reason(self.name, spec)

@@ -40,6 +40,8 @@ class QLoRAConfig(MethodConfig):
 class QLoRA(Method):
     name = "qlora"
     Config = QLoRAConfig
+    produces = (NFLinear,)
+    packs = False  # NormalFloat codebooks have no integer GEMM (bitsandbytes runs W4A16 itself)
 
     def supports(self, spec: QuantSpec) -> str | None:
         reason = weights_reason(self.name, spec)

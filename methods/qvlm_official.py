@@ -49,7 +49,9 @@ from qvlm_harness.method import Method, MethodConfig, QuantizedModel
 from qvlm_harness.methodconfig import option
 from qvlm_harness.quant import MIN_SCALE
 from qvlm_harness.quant.apply import set_submodule
-from qvlm_harness.quant.nf4 import nf_quantize
+from qvlm_harness.quant.codec import ModuleCodec, ModuleFacts, StoredModule, attach_codec, dtype_name
+from qvlm_harness.quant.nf4 import NFState, nf_quantize
+from qvlm_harness.quant.nflinear import nf_stat_names, nf_state_from, nf_state_meta, nf_state_tensors
 
 # -- the released activation quantizer ------------------------------------------------------------------------------
 
@@ -102,17 +104,31 @@ class OfficialQLinear(nn.Module):
     def __init__(self, linear: nn.Linear, a_bits: int, kind: str, block: int, position: int, dynamic: bool,
                  state: CalibState, name: str):
         super().__init__()
+        nf4 = nf_quantize(linear.weight, backend="auto")  # bitsandbytes' own state when it imports
+        self._setup(nf4, linear.bias, linear.weight.dtype, a_bits, kind, block, position, dynamic, state, name)
+
+    @classmethod
+    def restore(cls, nf4: NFState, bias: Tensor | None, dtype: torch.dtype, a_bits: int, kind: str, block: int,
+                position: int, dynamic: bool, state: CalibState, name: str) -> OfficialQLinear:
+        """A layer from its stored NF4 state (checkpoint loading: nothing is re-quantized)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(nf4, bias, dtype, a_bits, kind, block, position, dynamic, state, name)
+        return self
+
+    def _setup(self, nf4: NFState, bias: Tensor | None, dtype: torch.dtype, a_bits: int, kind: str, block: int,
+               position: int, dynamic: bool, state: CalibState, name: str) -> None:
         self.name = name
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.nf4 = nf_quantize(linear.weight, backend="auto")  # bitsandbytes' own state when it imports
-        self.register_buffer("weight", self.nf4.dequantize(linear.weight.dtype))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.out_features, self.in_features = nf4.shape
+        self.nf4 = nf4
+        self.register_buffer("weight", self.nf4.dequantize(dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.a_bits = a_bits
         self.kind = kind  # "channel" (language model) | "row" (vision) | "none" (A16)
         self.block, self.position = block, position  # count_block (1-based), count_layer (1-based)
         self.dynamic = dynamic
         self.state = state
-        width = linear.in_features if kind == "channel" else 0  # rows: sized by the first calibration image
+        width = self.in_features if kind == "channel" else 0  # rows: sized by the first calibration image
         self.register_buffer("range_min", torch.zeros(width))
         self.register_buffer("range_max", torch.zeros(width))
         self.phase = "off"  # "calibrate" | "first_search" | "search" | "off" (inference)
@@ -249,6 +265,64 @@ class OfficialQLinear(nn.Module):
                 f"{act}, block {self.block} layer {self.position}, simulated")
 
 
+# -- checkpoint codec -------------------------------------------------------------------------------------------------
+# Stored: the NF4 state (packed codes, double-quantized block absmax), the bias and the calibrated ranges; metadata:
+# the activation scheme (bits, per-channel / per-row / none, dynamic), the layer's place (block, position) and the
+# search's outcome (shrink, samples). The dequantized weight is rebuilt from the NF4 state; the per-prompt padding
+# mask the dynamic layers read comes from a hook on the language model, re-installed once all layers are loaded.
+_KINDS = ("channel", "row", "none")
+
+
+def _codec_meta(m: OfficialQLinear) -> dict:
+    if m.phase != "off":
+        raise HarnessError(f"cannot save {m.name}: it is still calibrating (phase {m.phase!r})")
+    return {"in": m.in_features, "out": m.out_features, "name": m.name, "dtype": dtype_name(m.weight.dtype),
+            "a_bits": m.a_bits, "kind": m.kind, "block": m.block, "position": m.position, "dynamic": m.dynamic,
+            "samples": m.samples, "shrink": m.shrink, **nf_state_meta(m.nf4)}
+
+
+def _codec_tensors(m: OfficialQLinear) -> dict[str, Tensor]:
+    out = nf_state_tensors(m.nf4) | {"range_min": m.range_min, "range_max": m.range_max}
+    return out | ({} if m.bias is None else {"bias": m.bias})
+
+
+def _codec_build(s: StoredModule) -> OfficialQLinear:
+    s.need(nf_stat_names(bool(s.meta_field("double_quant"))) | {"range_min", "range_max"}, {"bias"})
+    kind, (a_bits, block, position, samples) = s.meta_field("kind"), s.ints("a_bits", "block", "position", "samples")
+    if kind not in _KINDS:
+        s.fail(f"unknown activation kind {kind!r} (known: {', '.join(_KINDS)})")
+    if (kind == "none") != (a_bits >= FLOAT_BITS):
+        s.fail(f"activation kind {kind!r} does not fit a_bits {a_bits}")
+    out_f, in_f = s.ints("out", "in")
+    nf4 = nf_state_from(s, (out_f, in_f))
+    lo, hi = s.tensors["range_min"], s.tensors["range_max"]
+    width = {"channel": in_f, "none": 0}.get(kind, lo.numel())
+    s.shaped("range_min", (width,))
+    s.shaped("range_max", (width,))
+    bias = s.shaped("bias", (out_f,)) if "bias" in s.tensors else None
+    m = OfficialQLinear.restore(nf4, bias, s.dtype(), a_bits, kind, block, position, bool(s.meta_field("dynamic")),
+                                CalibState(), s.meta.get("name", ""))
+    m.range_min, m.range_max = lo.float(), hi.float()
+    m.samples, m.shrink = samples, float(s.meta_field("shrink"))
+    return m
+
+
+def _codec_facts(meta: dict) -> ModuleFacts:
+    return ModuleFacts({"w_bits": meta.get("bits"), "a_bits": meta.get("a_bits")})
+
+
+def _codec_on_load(model: nn.Module, modules: list[nn.Module]) -> None:
+    """The layers share one calibration state whose padding mask a hook on the language model sets per call."""
+    state = CalibState()
+    for m in modules:
+        m.state = state
+    model.model.language_model.register_forward_pre_hook(_mask_hook(state), with_kwargs=True)
+
+
+attach_codec(ModuleCodec("OfficialQLinear", OfficialQLinear, _codec_meta, _codec_build, _codec_facts,
+                         tensors=_codec_tensors, on_load=_codec_on_load))
+
+
 # -- the method ------------------------------------------------------------------------------------------------------
 
 
@@ -272,6 +346,8 @@ class QVLMOfficialConfig(MethodConfig):
 class QVLMOfficial(Method):
     name = "qvlm-official"
     Config = QVLMOfficialConfig
+    produces = (OfficialQLinear,)
+    packs = False  # per-input-channel activation scales lie along the reduction dim: no integer GEMM
 
     @property
     def n_calib(self) -> int:

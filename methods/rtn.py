@@ -29,6 +29,8 @@ class RTNConfig(MethodConfig):
 class RTN(Method):
     name = "rtn"
     Config = RTNConfig
+    produces = (QLinear,)
+    packs = True
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
         return spec.quantizes_activations and not spec.a_dynamic

@@ -43,6 +43,8 @@ class SmoothQuantConfig(MethodConfig):
 class SmoothQuant(Method):
     name = "smoothquant"
     Config = SmoothQuantConfig
+    produces = (QLinear,)
+    packs = True
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
         return True

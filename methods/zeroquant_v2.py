@@ -52,6 +52,8 @@ class ZeroQuantV2Config(MethodConfig):
 class ZeroQuantV2(Method):
     name = "zeroquant-v2"
     Config = ZeroQuantV2Config
+    produces = (LoRCLinear, QLinear)  # QLinear alone with rank=0
+    packs = True  # the wrapped QLinear packs; the LoRC factors stay float
 
     def supports(self, spec: QuantSpec) -> str | None:
         return weights_reason(self.name, spec)

@@ -335,7 +335,10 @@ def _quantize(tiny_model_dir, calibration, bits, scope=("vision", "projector", "
 
     adapter = LlavaAdapter.load(tiny_model_dir)
     method = plugins.methods.get("aespa")(**(FAST | options))
-    return adapter, method, method.quantize(adapter, calibration, QuantSpec.parse(bits), scope)
+    from qvlm_harness.quantize import quantize  # the entry point: it owns the cost clock and seeding
+
+    return adapter, method, quantize(adapter, method, QuantSpec.parse(bits), calibration, scope=scope,
+                                     seed=calibration.seed, measure_fp_pass=False)
 
 
 def _logits(adapter, calibration):

@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
 
 def execute(args: argparse.Namespace) -> int:
     from qvlm_harness import plugins
-    from qvlm_harness.checkpoint import read_manifest, save_quantized
-    from qvlm_harness.models.llava import LlavaAdapter, set_threads
+    from qvlm_harness.checkpoint import is_checkpoint, load_float, read_manifest, save_quantized
+    from qvlm_harness.models.llava import set_threads
     from qvlm_harness.plan import check_model_source, resolve_model
     from qvlm_harness.quantize import calibration_for, quantize
 
@@ -48,13 +48,13 @@ def execute(args: argparse.Namespace) -> int:
     check_model_source(args.model)
     if read_manifest(args.model) is not None:
         raise HarnessError(f"{args.model} is already a quantized checkpoint; quantize the float model instead")
-    if args.output.exists() and any(args.output.iterdir()) and read_manifest(args.output) is None:
+    if args.output.exists() and any(args.output.iterdir()) and not is_checkpoint(args.output):
         raise HarnessError(f"{args.output} exists and is not a quantized checkpoint; choose an empty folder")
     task = plugins.tasks.get(plugins.tasks.resolve_name(args.calib_task))()
     calibration = calibration_for(method, spec, task, args.calib_samples, args.seed, args.data_dir)
     set_threads(args.threads)
     model_id, path = resolve_model(args.model)
-    adapter = LlavaAdapter.load(path, name=model_id)
+    adapter = load_float(path, name=model_id)
     fingerprint = adapter.fingerprint()
     qm = quantize(adapter, method, spec, calibration, scope=tuple(args.scope), seed=args.seed)
     calib = None if calibration is None else {"task": task.name, "samples": len(calibration), "seed": args.seed}

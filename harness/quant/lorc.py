@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qvlm_harness.quant.codec import ModuleCodec, StoredModule, attach_codec
 from qvlm_harness.quant.quantizer import dequantize, quantize_weight
 
 
@@ -83,3 +84,34 @@ class LoRCLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, factor_bits={self.bits}"
+
+
+# -- checkpoint codec -----------------------------------------------------------------------------------------------
+# Stored: the factors (their codes and per-row scales, or float) as the wrapper's own tensors; the wrapped layer is a
+# child encoded by its own codec, so whatever quantized type a method wraps saves as that type does.
+_FACTOR_CODES = ("u_codes", "u_scale", "v_codes", "v_scale")
+
+
+def _codec_meta(m: LoRCLinear) -> dict:
+    return {"rank": m.rank, "bits": m.bits, "in": m.in_features, "out": m.out_features, "name": m.name}
+
+
+def _codec_build(s: StoredModule) -> LoRCLinear:
+    inner = s.children.get("qlinear")
+    if inner is None:
+        s.fail("the wrapped layer 'qlinear' is missing")
+    r, o, i, bits = s.ints("rank", "out", "in", "bits")
+    name = s.meta.get("name", "")
+    if bits < 16:
+        s.need(_FACTOR_CODES)
+        m = LoRCLinear(inner, torch.zeros(o, r), torch.zeros(r, i), bits, name=name)
+        for k in _FACTOR_CODES:
+            setattr(m, k, s.shaped(k, tuple(getattr(m, k).shape)).to(getattr(m, k).dtype))
+        m.refresh()
+        return m
+    s.need({"u", "v"})
+    return LoRCLinear(inner, s.shaped("u", (o, r)), s.shaped("v", (r, i)), 16, name=name)
+
+
+attach_codec(ModuleCodec("LoRCLinear", LoRCLinear, _codec_meta, _codec_build, facts=lambda meta: None,
+                         children=("qlinear",)))

@@ -23,6 +23,15 @@ from torch import Tensor, nn
 from qvlm_harness.config import QuantSpec
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.quant.actquant import ActQuantMixin
+from qvlm_harness.quant.codec import (
+    ModuleCodec,
+    ModuleFacts,
+    StoredModule,
+    attach_codec,
+    dtype_name,
+    spec_facts,
+    spec_from_dict,
+)
 from qvlm_harness.quant.nf4 import NFState, pack_4bit, to_bnb, unpack_4bit
 
 
@@ -124,3 +133,82 @@ class NFLinear(ActQuantMixin, nn.Module):
         a = "a16" if not self.spec.quantizes_activations else f"a{self.a_bits} {self.a_granularity}"
         return (f"in={self.in_features}, out={self.out_features}, NF{self.bits} block{self.blocksize}"
                 f"{' double-quant' if self.double_quant else ''}, {a}, backend={self.backend}")
+
+
+# -- checkpoint codec -----------------------------------------------------------------------------------------------
+# Stored: the packed codes and block statistics (the persistent buffers) and the bias / static activation range; the
+# dequantized weight (or bitsandbytes' QuantState) is rebuilt from them. `nf_state_tensors` / `nf_state_from` are
+# the NormalFloat part on its own, for other module types that hold an `NFState` (e.g. qvlm-official's layers).
+def nf_state_meta(state: NFState) -> dict:
+    return {"bits": state.bits, "blocksize": state.blocksize, "blocksize2": state.blocksize2,
+            "double_quant": state.double_quant}
+
+
+def nf_state_tensors(state: NFState) -> dict[str, Tensor]:
+    """The tensors that store `state`: codes packed two a byte at 4 bits (one byte each otherwise) and the block
+    statistics, under the names `NFLinear` uses for its buffers."""
+    q = pack_4bit(state.codes) if state.bits == 4 else state.codes.reshape(-1).to(torch.uint8)
+    if state.double_quant:
+        return {"qweight": q, "absmax_q": state.absmax_q, "absmax2": state.absmax2.float(),
+                "code2": state.code2.float(), "offset": state.offset.float().reshape(())}
+    return {"qweight": q, "absmax": state.absmax.float()}
+
+
+def nf_stat_names(double_quant: bool) -> set[str]:
+    return {"qweight"} | ({"absmax_q", "absmax2", "code2", "offset"} if double_quant else {"absmax"})
+
+
+def nf_state_from(s: StoredModule, shape: tuple[int, int]) -> NFState:
+    """The `NFState` of shape `shape` stored in `s` (metadata from `nf_state_meta`, tensors from
+    `nf_state_tensors`), with every size checked so an inconsistent checkpoint fails in one line."""
+    bits, blocksize, blocksize2 = s.ints("bits", "blocksize", "blocksize2")
+    if not 2 <= bits <= 8 or blocksize < 1 or blocksize2 < 1:
+        s.fail(f"invalid NormalFloat layout (bits {bits}, blocks {blocksize}/{blocksize2})")
+    numel = shape[0] * shape[1]
+    blocks = math.ceil(numel / blocksize)
+    q = s.shaped("qweight", ((numel + 1) // 2,) if bits == 4 else (numel,))
+    codes = unpack_4bit(q, numel) if bits == 4 else q.to(torch.uint8)
+    st = NFState(tuple(shape), bits, blocksize, codes, blocksize2=blocksize2)
+    if s.meta_field("double_quant"):
+        st.absmax_q = s.shaped("absmax_q", (blocks,)).to(torch.uint8)
+        st.absmax2 = s.shaped("absmax2", (math.ceil(blocks / blocksize2),)).float()
+        st.code2 = s.shaped("code2", (256,)).float()
+        st.offset = s.shaped("offset", ()).float()
+    else:
+        st.absmax = s.shaped("absmax", (blocks,)).float()
+    if int(codes.max()) >= 2**bits:
+        s.fail(f"codes exceed {bits} bits")
+    return st
+
+
+def _codec_meta(m: NFLinear) -> dict:
+    return {"in": m.in_features, "out": m.out_features, "bits": m.bits, "blocksize": m.blocksize,
+            "blocksize2": m.blocksize2, "double_quant": m.double_quant, "backend": m.backend,
+            "spec": m.spec.to_dict(), "name": m.name,
+            "dtype": dtype_name(m.weight.dtype if m.weight is not None else torch.float32)}
+
+
+def _codec_build(s: StoredModule) -> NFLinear:
+    from qvlm_harness.quant.nf4 import bnb_available
+
+    s.need(nf_stat_names(bool(s.meta_field("double_quant"))), {"bias", "a_scale", "a_zero"})
+    state = nf_state_from(s, s.ints("out", "in"))
+    backend = s.meta_field("backend")
+    if backend == "bnb" and not bnb_available():
+        raise HarnessError("this checkpoint runs NF4 layers through bitsandbytes, which is not installed: "
+                           "pip install 'qvlm-harness[bnb]'")
+    spec = spec_from_dict(s.meta_field("spec"), f"checkpoint module {s.name}")
+    m = NFLinear(state, s.tensors.get("bias"), spec, name=s.meta.get("name", ""), backend=backend, dtype=s.dtype())
+    if ("a_scale" in s.tensors) != ("a_zero" in s.tensors):
+        s.fail("a_scale and a_zero must be stored together")
+    if "a_scale" in s.tensors:
+        m.a_scale, m.a_zero = s.tensors["a_scale"].float(), s.tensors["a_zero"].to(torch.int32)
+    return m
+
+
+def _codec_facts(meta: dict) -> ModuleFacts:
+    spec = spec_facts(meta.get("spec") or {}) | {"w_bits": meta.get("bits")}
+    return ModuleFacts(spec, "real" if meta.get("backend") == "bnb" else "simulated")
+
+
+attach_codec(ModuleCodec("NFLinear", NFLinear, _codec_meta, _codec_build, _codec_facts))

@@ -24,6 +24,15 @@ from torch import Tensor, nn
 
 from qvlm_harness.config import FLOAT_BITS, QuantSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant.codec import (
+    ModuleCodec,
+    ModuleFacts,
+    StoredModule,
+    attach_codec,
+    dtype_name,
+    spec_facts,
+    spec_from_dict,
+)
 from qvlm_harness.quant.quantizer import (
     QParams,
     codes_dtype,
@@ -310,3 +319,56 @@ class QLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, {w}, {a}, simulated"
         )
+
+
+# -- checkpoint codec -----------------------------------------------------------------------------------------------
+# Stored: the integer codes, their scales and zero points, the bias and the static activation range; the dequantized
+# float weight is recomputed from the codes on load (bit-identical), so no float copy is written.
+def _codec_meta(m: QLinear) -> dict:
+    if m.calibrating:  # it would load as a calibrated layer and compute something else
+        raise HarnessError(f"cannot save {m.name or 'a QLinear'}: it is still calibrating (calibrating=True)")
+    return {"in": m.in_features, "out": m.out_features, "spec": m.spec.to_dict(), "group": m.w_qgroup,
+            "name": m.name, "dtype": dtype_name(m.weight.dtype)}
+
+
+def _codec_tensors(m: QLinear) -> dict[str, Tensor]:
+    state = m.state_dict()
+    if m.codes is not None:
+        state.pop("weight")
+    return state
+
+
+def _codec_build(s: StoredModule) -> QLinear:
+    spec = spec_from_dict(s.meta_field("spec"), f"checkpoint module {s.name}")
+    dtype = s.dtype()
+    optional = {"bias", "a_scale", "a_zero"}
+    if spec.quantizes_weights:
+        s.need({"codes", "w_scale", "w_zero"}, optional)
+        t = s.tensors
+        qp = QParams(t["w_scale"].float(), t["w_zero"].to(torch.int32), spec.w_bits, spec.w_symmetric,
+                     s.meta_field("group"))
+        try:
+            in_f, out_f = s.ints("in", "out")
+            m = QLinear.from_codes(t["codes"], qp, t.get("bias"), spec, in_features=in_f, out_features=out_f,
+                                   dtype=dtype, name=s.meta.get("name", ""))
+        except (ValueError, RuntimeError) as exc:
+            s.fail(str(exc))
+    else:
+        s.need({"weight"}, optional)
+        try:
+            m = QLinear(*s.ints("in", "out"), spec, weight=s.tensors["weight"].to(dtype),
+                        bias=s.tensors.get("bias"), name=s.meta.get("name", ""))
+        except ValueError as exc:
+            s.fail(str(exc))
+    if ("a_scale" in s.tensors) != ("a_zero" in s.tensors):
+        s.fail("a_scale and a_zero must be stored together")
+    if "a_scale" in s.tensors:
+        m.a_scale, m.a_zero = s.tensors["a_scale"].float(), s.tensors["a_zero"].to(torch.int32)
+    return m
+
+
+def _codec_facts(meta: dict) -> ModuleFacts:
+    return ModuleFacts(spec_facts(meta.get("spec") or {}))
+
+
+attach_codec(ModuleCodec("QLinear", QLinear, _codec_meta, _codec_build, _codec_facts, tensors=_codec_tensors))

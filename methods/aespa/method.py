@@ -29,6 +29,7 @@ from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_ca
 from qvlm_harness.methodconfig import option, resolve_group_size
 from qvlm_harness.methods.aespa.objectives import AespaOptions, aespa_pass
 from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, weights_reason
+from qvlm_harness.quant.qlinear import QLinear
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class AespaConfig(MethodConfig):
 class Aespa(Method):
     name = "aespa"
     Config = AespaConfig
+    produces = (QLinear,)
+    packs = True
 
     def supports(self, spec: QuantSpec) -> str | None:
         return weights_reason(self.name, spec)

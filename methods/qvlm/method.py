@@ -50,11 +50,14 @@ from qvlm_harness.methods.qvlm.units import (
     run_units,
 )
 from qvlm_harness.methods.qvlm.visual import optimise_visual_encoder
+from qvlm_harness.quant.qlinear import QLinear
 
 
 class QVLM(Method):
     name = "qvlm"
     Config = QVLMOptions
+    produces = (QLinear,)
+    packs = True
 
     @property
     def opts(self) -> QVLMOptions:
