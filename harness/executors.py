@@ -35,6 +35,9 @@ from qvlm_harness.store import ResultRow
 
 FORWARDED_ENV = ("QVLM_HARNESS_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
 Log = Callable[[str], None]
+# KL (nats per position) a replay of function-preserving transforms may show against the FP model: float rounding
+# and the float16 storage of the reference give ~1e-5; a mishandled fold gives whole nats
+TRANSFORM_KL_TOLERANCE = 1e-3
 
 
 class Executor(Protocol):
@@ -67,9 +70,31 @@ def run_group(plan: Plan, job: QuantJob, adapter: LlavaAdapter, *, fingerprint: 
     if fid is not None:
         log(f"  fidelity to FP on {fid['prompts']} prompts: KL {fid['kl_mean']:.4f} nats/token, top-1 agreement "
             f"{fid['top1_agree']:.1f}%")
+    if ref is not None and quantized.adapter.transforms:
+        fid = (fid or {}) | {"transforms_alone": check_transforms(plan, quantized, probes, ref)}
     for cell in job.cells:
         yield evaluate_cell(plan, cell, quantized, run_id=run_id, fingerprint=fingerprint, env=env,
                             progress=progress, fidelity=fid)
+
+
+def check_transforms(plan: Plan, quantized, probes, ref) -> dict:
+    """Replay the method's recorded function-preserving transforms (folded scales, rotations) alone on a fresh
+    FP model and compare it with the FP model on the fidelity probes: a method whose transforms by themselves change
+    the FP outputs (e.g. a fold that mishandles a norm kind) is refused, whatever its accuracy looks like."""
+    from qvlm_harness.models.transforms import replay_transforms
+
+    s = plan.spec
+    fresh = load_adapter(plan.model_path, dtype=s.dtype, device=s.device, name=plan.model_id)
+    replay_transforms(quantized.adapter.transforms, fresh)
+    alone = fidelity.compare(fresh, probes, ref)
+    del fresh
+    if not alone["kl_mean"] <= TRANSFORM_KL_TOLERANCE:
+        raise HarnessError(f"{quantized.method} {quantized.spec.tag}: its {len(quantized.adapter.transforms)} "
+                           f"transform(s) alone, with every quantizer bypassed, move the FP model's next-token "
+                           f"distribution by KL {alone['kl_mean']:.3g} nats (tolerance {TRANSFORM_KL_TOLERANCE:g}); "
+                           "refusing its cells: the method mishandles this architecture")
+    return {"ops": len(quantized.adapter.transforms), "kl_mean": alone["kl_mean"],
+            "top1_agree": alone["top1_agree"]}
 
 
 def run_job(spec: RunSpec, job: QuantJob, *, model_id: str, model_path: str, run_id: str,

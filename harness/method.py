@@ -24,6 +24,7 @@ from qvlm_harness.methodconfig import MethodConfig
 if TYPE_CHECKING:
     from qvlm_harness.calibration import CalibrationSet
     from qvlm_harness.models.llava import LlavaAdapter
+    from qvlm_harness.models.structure import Stack
 
 Execution = Literal["float", "simulated", "real"]
 
@@ -50,6 +51,9 @@ class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: True for baselines that ignore --bits (fp32/fp16/bf16): the planner evaluates them once.
     fixed_precision: ClassVar[bool] = False
+    #: True for methods that walk the model's structure (stacks of units, scale groups, attention): the planner
+    #: describes the model from its config (no weights) and refuses an architecture the seam does not know
+    needs_structure: ClassVar[bool] = False
     #: the quantized module types this method leaves in the model (each with a codec, `qvlm_harness.quant.codec`):
     #: a checkpoint saves only these and resolves their codecs through the method named in its manifest.
     produces: ClassVar[tuple[type, ...]] = ()
@@ -80,6 +84,12 @@ class Method(ABC):
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
         return False
+
+    def check_structure(self, stacks: Sequence[Stack], spec: QuantSpec) -> str | None:
+        """None when the model's structure (the seam's description, built from its config before any weights
+        load) suits this method at `spec`, else the reason (one line). Called by the planner for methods that
+        `needs_structure`, so a requirement fails in a second, not after a search."""
+        return None
 
     def identity(self) -> dict[str, Any]:
         """What the method contributes to a cell's identity: its name and canonical config."""

@@ -280,6 +280,7 @@ def make_plan(spec: RunSpec, *, collect: bool = False) -> Plan:
             plugins.tasks.resolve_name(spec.calib_task)
     with problems.check():
         plan.cells = _cells(plan, problems)
+    _check_structure(plan, problems)
     _check_data(plan, problems)
     plan.problems = problems.items
     return plan
@@ -368,6 +369,47 @@ def _cells(plan: Plan, problems: _Problems) -> list[Cell]:
     if plan.methods and plan.tasks and not cells:
         raise HarnessError("no method supports any of the requested bit-widths; see `harness ls methods`")
     return cells
+
+
+def _check_structure(plan: Plan, problems: _Problems) -> None:
+    """Methods that walk the model's structure see the seam's description of it, built from the config on the
+    meta device (no weights): an unknown architecture or an unmet requirement (aespa and q/k-norm) is refused
+    now, not after a search."""
+    wanted = {c.method: c.spec for c in plan.cells if plan.methods[c.method].needs_structure}
+    if not wanted:
+        return
+    stacks = None
+    with problems.check():
+        stacks = model_structure(plan.model_path, plan.spec.scope)
+    if stacks is None:
+        return
+    for name, spec in wanted.items():
+        reason = plan.methods[name].check_structure(stacks, spec)
+        if reason is not None:
+            problems.add(f"method {name} cannot quantize this model: {reason}")
+
+
+def model_structure(path: str, scope: Sequence[str]):
+    """The seam's stacks of the model at `path`, from its config alone (None for a hub id not cached here: the
+    structure is then checked when the model loads)."""
+    from transformers import AutoConfig
+
+    from qvlm_harness.models.architectures import describe_config
+
+    local = Path(str(path)).expanduser()
+    if not (local / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(str(local))
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"{local / 'config.json'} cannot be read ({type(exc).__name__}: {exc})") from None
+    if getattr(config, "model_type", None) != "llava":
+        return None  # the loader refuses it with its own message
+    try:
+        return describe_config(config, [s for s in ("vision", "projector", "lm") if s in scope])
+    except (AttributeError, AssertionError, TypeError, ValueError) as exc:  # transformers cannot build this Llava
+        raise HarnessError(f"{local}: transformers cannot build a Llava from this config ({type(exc).__name__}: "
+                           f"{exc})") from None
 
 
 def _check_data(plan: Plan, problems: _Problems) -> None:

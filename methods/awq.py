@@ -161,6 +161,7 @@ class AWQConfig(MethodConfig):
 
 class AWQ(Method):
     name = "awq"
+    needs_structure = True
     Config = AWQConfig
     produces = (QLinear,)
     packs = True

@@ -34,6 +34,7 @@ class GPTQConfig(MethodConfig):
 
 class GPTQ(Method):
     name = "gptq"
+    needs_structure = True
     Config = GPTQConfig
     produces = (QLinear,)
     packs = True

@@ -345,6 +345,7 @@ class QVLMOfficialConfig(MethodConfig):
 
 class QVLMOfficial(Method):
     name = "qvlm-official"
+    needs_structure = True
     Config = QVLMOfficialConfig
     produces = (OfficialQLinear,)
     packs = False  # per-input-channel activation scales lie along the reduction dim: no integer GEMM

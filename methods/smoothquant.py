@@ -42,6 +42,7 @@ class SmoothQuantConfig(MethodConfig):
 
 class SmoothQuant(Method):
     name = "smoothquant"
+    needs_structure = True
     Config = SmoothQuantConfig
     produces = (QLinear,)
     packs = True

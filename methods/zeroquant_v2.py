@@ -51,6 +51,7 @@ class ZeroQuantV2Config(MethodConfig):
 
 class ZeroQuantV2(Method):
     name = "zeroquant-v2"
+    needs_structure = True
     Config = ZeroQuantV2Config
     produces = (LoRCLinear, QLinear)  # QLinear alone with rank=0
     packs = True  # the wrapped QLinear packs; the LoRC factors stay float

@@ -137,3 +137,80 @@ def test_local_executor_implements_the_executor_protocol(tiny_model_dir, tmp_pat
     rows = list(executor.run(plan, plan.jobs(), run_id="r"))
     assert [(r.method, r.bits, r.task, r.n_samples) for r in rows] == [("rtn", "w8a8", "sqa", 4)]
     assert rows[0].cell_id == plan.cell_id(plan.cells[0]) and rows[0].environment["executor"] == "local"
+
+
+# -- structure checks before any search, and the transforms-alone check after it -----------------------------------
+def test_aespa_refuses_qk_norm_attention_before_any_model_load(tmp_path, no_model_load, capsys):
+    from qvlm_harness.models.tiny import tiny_gemma_model_path
+
+    gemma = tiny_gemma_model_path(tmp_path / "tg")  # Gemma3 normalises q and k after the projections
+    capsys.readouterr()  # (the build's progress output)
+    code = main(["run", "--methods", "aespa", "--tasks", "sqa", "--bits", "w4a16", "--model", str(gemma),
+                 "--output", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "q/k-norm" in err[0] and "aespa" in err[0]
+    # a method without that requirement plans fine on the same model
+    plan = make_plan(RunSpec(methods=["gptq"], tasks=["sqa"], bits=[QuantSpec.parse("w4a16")], model=str(gemma),
+                             output=tmp_path / "out", limit=2))
+    assert [c.method for c in plan.cells] == ["gptq"]
+
+
+def test_an_architecture_the_seam_does_not_know_is_refused_for_structural_methods_only(tmp_path, no_model_load):
+    from transformers import CLIPVisionConfig, LlavaConfig, Phi3Config
+
+    folder = tmp_path / "phi3-llava"
+    folder.mkdir()
+    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                        num_attention_heads=2, image_size=32, patch_size=8),
+                         text_config=Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, num_key_value_heads=2, vocab_size=128,
+                                                pad_token_id=0))
+    config.save_pretrained(folder)
+    spec = dict(tasks=["sqa"], bits=[QuantSpec.parse("w4a16")], model=str(folder), output=tmp_path / "out", limit=2)
+    with pytest.raises(HarnessError, match="Phi3"):
+        make_plan(RunSpec(methods=["gptq"], **spec))
+    assert [c.method for c in make_plan(RunSpec(methods=["rtn"], **spec)).cells] == ["rtn"]
+
+
+def test_a_method_whose_transforms_alone_change_the_fp_model_is_refused(tiny_model_dir, tmp_path):
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from qvlm_harness.checkpoint import load_adapter
+    from qvlm_harness.executors import run_group
+    from qvlm_harness.method import Method
+
+    @dataclass(frozen=True)
+    class BadFold:  # "folds" a scale into a norm without compensating the consumers
+        norm: str
+
+        def apply(self, model: nn.Module) -> None:
+            model.get_submodule(self.norm).weight.data.mul_(3.0)
+
+    class BadMethod(Method):
+        name = "rtn"
+
+        def quantize(self, adapter, calibration, spec, scope=()):
+            norm = next(n for n, m in adapter.model.named_modules() if n.endswith("input_layernorm"))
+            t = BadFold(norm)
+            t.apply(adapter.model)
+            adapter.transforms.append(t)
+            return self.result(adapter, spec, "simulated")
+
+        def describe(self, spec):
+            return "test"
+
+    plan = make_plan(_spec(tiny_model_dir, tmp_path, methods=["rtn"], bits=[QuantSpec.parse("w8a8")],
+                           max_new_tokens=2))
+    plan.methods["rtn"] = BadMethod()
+    adapter = load_adapter(plan.model_path)
+    with pytest.raises(HarnessError, match="transform.*alone"):
+        list(run_group(plan, plan.jobs()[0], adapter, fingerprint="x", run_id="r", env={}))
+    # a real fold (SmoothQuant) passes the same check and records it
+    plan = make_plan(_spec(tiny_model_dir, tmp_path, methods=["smoothquant"], bits=[QuantSpec.parse("w8a8")],
+                           max_new_tokens=2, calib_samples=4))
+    rows = list(run_group(plan, plan.jobs()[0], load_adapter(plan.model_path), fingerprint="x", run_id="r",
+                          env={}))
+    check = rows[0].measurements["fidelity"]["transforms_alone"]
+    assert check["ops"] > 0 and check["kl_mean"] < 1e-3

@@ -60,6 +60,7 @@ class AespaConfig(MethodConfig):
 
 class Aespa(Method):
     name = "aespa"
+    needs_structure = True
     Config = AespaConfig
     produces = (QLinear,)
     packs = True
@@ -69,6 +70,16 @@ class Aespa(Method):
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
         return True
+
+    def check_structure(self, stacks, spec: QuantSpec) -> str | None:
+        """aespa's query/key objectives take q = x W_q^T (up to RoPE): a norm applied to q and k after the
+        projections (q/k-norm: Qwen3, Gemma3) breaks that, and the method refuses such attention."""
+        for stack in stacks:
+            for unit in stack.units:
+                if unit.attention is not None and unit.attention.qk_norm:
+                    return (f"{unit.name} normalises q and k after the projections (q/k-norm), which aespa's "
+                            "attention-wise objectives do not model; use gptq, or aespa.attention=false")
+        return None
 
     def _group(self, spec: QuantSpec) -> int | None:
         return resolve_group_size(self.name, spec.w_group_size, self.config.group_size)

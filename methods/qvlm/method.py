@@ -55,6 +55,7 @@ from qvlm_harness.quant.qlinear import QLinear
 
 class QVLM(Method):
     name = "qvlm"
+    needs_structure = True
     Config = QVLMOptions
     produces = (QLinear,)
     packs = True
