@@ -29,19 +29,19 @@ from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.measure import PeakRSS, current_rss_mb, weight_bytes
 
-BASELINE = "fp32"
+BASELINE = plugins.FLOAT_BASELINES[0]
 
 
 @dataclass
 class BenchConfig:
     model: str = "default"
-    methods: Sequence[str] = ("fp32", "bf16", "rtn")
+    methods: Sequence[str] = plugins.BENCH_METHODS
     bits: Sequence[QuantSpec] = field(default_factory=lambda: [QuantSpec.parse("w8a8"), QuantSpec.parse("w4a4")])
     batch_sizes: Sequence[int] = (1, 8)
     new_tokens: int = 16
     rounds: int = 5
     threads: int = 1
-    task: str = "vqav2"
+    task: str = plugins.DEFAULT_PROMPT_TASK
     calib_samples: int = 16
     seed: int = 0
     scope: tuple[Scope, ...] = ALL_SCOPES

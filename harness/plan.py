@@ -267,14 +267,14 @@ def make_plan(spec: RunSpec, *, collect: bool = False) -> Plan:
                     cls = plugins.methods.get(canonical)
                     plan.methods[canonical] = cls(**spec.method_options.get(canonical, {}))
         if not spec.methods:
-            problems.add("no methods given; e.g. --methods fp32,rtn (see `harness ls methods`)")
+            problems.add(f"no methods given; e.g. --methods {plugins.EXAMPLE_METHODS} (see `harness ls methods`)")
     for name in dict.fromkeys(spec.tasks):
         with problems.check():
             canonical = plugins.tasks.resolve_name(name)
             if canonical not in plan.tasks:
                 plan.tasks[canonical] = make_task(spec, canonical)
     if not spec.tasks:
-        problems.add("no tasks given; e.g. --tasks sqa (see `harness ls tasks`)")
+        problems.add(f"no tasks given; e.g. --tasks {plugins.EXAMPLE_TASKS} (see `harness ls tasks`)")
     if spec.calib_task is not None:
         with problems.check():
             plugins.tasks.resolve_name(spec.calib_task)

@@ -51,3 +51,13 @@ models.register("tiny", "qvlm_harness.models.tiny:tiny_model_path",
 models.register("tiny-gemma", "qvlm_harness.models.tiny:tiny_gemma_model_path",
                 "tiny random-weight Llava: DINOv2 tower + Gemma3 LM (offset RMSNorm, sandwich norms, "
                 "sliding/full attention), Gemma-style template")
+
+# -- built-in names the commands fall back on (the only place the engine names a method or task) --------------------
+FLOAT_BASELINES = ("fp32", "bf16", "fp16")  # the unquantized methods, widest first: ratios and recovery use the first
+DEFAULT_CALIB_TASK = "sqa"  # `harness quantize`, `harness ablate` and `analyze` calibrate on it unless told
+DEFAULT_PROMPT_TASK = "vqav2"  # `harness bench` prompts with its test images
+EXAMPLE_TASKS = "sqa,vqav2"  # for help texts
+EXAMPLE_METHODS = "fp32,rtn"
+EXAMPLE_PAIR = "awq,rtn"  # `harness compare --methods A,B`
+BENCH_METHODS = ("fp32", "bf16", "rtn")  # `harness bench` measures these unless told
+FEW_SHOT_TASKS = "hm"  # named in the --shots help

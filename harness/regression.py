@@ -39,7 +39,7 @@ from qvlm_harness.task import Task, aggregate_trials
 
 BASELINE_FORMAT = "qvlm-harness-baseline"
 BASELINE_VERSION = 1
-FP_PREFERENCE = ("fp32", "bf16", "fp16")  # which unquantized cell recovery is measured against
+FP_PREFERENCE = plugins.FLOAT_BASELINES  # which unquantized cell recovery is measured against
 DEFAULT_RECOVERY = 0.95
 
 CellKey = tuple[str, str, str, int]  # (method, bits, task, shots)

@@ -16,20 +16,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qvlm_harness import plugins
 from qvlm_harness.commands.common import add_run_arguments, csv_list, run_spec_from_args
 from qvlm_harness.errors import HarnessError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("ablate", help="run a method over a grid of its options (accuracy and search-cost tables)")
-    p.add_argument("method", help="the method to ablate, e.g. qvlm")
+    p.add_argument("method", help="the method to ablate (see `harness ls methods --options`)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="an option and its values; repeat for a grid, e.g. --param p=0.25,0.5 --param max_depth=1,3")
     add_run_arguments(p, methods_required=False)
     for action in p._actions:  # an ablation defaults to ScienceQA (the paper's ablation task)
         if "--tasks" in action.option_strings:
-            action.required, action.default = False, "sqa"
-            action.help = "comma list (default sqa), e.g. sqa,vqav2"
+            action.required, action.default = False, plugins.DEFAULT_CALIB_TASK
+            action.help = f"comma list (default {plugins.DEFAULT_CALIB_TASK}), e.g. {plugins.EXAMPLE_TASKS}"
 
 
 def parse_params(pairs: list[str]) -> dict[str, list]:

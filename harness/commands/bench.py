@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from qvlm_harness import plugins
 from qvlm_harness.commands.common import csv_list, int_list, method_options, scope_list
 from qvlm_harness.config import ALL_SCOPES, QuantSpec
 from qvlm_harness.errors import HarnessError
@@ -22,13 +23,15 @@ COLUMNS = {"method": "Method", "bits": "Bits", "exec": "Exec", "batch": "Batch",
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="real latency and memory of packed quantized models vs the FP32 baseline")
     p.add_argument("--model", default="default", help="'default', 'tiny', a Llava checkpoint folder or a hub id")
-    p.add_argument("--methods", default="fp32,bf16,rtn", help="comma list; fp32 is always added as the baseline")
+    p.add_argument("--methods", default=",".join(plugins.BENCH_METHODS),
+                   help=f"comma list; {plugins.FLOAT_BASELINES[0]} is always added as the baseline")
     p.add_argument("--bits", default="w8a8,w4a4", help="comma list of WxAy[gG][-flags] for the quantized methods")
     p.add_argument("--batch-sizes", type=int_list, default=(1, 8), help="comma list, e.g. 1,8")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt (forced to full length)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed; printed)")
-    p.add_argument("--task", default="vqav2", help="task whose test prompts (with images) are generated from")
+    p.add_argument("--task", default=plugins.DEFAULT_PROMPT_TASK,
+                   help="task whose test prompts (with images) are generated from")
     p.add_argument("--calib-samples", type=int, default=16, help="for methods that calibrate")
     p.add_argument("--quantize", type=scope_list, default=ALL_SCOPES, dest="scope",
                    help="parts to quantize: vision,projector,lm (default all)")

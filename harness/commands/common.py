@@ -50,8 +50,9 @@ def method_options(pairs: Sequence[str]) -> dict[str, dict]:
 
 def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = True) -> None:
     """The options shared by `run` and other grid-running commands."""
-    p.add_argument("--methods", required=methods_required, help="comma list, e.g. fp16,rtn (`harness ls methods`)")
-    p.add_argument("--tasks", required=True, help="comma list, e.g. sqa,vqav2 (see `harness ls tasks`)")
+    p.add_argument("--methods", required=methods_required,
+                   help=f"comma list, e.g. {plugins.EXAMPLE_METHODS} (`harness ls methods`)")
+    p.add_argument("--tasks", required=True, help=f"comma list, e.g. {plugins.EXAMPLE_TASKS} (see `harness ls tasks`)")
     p.add_argument("--bits", default="w8a8,w4a4", help="comma list of WxAy[gG][-tensor][-static][-sym]")
     p.add_argument("--model", default="default", help="'default', a local Llava checkpoint folder or a hub id")
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N samples per task")
@@ -68,7 +69,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = Tr
                    help="parts to quantize: vision,projector,lm (default all)")
     p.add_argument("--scoring", choices=["generate", "loglik"], default="generate")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--shots", type=int_list, default=(0,), help="few-shot counts for tasks that take them (hm)")
+    p.add_argument("--shots", type=int_list, default=(0,),
+                   help=f"few-shot counts for tasks that take them ({plugins.FEW_SHOT_TASKS})")
     p.add_argument("--trials", type=int, default=1, help="seeded few-shot trials averaged per shot count")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from qvlm_harness import plugins
 from qvlm_harness.commands.common import csv_list
 from qvlm_harness.errors import HarnessError
 
@@ -118,7 +119,8 @@ def _compare_methods(args: argparse.Namespace, store) -> int:
 
     names = csv_list(args.methods)
     if len(names) != 2:
-        raise HarnessError(f"--methods takes two methods, A,B (e.g. --methods awq,rtn); got {args.methods!r}")
+        raise HarnessError(f"--methods takes two methods, A,B (e.g. --methods {plugins.EXAMPLE_PAIR}); "
+                           f"got {args.methods!r}")
     metrics = args.metrics if args.metrics in ("primary", "all") else csv_list(args.metrics)
     comp = paired.compare_methods(store, names[0], names[1], run_id=args.run, model=args.model, metrics=metrics,
                                   ci=args.ci, n_resamples=args.resamples, seed=args.seed)

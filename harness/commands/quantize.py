@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from qvlm_harness import plugins
 from qvlm_harness.commands.common import method_options, scope_list
 from qvlm_harness.config import ALL_SCOPES, QuantSpec
 from qvlm_harness.errors import HarnessError
@@ -13,10 +14,11 @@ from qvlm_harness.errors import HarnessError
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model with one method and save the checkpoint")
-    p.add_argument("--method", required=True, help="e.g. awq, gptq, qlora (see `harness ls methods`)")
+    p.add_argument("--method", required=True, help="the method (see `harness ls methods`)")
     p.add_argument("--bits", required=True, help="one WxAy setting, e.g. w4a16 or w8a8")
     p.add_argument("--model", default="default", help="'default', 'tiny', a Llava checkpoint folder or a hub id")
-    p.add_argument("--calib-task", default="sqa", help="task whose train split calibrates (default sqa)")
+    p.add_argument("--calib-task", default=plugins.DEFAULT_CALIB_TASK,
+                   help=f"task whose train split calibrates (default {plugins.DEFAULT_CALIB_TASK})")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--quantize", type=scope_list, default=ALL_SCOPES, dest="scope",

@@ -382,7 +382,7 @@ def build_quantized(*, model: str, method: str | None, bits: str | None, calib_t
         adapter, _ = load_quantized(model, device=device)
         stored = StoredQuantization(manifest, model)
         return quantize(adapter, stored, stored.spec)
-    method = method or "fp32"
+    method = method or plugins.FLOAT_BASELINES[0]
 
     options = {}
     for key, value in method_options.items():
@@ -410,7 +410,8 @@ def build_quantized(*, model: str, method: str | None, bits: str | None, calib_t
     if method_obj.needs_calibration(spec):
         if not calib_task:
             raise HarnessError(f"method {name} at {spec.tag} calibrates on a harness task's train split: add "
-                               "calib_task=sqa (or another task from `harness ls tasks`) to --model_args")
+                               f"calib_task={plugins.DEFAULT_CALIB_TASK} (or another task from `harness ls tasks`) "
+                               "to --model_args")
         task = plugins.tasks.get(plugins.tasks.resolve_name(calib_task))()
         calibration = calibration_for(method_obj, spec, task, calib_samples, seed,
                                       Path(data_dir) if data_dir else None)

@@ -162,7 +162,7 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, symmetric: bool = True, group
 
 
 def gptq_pass(adapter, calibration, spec, scope, *, layer_spec, make_module=None, act_order: bool = False,
-              percdamp: float = 0.01, block_size: int = 128, batch_size: int = 8, method: str = "gptq") -> dict:
+              percdamp: float = 0.01, block_size: int = 128, batch_size: int = 8, method: str = "GPTQ") -> dict:
     """Quantize every in-scope linear of a Llava model with GPTQ, unit by unit (the seam's stacks) and, inside a
     unit, group of layers sharing an input by group (q/k/v, then o, ...), each group's Hessian coming from the
     inputs of the already-quantized prefix. Activation quantizers stay off during the pass (Hessians are taken on float
