@@ -241,8 +241,7 @@ def make_plan(spec: RunSpec, *, collect: bool = False) -> Plan:
 
     problems = _Problems(collect)
     plan = Plan(spec)
-    with problems.check():
-        _check_settings(spec)
+    _check_settings(spec, problems)
     for note in _duplicates(spec):
         plan.notes.append(note)
     with problems.check():
@@ -291,25 +290,24 @@ def make_task(spec: RunSpec, name: str) -> Task:
     return plugins.tasks.get(canonical)(**spec.task_options.get(canonical, {}))
 
 
-def _check_settings(spec: RunSpec) -> None:
-    """Every numeric flag's range, in one place (each a one-line error naming the flag)."""
-    if spec.limit is not None and spec.limit <= 0:
-        raise HarnessError("--limit must be a positive number of samples")
-    if spec.trials < 1:
-        raise HarnessError("--trials must be at least 1")
-    if spec.batch_size < 1:
-        raise HarnessError(f"--batch-size must be at least 1, got {spec.batch_size}")
-    if spec.threads is not None and spec.threads < 1:
-        raise HarnessError(f"--threads must be at least 1 (omit it for all cores), got {spec.threads}")
-    if spec.max_new_tokens < 1:
-        raise HarnessError(f"--max-new-tokens must be at least 1, got {spec.max_new_tokens}")
-    if any(k < 0 for k in spec.shots):
-        raise HarnessError(f"--shots takes counts >= 0, got {','.join(map(str, spec.shots))}")
-    if spec.calib_samples < 0:
-        raise HarnessError(f"--calib-samples must be 0 or more, got {spec.calib_samples}")
-    if not 0 <= spec.seed <= MAX_SEED:
-        raise HarnessError(f"--seed must be in 0..{MAX_SEED}, got {spec.seed}")
-    check_device(spec.device)
+def _check_settings(spec: RunSpec, problems: _Problems) -> None:
+    """Every numeric flag's range, in one place (each a one-line problem naming the flag)."""
+    checks = [
+        (spec.limit is None or spec.limit > 0, "--limit must be a positive number of samples"),
+        (spec.trials >= 1, "--trials must be at least 1"),
+        (spec.batch_size >= 1, f"--batch-size must be at least 1, got {spec.batch_size}"),
+        (spec.threads is None or spec.threads >= 1,
+         f"--threads must be at least 1 (omit it for all cores), got {spec.threads}"),
+        (spec.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {spec.max_new_tokens}"),
+        (all(k >= 0 for k in spec.shots), f"--shots takes counts >= 0, got {','.join(map(str, spec.shots))}"),
+        (spec.calib_samples >= 0, f"--calib-samples must be 0 or more, got {spec.calib_samples}"),
+        (0 <= spec.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}, got {spec.seed}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            problems.add(message)
+    with problems.check():
+        check_device(spec.device)
 
 
 def check_device(device: str) -> None:
