@@ -109,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         parser = build_parser()
+        from qvlm_harness.commands.config_file import expand_config
+
+        argv = expand_config(sys.argv[1:] if argv is None else argv, parser)
         args, extra = parser.parse_known_args(argv)
         command = getattr(args, COMMAND_ATTR)
         if extra and not isinstance(command, UnavailableCommand):  # as parse_args would; an unavailable

@@ -50,6 +50,8 @@ def method_options(pairs: Sequence[str]) -> dict[str, dict]:
 
 def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = True) -> None:
     """The options shared by `run` and other grid-running commands."""
+    p.add_argument("--config", type=Path, default=None, metavar="FILE.yaml",
+                   help="run settings from a YAML file (flag names as keys); flags given here win")
     p.add_argument("--methods", required=methods_required,
                    help=f"comma list, e.g. {plugins.EXAMPLE_METHODS} (`harness ls methods`)")
     p.add_argument("--tasks", required=True, help=f"comma list, e.g. {plugins.EXAMPLE_TASKS} (see `harness ls tasks`)")
