@@ -215,7 +215,8 @@ class Store:
                 added = stmt.split("ADD COLUMN ")[1].split()[0] if "ADD COLUMN" in stmt else None
                 if added is None or added not in columns:
                     con.execute(stmt)
-        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version != SCHEMA_VERSION:  # a current store is opened without a write (a report changes no byte)
+            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def has(self, cell_id: str) -> bool:
         """Whether a current (not superseded), readable row of this id exists: a superseded or unreadable one is
