@@ -91,17 +91,17 @@ def _key(source: Any) -> tuple[str, tuple[int, int]] | None:
 
 
 def check_images(images: Iterable[tuple[str, Any]]) -> int:
-    """Open and decode every image of `(what, source)` pairs (paths or bytes; None and decoded images are
-    skipped), raising `load_image`'s one-line `DataError` for the first that fails. Returns how many were
-    decoded now (the rest were known good)."""
+    """Open and decode every image of `(what, source)` pairs (paths or bytes; anything else, such as None, a
+    decoded image or a task's lazy reference, is skipped), raising `load_image`'s one-line `DataError` for the
+    first that fails. Returns how many were decoded now (the rest were known good)."""
     decoded = 0
     with _lock:
         known: dict[str, tuple[int, int]] | None = None
         fresh: dict[str, tuple[int, int]] = {}
         try:
             for what, source in images:
-                if source is None or isinstance(source, Image.Image):
-                    continue
+                if not isinstance(source, str | Path | bytes | bytearray):
+                    continue  # none, decoded already, or a task's own lazy reference (an lm-eval document's)
                 key = _key(source)
                 if key is not None and _checked.get(key[0]) == key[1]:
                     continue
