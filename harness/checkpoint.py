@@ -275,11 +275,24 @@ def _decode(fqn: str, entry: dict, tensors: dict[str, Tensor], codecs: dict[str,
     return module
 
 
+def check_finite(tensors: dict[str, Tensor], modules: dict[str, dict], folder: Path) -> None:
+    """Every floating-point tensor of a quantized module (scales, zero points, biases, float parts) is finite: a
+    NaN scale makes its layer's output NaN, which would otherwise surface during evaluation as NaN activations and
+    be blamed on the inputs or the calibration, not on the checkpoint that holds it."""
+    prefixes = tuple(f"{fqn}." for fqn in modules)
+    for key, t in tensors.items():
+        if key.startswith(prefixes) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise HarnessError(f"checkpoint {folder}: tensor {key} holds {kind} (a corrupt quantized checkpoint, "
+                               f"not an input or calibration problem); {FIX}")
+
+
 def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None = None):
     """(LlavaAdapter with the quantized model, manifest). Strict: see the module docstring."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, LlavaForConditionalGeneration
 
+    from qvlm_harness.models.folder import load_processor
     from qvlm_harness.models.llava import LlavaAdapter
     from qvlm_harness.quant.apply import _set_submodule
 
@@ -293,7 +306,9 @@ def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None 
         raise HarnessError(f"{path} is missing; the checkpoint is incomplete: {FIX}")
     if _sha256(path) != manifest["tensors_sha256"]:
         raise HarnessError(f"{path} does not match the hash in {MANIFEST} (corrupt or edited); {FIX}")
+    processor = load_processor(folder)
     tensors = load_file(str(path))
+    check_finite(tensors, manifest["modules"], folder)
     for alias, target in manifest["aliases"].items():
         if target not in tensors:
             raise HarnessError(f"checkpoint alias {alias} -> {target}: target tensor missing; {FIX}")
@@ -327,29 +342,33 @@ def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None 
         if codecs[codec_name].on_load is not None:
             codecs[codec_name].on_load(model, modules)
     model.to(device)
-    processor = AutoProcessor.from_pretrained(folder)
     return LlavaAdapter(model, processor, name or folder.name, path=str(folder)), manifest
 
 
 def load_float(path: str | Path, *, dtype: str = "fp32", device: str = "cpu", name: str | None = None):
-    """A float Llava model. A local folder loads strictly: a tensor the model expects and the folder lacks
-    (transformers would initialise it randomly), a tensor the model has no place for, or a shape mismatch is
-    refused in one line. A hub id loads as `LlavaAdapter.load` does."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    """A float Llava model. A local folder is checked from its files first (config, weights, tokenizer; see
+    `qvlm_harness.models.folder`), its processor built before the weights, and the weights load strictly: a
+    tensor the model expects and the folder lacks (transformers would initialise it randomly), a tensor the model
+    has no place for, or a shape mismatch is refused in one line. A hub id loads as `LlavaAdapter.load` does."""
+    from safetensors import SafetensorError
+    from transformers import LlavaForConditionalGeneration
 
+    from qvlm_harness.models.folder import RECREATE, check_model_folder, load_processor, short
     from qvlm_harness.models.llava import LlavaAdapter, _dtype
 
     folder = Path(str(path)).expanduser()
     if not (folder / "config.json").is_file():
         return LlavaAdapter.load(path, dtype=dtype, device=device, name=name)  # hub id, or its one-line error
-    if AutoConfig.from_pretrained(folder).model_type != "llava":
-        return LlavaAdapter.load(path, dtype=dtype, device=device, name=name)  # its one-line error
+    check_model_folder(folder)
+    processor = load_processor(folder)
     try:
         model, info = LlavaForConditionalGeneration.from_pretrained(folder, dtype=_dtype(dtype),
                                                                     output_loading_info=True)
     except RuntimeError as exc:  # transformers raises on shape mismatches
         raise HarnessError(f"{folder}: the weights do not fit the model in config.json "
                            f"({str(exc).splitlines()[-1].strip()}); re-create the model folder") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise HarnessError(f"the weights of {folder} cannot be loaded ({short(exc)}); {RECREATE}") from None
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     if missing or unexpected or info["mismatched_keys"]:
         problems = ([f"{len(missing)} missing tensor(s) (e.g. {missing[0]}; they would be initialised randomly)"]
@@ -357,7 +376,6 @@ def load_float(path: str | Path, *, dtype: str = "fp32", device: str = "cpu", na
                                            else []) + (["shape mismatches"] if info["mismatched_keys"] else [])
         raise HarnessError(f"{folder}: the weights do not match the model in config.json: {', '.join(problems)}; "
                            "the folder is incomplete or was edited: re-create it")
-    processor = AutoProcessor.from_pretrained(folder)
     model.to(device)
     return LlavaAdapter(model, processor, name or folder.name, path=str(folder))
 

@@ -18,9 +18,16 @@ AGranularity = Literal["tensor", "token"]
 Scope = Literal["vision", "projector", "lm"]
 ALL_SCOPES: tuple[Scope, ...] = ("vision", "projector", "lm")
 
-_BITS_RE = re.compile(
-    r"^w(?P<w>\d+)a(?P<a>\d+)(?:g(?P<g>\d+))?(?P<flags>(?:-(?:asym|sym|static|dynamic|tensor|token))*)$"
-)
+_BITS_RE = re.compile(r"^w(?P<w>\d+)a(?P<a>\d+)(?:g(?P<g>\d+))?(?P<flags>(?:-[a-z]+)*)$")
+# Each suffix flag sets one property; two flags of one property contradict each other (or repeat one).
+# flag -> (the property it sets, whether it concerns the weights rather than the activations)
+BITS_FLAGS: dict[str, tuple[str, bool]] = {
+    "tensor": ("activation granularity", False), "token": ("activation granularity", False),
+    "static": ("activation range", False), "dynamic": ("activation range", False),
+    "sym": ("activation symmetry", False), "asym": ("activation symmetry", False),
+    "wasym": ("weight symmetry", True),
+}
+BITS_SYNTAX = "w<bits>a<bits>[g<group>][-tensor][-static|-dynamic][-sym][-wasym]"
 FLOAT_BITS = 16  # 16 means "left in floating point"
 
 
@@ -79,7 +86,9 @@ class QuantSpec:
             s += "-wasym"
         if self.a_granularity != default.a_granularity:
             s += f"-{self.a_granularity}"
-        if self.a_dynamic != default.a_dynamic:
+        if self.a_granularity == "tensor" and self.a_dynamic:
+            s += "-dynamic"  # a bare -tensor means static
+        elif self.a_dynamic != default.a_dynamic:
             s += "-static"
         if self.a_symmetric != default.a_symmetric:
             s += "-sym"
@@ -90,32 +99,37 @@ class QuantSpec:
         """Parse 'w4a4', 'w6a6', 'w8a8', 'w4a16', 'w4a16g128', 'w8a8-tensor-static', 'w4a4-sym', 'fp'/'w16a16'.
 
         Flags after the bits: `-tensor` (per-tensor activations, implies static unless `-dynamic`),
-        `-static`, `-dynamic`, `-sym` (symmetric activations), `-wasym` (asymmetric weights).
+        `-static`, `-dynamic`, `-sym` (symmetric activations), `-wasym` (asymmetric weights). Each flag at most
+        once; two flags setting the same property (`-static-dynamic`), activation flags on float activations
+        (a16) and weight flags (g, -wasym) on float weights (w16) are refused: they would silently mean nothing.
         """
         raw = text.strip().lower()
         if raw in ("fp", "float", "none", "w16a16"):
             return cls()
-        wasym = raw.endswith("-wasym") or "-wasym-" in raw
-        core = raw.replace("-wasym", "")
-        m = _BITS_RE.match(core)
+        m = _BITS_RE.match(raw)
         if not m:
-            raise HarnessError(
-                f"cannot parse bit-width {text!r}: expected w<bits>a<bits>[g<group>][-tensor][-static][-sym], "
-                "e.g. w4a4, w6a6, w8a8, w4a16g128"
-            )
-        flags = [f for f in m.group("flags").split("-") if f]
+            raise HarnessError(f"cannot parse bit-width {text!r}: expected {BITS_SYNTAX}, e.g. w4a4, w6a6, w8a8, "
+                               "w4a16g128")
+        flags = _check_flags(text, m.group("flags").split("-")[1:])
+        w_bits, a_bits = int(m.group("w")), int(m.group("a"))
+        if m.group("g") and w_bits == FLOAT_BITS:
+            raise HarnessError(f"bit-width {text!r}: a group size needs quantized weights (w16 keeps them in "
+                               "float); drop g" + m.group("g"))
+        for flag in flags:
+            on_weights = BITS_FLAGS[flag][1]
+            if (w_bits if on_weights else a_bits) == FLOAT_BITS:
+                what = "weights (w16" if on_weights else "activations (a16"
+                raise HarnessError(f"bit-width {text!r}: -{flag} applies to quantized {what} keeps them in "
+                                   f"float); drop -{flag}")
         granularity: AGranularity = "tensor" if "tensor" in flags else "token"
-        dynamic = granularity == "token" or "dynamic" in flags
-        if "static" in flags:
-            dynamic = False
         return cls(
-            w_bits=int(m.group("w")),
-            a_bits=int(m.group("a")),
+            w_bits=w_bits,
+            a_bits=a_bits,
             w_group_size=int(m.group("g")) if m.group("g") else None,
-            w_symmetric=not wasym,
+            w_symmetric="wasym" not in flags,
             a_granularity=granularity,
             a_symmetric="sym" in flags,
-            a_dynamic=dynamic,
+            a_dynamic="static" not in flags and (granularity == "token" or "dynamic" in flags),
         )
 
     @classmethod
@@ -167,3 +181,20 @@ class RunSpec:
     @property
     def store_path(self) -> Path:
         return self.store if self.store is not None else self.output / "harness.db"
+
+
+def _check_flags(text: str, flags: list[str]) -> list[str]:
+    """The suffix flags of a bit-width, each known and given once, no two setting the same property."""
+    seen: dict[str, str] = {}  # property -> flag
+    for flag in flags:
+        if flag not in BITS_FLAGS:
+            raise HarnessError(f"bit-width {text!r}: unknown flag -{flag}; the flags are "
+                               f"{', '.join('-' + f for f in BITS_FLAGS)} ({BITS_SYNTAX})")
+        prop = BITS_FLAGS[flag][0]
+        if prop in seen:
+            if seen[prop] == flag:
+                raise HarnessError(f"bit-width {text!r}: -{flag} is given twice; give each flag once")
+            raise HarnessError(f"bit-width {text!r}: -{seen[prop]} and -{flag} contradict each other ({prop}); "
+                               "keep one")
+        seen[prop] = flag
+    return flags

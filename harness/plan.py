@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from qvlm_harness import plugins
 from qvlm_harness.config import QuantSpec, RunSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.images import check_images
 from qvlm_harness.method import Method
 from qvlm_harness.task import Sample, Task
 
@@ -87,6 +89,7 @@ class Plan:
     cells: list[Cell] = field(default_factory=list)
     bits: tuple[QuantSpec, ...] = ()
     checkpoint: dict | None = None  # the manifest when --model is a quantized checkpoint
+    model_config: Any = None  # the local model folder's config, once its files passed `check_model_folder`
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     _samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict, repr=False)
@@ -103,6 +106,16 @@ class Plan:
     @property
     def model_path(self) -> str:
         return self._model[1]
+
+    @cached_property
+    def skeleton(self):
+        """The Llava model `model_config` builds, on the meta device (no memory, no weights; None for a hub id):
+        what the structure and group-size checks read."""
+        return None if self.model_config is None else meta_skeleton(self.model_config, self.model_path)
+
+    def linear_widths(self) -> dict[str, int]:
+        """FQN -> input width of every linear layer in `--quantize`'s scope; empty for a hub id."""
+        return {} if self.skeleton is None else linear_widths(self.skeleton, self.spec.scope)
 
     # -- data -----------------------------------------------------------------------------------------------------
     def data_dir(self, task: str) -> Path | None:
@@ -166,11 +179,15 @@ class Plan:
         """What the calibration set of `task` holds: the seeded train samples a calibrated cell sees."""
         from qvlm_harness.identity import samples_fingerprint
 
+        return samples_fingerprint(self.calibration_samples(task))
+
+    def calibration_samples(self, task: str) -> list[Sample]:
+        """The seeded train samples that calibrate the cells calibrated on `task`."""
         key = (f"calib:{task}", str(self.spec.calib_samples))
         if key not in self._samples:
             self._samples[key] = self.task(task).calibration_samples(self.spec.calib_samples, self.spec.seed,
                                                                      self.data_dir(task))
-        return samples_fingerprint(self._samples[key])
+        return self._samples[key]
 
     def evaluation_settings(self) -> dict:
         """The execution settings that can still change a cell's per-sample outputs (batch layout, threads)."""
@@ -244,11 +261,14 @@ def make_plan(spec: RunSpec, *, collect: bool = False) -> Plan:
     _check_settings(spec, problems)
     for note in _duplicates(spec):
         plan.notes.append(note)
+    _check_outputs(spec, problems)
     with problems.check():
         check_model_source(spec.model)
     manifest = None
     with problems.check():
         manifest = read_manifest(spec.model) if Path(str(spec.model)).expanduser().is_dir() else None
+    with problems.check():
+        plan.model_config = local_model_config(plan.model_path)
     if manifest is not None:  # an already quantized checkpoint: evaluate it as stored
         plan.checkpoint = manifest
         if spec.methods:
@@ -279,6 +299,7 @@ def make_plan(spec: RunSpec, *, collect: bool = False) -> Plan:
             plugins.tasks.resolve_name(spec.calib_task)
     with problems.check():
         plan.cells = _cells(plan, problems)
+    _check_groups(plan, problems)
     _check_structure(plan, problems)
     _check_data(plan, problems)
     plan.problems = problems.items
@@ -378,7 +399,7 @@ def _check_structure(plan: Plan, problems: _Problems) -> None:
         return
     stacks = None
     with problems.check():
-        stacks = model_structure(plan.model_path, plan.spec.scope)
+        stacks = model_structure(plan)
     if stacks is None:
         return
     for name, spec in wanted.items():
@@ -387,27 +408,84 @@ def _check_structure(plan: Plan, problems: _Problems) -> None:
             problems.add(f"method {name} cannot quantize this model: {reason}")
 
 
-def model_structure(path: str, scope: Sequence[str]):
-    """The seam's stacks of the model at `path`, from its config alone (None for a hub id not cached here: the
-    structure is then checked when the model loads)."""
-    from transformers import AutoConfig
+def model_structure(plan: Plan):
+    """The seam's stacks of the planned model, from its config alone (None for a hub id not cached here, or a
+    folder whose files were refused: the structure is then checked when the model loads)."""
+    from qvlm_harness.models.architectures import describe_model
 
-    from qvlm_harness.models.architectures import describe_config
-
-    local = Path(str(path)).expanduser()
-    if not (local / "config.json").is_file():
+    skeleton = plan.skeleton
+    if skeleton is None:
         return None
     try:
-        config = AutoConfig.from_pretrained(str(local))
-    except (OSError, ValueError) as exc:
-        raise HarnessError(f"{local / 'config.json'} cannot be read ({type(exc).__name__}: {exc})") from None
-    if getattr(config, "model_type", None) != "llava":
-        return None  # the loader refuses it with its own message
-    try:
-        return describe_config(config, [s for s in ("vision", "projector", "lm") if s in scope])
+        return describe_model(skeleton, [s for s in ("vision", "projector", "lm") if s in plan.spec.scope])
     except (AttributeError, AssertionError, TypeError, ValueError) as exc:  # transformers cannot build this Llava
-        raise HarnessError(f"{local}: transformers cannot build a Llava from this config ({type(exc).__name__}: "
-                           f"{exc})") from None
+        raise HarnessError(f"{plan.model_path}: transformers cannot build a Llava from this config "
+                           f"({type(exc).__name__}: {exc})") from None
+
+
+def _check_groups(plan: Plan, problems: _Problems) -> None:
+    """`check_group` for every quantizing (method, spec) of the plan (a stored checkpoint is as it was saved)."""
+    if plan.checkpoint is not None:
+        return
+    for method_name, spec in dict.fromkeys((c.method, c.spec) for c in plan.cells):
+        with problems.check():
+            note = check_group(plan.methods[method_name], spec, plan.linear_widths)
+            if note:
+                plan.notes.append(note)
+
+
+def check_group(method: Method, spec: QuantSpec, widths: Callable[[], dict[str, int]]) -> str | None:
+    """The group-size rule, the same for every method: a group of G input channels applies to each quantized
+    layer whose input width G divides; a layer it does not divide is quantized per output channel (returned as a
+    note); a G that divides none of the in-scope layers is refused (every layer would be per-channel under a g
+    label). G is the `g<G>` of --bits or, without one, the method's `group_size` option (a method's own default
+    is its business). `widths` (FQN -> input width) is called only when there is a group to check."""
+    if method.fixed_precision or not spec.quantizes_weights:
+        return None
+    group = spec.w_group_size or getattr(method.config, "group_size", None)
+    if not group:
+        return None
+    layers = widths()
+    if not layers:
+        return None  # a hub id: its layers are known when it loads
+    source = f"--bits {spec.tag}" if spec.w_group_size else f"{method.name}.group_size={group}"
+    misfit = {n: w for n, w in layers.items() if w % group}
+    if len(misfit) == len(layers):
+        distinct = sorted(set(layers.values()))
+        fits = [g for g in (128, 64, 32, 16, 8) if all(w % g == 0 for w in distinct)]
+        raise HarnessError(f"{source}: group size {group} divides the input width of none of the {len(layers)} "
+                           f"layers in scope (widths {', '.join(map(str, distinct))}); choose "
+                           f"{f'e.g. g{fits[0]}' if fits else 'a divisor of one of them'} (layers a group size does "
+                           "not divide are quantized per output channel)")
+    if misfit:
+        odd = ", ".join(map(str, sorted(set(misfit.values()))))
+        return (f"{source} ({method.name}): group size {group} does not divide the input width of {len(misfit)} of "
+                f"{len(layers)} layers (widths {odd}): those are quantized per output channel")
+    return None
+
+
+def meta_skeleton(config, path: str):
+    """The Llava model `config` builds, on the meta device: no memory, no initialisation, no weights."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    try:
+        with torch.device("meta"):
+            return LlavaForConditionalGeneration(config)
+    except (AttributeError, AssertionError, TypeError, ValueError, KeyError) as exc:
+        raise HarnessError(f"{path}: transformers cannot build a Llava from this config "
+                           f"({type(exc).__name__}: {exc})") from None
+
+
+def linear_widths(model, scope: Sequence[str]) -> dict[str, int]:
+    """FQN -> input width of every linear layer of `model` in `scope` (what methods quantize: the layers of
+    `LlavaAdapter.linear_names`, so the LM head aside)."""
+    from torch import nn
+
+    from qvlm_harness.models.structure import STACK_NAMES, STACK_ROOTS
+
+    prefixes = tuple(STACK_ROOTS[s] + "." for s in STACK_NAMES if s in scope)
+    return {n: m.in_features for n, m in model.named_modules() if n.startswith(prefixes) and isinstance(m, nn.Linear)}
 
 
 def _check_data(plan: Plan, problems: _Problems) -> None:
@@ -416,7 +494,9 @@ def _check_data(plan: Plan, problems: _Problems) -> None:
     spec = plan.spec
     for t in plan.tasks:
         with problems.check():
-            plan.samples(t)
+            samples = plan.samples(t)
+            if spec.image_control != "blank":  # a blank control never opens the images
+                check_images((f"sample {x.id}", x.image) for x in samples)
         if any(c.shots for c in plan.cells if c.task == t):
             with problems.check():
                 plan.demo_pool(t)
@@ -430,6 +510,22 @@ def _check_data(plan: Plan, problems: _Problems) -> None:
             if not task.load(task.train_split, plan.data_dir(t)):
                 raise HarnessError(f"task {t}: its calibration split {task.train_split!r} has no samples; "
                                    "calibrate on another task with --calib-task")
+            if spec.calib_samples > 0:
+                check_images((f"calibration sample {x.id} of {t}", x.image) for x in plan.calibration_samples(t))
+
+
+def _check_outputs(spec: RunSpec, problems: _Problems) -> None:
+    """Where results go: --output a writable folder, the store a writable harness store (see
+    `qvlm_harness.writable`): found now, not at the first write after a cell was computed."""
+    from qvlm_harness.store import check_store_path
+    from qvlm_harness.writable import check_output_folder
+
+    before = len(problems.items)
+    with problems.check():
+        check_output_folder(spec.output, "--output")
+    if spec.store is not None or len(problems.items) == before:  # the default store is inside --output
+        with problems.check():
+            check_store_path(spec.store_path)
 
 
 # -- models -----------------------------------------------------------------------------------------------------------
@@ -453,3 +549,14 @@ def check_model_source(name: str) -> None:
                            "llava-hf/llava-1.5-7b-hf, or --model default")
     if path.exists() and not (path / "config.json").is_file():
         raise HarnessError(f"{path} is not a model folder (no config.json); pass a Llava checkpoint folder")
+
+
+def local_model_config(path: str):
+    """The config of a local model folder whose files pass `check_model_folder` (config, weights, tokenizer);
+    None for a hub id (checked when it loads)."""
+    from qvlm_harness.models.folder import check_model_folder
+
+    local = Path(str(path)).expanduser()
+    if not local.is_dir():
+        return None
+    return check_model_folder(local)

@@ -165,17 +165,25 @@ def load_baseline(path: Path) -> tuple[dict[str, Any], list[CellScores]]:
         raise HarnessError(f"baseline {path} not found{hint}; write one with `harness compare --save-baseline NAME`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise HarnessError(f"baseline {path} is not a text file; pass a baseline written by "
+                           "`harness compare --save-baseline NAME`") from None
     except json.JSONDecodeError as exc:
         raise HarnessError(f"baseline {path} is not valid JSON ({exc.msg} at line {exc.lineno}); rewrite it with "
                            "`harness compare --save-baseline`") from None
-    if data.get("format") != BASELINE_FORMAT or data.get("version") != BASELINE_VERSION:
+    if (not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT
+            or data.get("version") != BASELINE_VERSION):
         raise HarnessError(f"{path} is not a qvlm-harness baseline (format {BASELINE_FORMAT} v{BASELINE_VERSION}); "
                            "write one with `harness compare --save-baseline NAME`")
-    cells = [CellScores(method=c["method"], bits=c["bits"], task=c["task"], shots=int(c["shots"]),
-                        metrics={k: (math.nan if v is None else float(v)) for k, v in c["metrics"].items()},
-                        entries=c["samples"], trials=int(c.get("trials", 1)), model=c.get("model", ""),
-                        info=c.get("info", {}))
-             for c in data["cells"]]
+    try:
+        cells = [CellScores(method=c["method"], bits=c["bits"], task=c["task"], shots=int(c["shots"]),
+                            metrics={k: (math.nan if v is None else float(v)) for k, v in c["metrics"].items()},
+                            entries=list(c["samples"]), trials=int(c.get("trials", 1)), model=c.get("model", ""),
+                            info=c.get("info", {}))
+                 for c in data["cells"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise HarnessError(f"baseline {path} has a malformed cell ({type(exc).__name__}: {exc}); rewrite it with "
+                           "`harness compare --save-baseline NAME`") from None
     meta = {k: v for k, v in data.items() if k != "cells"}
     return meta, cells
 

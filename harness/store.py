@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import sys
 import time
@@ -128,6 +129,49 @@ def row_problem(row: ResultRow) -> str | None:
     return None
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_store_path(path: Path | str) -> None:
+    """Before any work (the planner calls this): the store is a file path, an existing file is a harness results
+    store of a schema this release reads, and both the file and its folder can be written (SQLite writes a
+    journal beside the file), so a computed cell is never lost at `put`. Nothing is created or changed."""
+    from qvlm_harness.writable import check_output_folder
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise HarnessError(f"--store {path} is a folder; pass a file path (e.g. {path / 'harness.db'})")
+    check_output_folder(path.parent, f"--store {path}: its folder")
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        head = f.read(len(SQLITE_MAGIC))
+    if not head:
+        return  # an empty file: SQLite makes it a new store
+    if head != SQLITE_MAGIC:
+        raise HarnessError(f"--store {path} is not a SQLite file (so not a harness results store); pass another "
+                           "path or move the file away")
+    if not os.access(path, os.W_OK):
+        raise HarnessError(f"--store {path} is read-only; make it writable or pass another --store")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60)
+        try:
+            tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            con.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a file SQLite can only read
+            con.rollback()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise HarnessError(f"--store {path} cannot be used ({exc}); pass another path or move the file away") from None
+    if tables and "results" not in tables:
+        raise HarnessError(f"--store {path} is not a harness results store (it holds other tables: "
+                           f"{', '.join(tables[:3])}); pass another path or move the file away")
+    if version > SCHEMA_VERSION:
+        raise HarnessError(f"--store {path} was written by a newer qvlm-harness (schema {version}, this one reads "
+                           f"{SCHEMA_VERSION}); upgrade qvlm-harness")
+
+
 class Store:
     """A SQLite results store (created on first use, migrated when older)."""
 
@@ -171,14 +215,22 @@ class Store:
                 added = stmt.split("ADD COLUMN ")[1].split()[0] if "ADD COLUMN" in stmt else None
                 if added is None or added not in columns:
                     con.execute(stmt)
-        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version != SCHEMA_VERSION:  # a current store is opened without a write (a report changes no byte)
+            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def has(self, cell_id: str) -> bool:
-        """Whether a current (not superseded) row of this id exists: a superseded one is recomputed (from its
-        sample log, so cheaply) and becomes current again."""
+        """Whether a current (not superseded), readable row of this id exists: a superseded or unreadable one is
+        recomputed (from its sample log, so cheaply) and becomes current again."""
         with self._connect() as con:
-            return con.execute("SELECT 1 FROM results WHERE cell_id = ? AND superseded_by IS NULL",
-                               (cell_id,)).fetchone() is not None
+            rec = con.execute("SELECT * FROM results WHERE cell_id = ? AND superseded_by IS NULL",
+                              (cell_id,)).fetchone()
+        if rec is None:
+            return False
+        try:
+            _row_from_record(dict(rec))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return False  # unreadable (edited by hand): recomputed from its sample log and replaced by `put`
+        return True
 
     def put(self, row: ResultRow) -> None:
         """Write `row` (replacing a row of the same id) and supersede older rows of the same cell key."""

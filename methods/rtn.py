@@ -18,6 +18,7 @@ from qvlm_harness.cost import stage
 from qvlm_harness.method import Method, MethodConfig, QuantizedModel
 from qvlm_harness.methodconfig import option
 from qvlm_harness.quant import QLinear, calibrate_static_activations, quantize_linears
+from qvlm_harness.quant.methodkit import layer_spec
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class RTN(Method):
         wanted = set(adapter.linear_names(scope))
         with stage("round"):
             swapped = quantize_linears(adapter.model, spec, include=lambda n, m: n in wanted,
-                                       make=lambda n, m: QLinear.from_linear(m, spec, name=n))
+                                       make=lambda n, m: QLinear.from_linear(m, layer_spec(spec, m.in_features,
+                                                                                           spec.w_group_size), name=n))
         if self.needs_calibration(spec):
             with stage("activation_calibration"):
                 calibrate_static_activations(adapter.model, swapped, lambda: calibration.run(adapter), spec=spec,

@@ -25,7 +25,7 @@ from qvlm_harness.cost import stage
 from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_calibration
 from qvlm_harness.methodconfig import option
 from qvlm_harness.quant import QLinear, collect_activation_stats, quantize_linears
-from qvlm_harness.quant.methodkit import activation_text, calibrate_activations
+from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec
 
 
 def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -73,7 +73,8 @@ class SmoothQuant(Method):
                 report["smoothed_groups"] += 1
         with stage("quantize"):
             quantize_linears(model, spec, include=lambda n, m: n in keep,
-                             make=lambda n, m: QLinear.from_linear(m, spec, name=n))
+                             make=lambda n, m: QLinear.from_linear(
+                                 m, layer_spec(spec, m.in_features, spec.w_group_size), name=n))
         with stage("activation_calibration"):
             calibrate_activations(adapter, calibration, spec, wanted)
         return self.result(adapter, spec, "simulated", wanted, report)

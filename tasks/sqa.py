@@ -23,8 +23,8 @@ from qvlm_harness.metrics.sqa import aggregate_sqa, parse_answer, sqa_categories
 from qvlm_harness.task import Request, Response, Sample, Task, TaskMeta
 from qvlm_harness.tasks._common import data_folder, read_json
 
-LAYOUT = ("problems.json + pid_splits.json + images/{split}/{pid}/image.png (official ScienceQA), "
-          "or {split}-*.parquet (HF layout)")
+LAYOUT = ("problems.json + pid_splits.json + images/{split}/{pid}/image.png or {split}/{pid}/image.png "
+          "(official ScienceQA), or {split}-*.parquet (HF layout)")
 POST_PROMPT = "Answer with the option's letter from the given choices directly."
 LETTERS = string.ascii_uppercase
 
@@ -67,6 +67,7 @@ class ScienceQA(Task):
         splits = read_json(folder / "pid_splits.json", self.name, LAYOUT)
         if split not in splits:
             raise DataError(f"sqa: split {split!r} not in {folder / 'pid_splits.json'} (has {', '.join(splits)})")
+        roots = image_roots(folder, split)
         samples = []
         for pid in splits[split]:
             if pid not in problems:
@@ -75,8 +76,8 @@ class ScienceQA(Task):
             _check_problem(prob, f"problems.json[{pid}]")
             image = None
             if prob.get("image"):
-                candidates = [folder / "images" / split / pid / prob["image"], folder / split / pid / prob["image"]]
-                image = next((c for c in candidates if c.exists()), candidates[0])
+                candidates = [root / pid / prob["image"] for root in roots]
+                image = next((c for c in candidates if c.exists()), candidates[0])  # a missing one: the layout's
             samples.append(Sample(id=str(pid), image=image, data=dict(prob)))
         return samples
 
@@ -126,6 +127,14 @@ class ScienceQA(Task):
 
     def aggregate(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         return aggregate_sqa(records)
+
+
+def image_roots(folder: Path, split: str) -> list[Path]:
+    """Where the images of `split` may be, the layout the folder uses first: `images/{split}/` (the official
+    download) or `{split}/` (as LLaVA's evaluation scripts unpack it). A missing image is then named in the
+    folder's own layout, not in one it does not use."""
+    roots = [folder / "images" / split, folder / split]
+    return roots if roots[0].is_dir() or not roots[1].is_dir() else roots[::-1]
 
 
 def _parquet_files(folder: Path, split: str) -> list[Path]:

@@ -166,6 +166,13 @@ def test_an_architecture_the_seam_does_not_know_is_refused_for_structural_method
                                                 num_attention_heads=2, num_key_value_heads=2, vocab_size=128,
                                                 pad_token_id=0))
     config.save_pretrained(folder)
+    # a complete folder (the planner refuses one without weights or processor files before anything else)
+    from safetensors.torch import save_file
+    from transformers import LlavaForConditionalGeneration
+
+    save_file(LlavaForConditionalGeneration(config).state_dict(), str(folder / "model.safetensors"))
+    for name in ("tokenizer.json", "processor_config.json"):
+        (folder / name).write_text("{}")
     spec = dict(tasks=["sqa"], bits=[QuantSpec.parse("w4a16")], model=str(folder), output=tmp_path / "out", limit=2)
     with pytest.raises(HarnessError, match="Phi3"):
         make_plan(RunSpec(methods=["gptq"], **spec))

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from qvlm_harness import plugins
-from qvlm_harness.commands.common import csv_list, int_list, method_options, scope_list
+from qvlm_harness.commands.common import BITS_HELP, csv_list, int_list, method_options, scope_list
 from qvlm_harness.config import ALL_SCOPES, QuantSpec
 from qvlm_harness.errors import HarnessError
 
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="default", help="'default', 'tiny', a Llava checkpoint folder or a hub id")
     p.add_argument("--methods", default=",".join(plugins.BENCH_METHODS),
                    help=f"comma list; {plugins.FLOAT_BASELINES[0]} is always added as the baseline")
-    p.add_argument("--bits", default="w8a8,w4a4", help="comma list of WxAy[gG][-flags] for the quantized methods")
+    p.add_argument("--bits", default="w8a8,w4a4", help=f"for the quantized methods: {BITS_HELP}")
     p.add_argument("--batch-sizes", type=int_list, default=(1, 8), help="comma list, e.g. 1,8")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt (forced to full length)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
@@ -46,6 +46,9 @@ def add_parser(sub) -> None:
 
 def execute(args: argparse.Namespace) -> int:
     from qvlm_harness.bench import BenchConfig, run_bench
+    from qvlm_harness.writable import check_output_folder
+
+    check_output_folder(args.output, "--output")  # written after every variant was timed
 
     if args.new_tokens < 2:
         raise HarnessError("--new-tokens must be at least 2 (one prefill token and at least one decode step)")

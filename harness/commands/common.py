@@ -7,13 +7,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qvlm_harness import plugins
-from qvlm_harness.config import ALL_SCOPES, QuantSpec, RunSpec
+from qvlm_harness.config import ALL_SCOPES, BITS_SYNTAX, QuantSpec, RunSpec
 from qvlm_harness.errors import HarnessError
 
 DEFAULT_MODEL_CAVEAT = ("Model: the embedded default (DINOv2-S/14 + SmolLM2-135M-Instruct, trained projector/LoRA); "
                         "its LM weights come from a Q4_1 GGUF, so weight-only 4-bit results are optimistic; "
                         "the embedded data sets are derived from easy-VQA and packaged photos, not the official "
                         "benchmarks.")
+
+
+GROUP_RULE = ("g<G> quantizes weights in groups of G input channels in every layer whose input width G divides "
+              "(the others per output channel; a G that divides no layer in scope is refused)")
+BITS_HELP = (f"comma list of {BITS_SYNTAX}, e.g. w8a8,w4a4,w4a16g128; each flag at most once; {GROUP_RULE}; "
+             "-tensor: per-tensor activations (static unless -dynamic), -sym: symmetric activations, -wasym: "
+             "asymmetric weights")
 
 
 def csv_list(text: str) -> list[str]:
@@ -55,7 +62,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = Tr
     p.add_argument("--methods", required=methods_required,
                    help=f"comma list, e.g. {plugins.EXAMPLE_METHODS} (`harness ls methods`)")
     p.add_argument("--tasks", required=True, help=f"comma list, e.g. {plugins.EXAMPLE_TASKS} (see `harness ls tasks`)")
-    p.add_argument("--bits", default="w8a8,w4a4", help="comma list of WxAy[gG][-tensor][-static][-sym]")
+    p.add_argument("--bits", default="w8a8,w4a4", help=BITS_HELP)
     p.add_argument("--model", default="default", help="'default', a local Llava checkpoint folder or a hub id")
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded subset of N samples per task")
     p.add_argument("--seed", type=int, default=0)

@@ -60,10 +60,15 @@ def add_parser(sub) -> None:
 def execute(args: argparse.Namespace) -> int:
     from qvlm_harness import regression
     from qvlm_harness.store import Store
+    from qvlm_harness.writable import check_output_file
 
     store_path = args.store or args.output / "harness.db"
     if not store_path.is_file():
         raise HarnessError(f"no store at {store_path}; pass --output (the run's folder) or --store")
+    if args.json is not None and not _json_to_stdout(args):
+        check_output_file(args.json, "--json")
+    if args.save_baseline:
+        check_output_file(regression.baseline_path(args.save_baseline, args.baselines_dir), "--save-baseline")
     store = Store(store_path)
     if args.methods:
         return _compare_methods(args, store)

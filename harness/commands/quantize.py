@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 from qvlm_harness import plugins
-from qvlm_harness.commands.common import method_options, scope_list
-from qvlm_harness.config import ALL_SCOPES, QuantSpec
+from qvlm_harness.commands.common import GROUP_RULE, method_options, scope_list
+from qvlm_harness.config import ALL_SCOPES, BITS_SYNTAX, QuantSpec
 from qvlm_harness.errors import HarnessError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model with one method and save the checkpoint")
     p.add_argument("--method", required=True, help="the method (see `harness ls methods`)")
-    p.add_argument("--bits", required=True, help="one WxAy setting, e.g. w4a16 or w8a8")
+    p.add_argument("--bits", required=True, help=f"one setting, e.g. w4a16 or w8a8: {BITS_SYNTAX}; {GROUP_RULE}")
     p.add_argument("--model", default="default", help="'default', 'tiny', a Llava checkpoint folder or a hub id")
     p.add_argument("--calib-task", default=plugins.DEFAULT_CALIB_TASK,
                    help=f"task whose train split calibrates (default {plugins.DEFAULT_CALIB_TASK})")
@@ -32,10 +32,20 @@ def add_parser(sub) -> None:
 def execute(args: argparse.Namespace) -> int:
     from qvlm_harness import plugins
     from qvlm_harness.checkpoint import is_checkpoint, load_float, read_manifest, save_quantized
+    from qvlm_harness.images import check_images
     from qvlm_harness.models.llava import set_threads
-    from qvlm_harness.plan import check_model_source, resolve_model
+    from qvlm_harness.plan import (
+        check_group,
+        check_model_source,
+        linear_widths,
+        local_model_config,
+        meta_skeleton,
+        resolve_model,
+    )
     from qvlm_harness.quantize import calibration_for, quantize
+    from qvlm_harness.writable import check_output_folder
 
+    # everything below up to the model load is cheap; the load, calibration and search are not
     method_name = plugins.methods.resolve_name(args.method)
     spec = QuantSpec.parse(args.bits)
     options = method_options(args.method_option).get(method_name, {})
@@ -45,17 +55,28 @@ def execute(args: argparse.Namespace) -> int:
     reason = method.supports(spec)
     if reason is not None:
         raise HarnessError(f"method {method_name} does not support {spec.tag} ({reason})")
+    method.check(spec)
     if args.calib_samples < 0:
         raise HarnessError("--calib-samples must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise HarnessError(f"--threads must be at least 1 (omit it for all cores), got {args.threads}")
+    check_output_folder(args.output, "--output")
+    if args.output.exists() and any(args.output.iterdir()) and not is_checkpoint(args.output):
+        raise HarnessError(f"{args.output} exists and is not a quantized checkpoint; choose an empty folder")
     check_model_source(args.model)
     if read_manifest(args.model) is not None:
         raise HarnessError(f"{args.model} is already a quantized checkpoint; quantize the float model instead")
-    if args.output.exists() and any(args.output.iterdir()) and not is_checkpoint(args.output):
-        raise HarnessError(f"{args.output} exists and is not a quantized checkpoint; choose an empty folder")
+    model_id, path = resolve_model(args.model)
+    config = local_model_config(path)
+    note = check_group(method, spec, lambda: {} if config is None else
+                       linear_widths(meta_skeleton(config, path), args.scope))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     task = plugins.tasks.get(plugins.tasks.resolve_name(args.calib_task))()
     calibration = calibration_for(method, spec, task, args.calib_samples, args.seed, args.data_dir)
+    if calibration is not None:
+        check_images((f"calibration sample {r.sample_id} of {task.name}", r.image) for r in calibration.requests)
     set_threads(args.threads)
-    model_id, path = resolve_model(args.model)
     adapter = load_float(path, name=model_id)
     fingerprint = adapter.fingerprint()
     qm = quantize(adapter, method, spec, calibration, scope=tuple(args.scope), seed=args.seed)

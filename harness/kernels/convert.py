@@ -10,8 +10,10 @@ report with the reason: float weights (activation-only quantization), a `QLinear
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from qvlm_harness.config import FLOAT_BITS
@@ -28,6 +30,7 @@ class ConversionReport:
     skipped: dict[str, str] = field(default_factory=dict)
     kinds: dict[str, int] = field(default_factory=dict)  # packed module class -> count
     wrappers: dict[str, str] = field(default_factory=dict)  # wrapper FQN -> class, whose inner layer was packed
+    kernel: str | None = None  # how the kernels were made ready (built, loaded, compiled) and in how long
 
     @property
     def complete(self) -> bool:
@@ -35,7 +38,7 @@ class ConversionReport:
 
     def to_dict(self) -> dict:
         return {"converted": len(self.converted), "skipped": dict(self.skipped), "kinds": dict(self.kinds),
-                "wrappers": dict(self.wrappers)}
+                "wrappers": dict(self.wrappers), "kernel": self.kernel}
 
     def summary(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in self.kinds.items()) or "none"
@@ -48,6 +51,8 @@ class ConversionReport:
             for r in self.skipped.values():
                 reasons[r] = reasons.get(r, 0) + 1
             s += f"; {len(self.skipped)} left simulated: " + "; ".join(f"{n} x {r}" for r, n in reasons.items())
+        if self.kernel:
+            s += f"; {self.kernel}"
         return s
 
 
@@ -111,7 +116,40 @@ def convert_to_packed(model: nn.Module, *, backend: str = "auto") -> ConversionR
             continue
         if not any(isinstance(c, PackedLinear | QLinear) for c in m.modules()):
             report.skipped[name] = f"{type(m).__name__} has no packed kernel here (runs as its method built it)"
+    report.kernel = prepare_kernels(model, backend)
     return report
+
+
+def prepare_kernels(model: nn.Module, backend: str) -> str | None:
+    """Build or load the fused CPU kernel, or compile the `torch.compile` layers, now (see the module
+    docstring); returns one line saying what was done and how long it took (None when nothing needed it).
+    A `cpp` backend the machine cannot run is refused here, before any evaluation."""
+    from qvlm_harness.errors import HarnessError
+    from qvlm_harness.kernels import cpu
+
+    layers = [m for m in model.modules() if isinstance(m, IntLinear)]
+    if not layers:
+        return None
+    t0 = time.perf_counter()
+    if backend == "compile":
+        with torch.no_grad():
+            for m in layers:  # two row counts: the compiled graph is dynamic in the number of tokens
+                for rows in (2, 1):
+                    m(torch.zeros(rows, m.in_features, device=m.qweight.device))
+        return (f"torch.compile of {len(layers)} integer layer(s) done in {time.perf_counter() - t0:.1f}s at "
+                "conversion, outside timed regions")
+    if backend not in ("auto", "cpp") or not any(m.qweight.device.type == "cpu" for m in layers):
+        return None
+    was_built = cpu.is_built()
+    usable = cpu.auto_uses_cpp() if backend == "auto" else cpu.available()
+    if backend == "cpp" and not usable:
+        raise HarnessError(f"the fused CPU kernel cannot run here ({cpu.unavailable_reason()}); use the 'torch' "
+                           "kernel backend")
+    if not usable:
+        why = cpu.unavailable_reason() or "compiled without AVX512-VNNI"
+        return f"fused CPU kernel off ({why}): integer layers use torch._int_mm"
+    return (f"fused CPU kernel {'loaded' if was_built else 'built'} in {time.perf_counter() - t0:.1f}s at "
+            "conversion, outside timed regions")
 
 
 def _is_quantized(m: nn.Module) -> bool:

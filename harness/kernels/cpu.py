@@ -1,4 +1,6 @@
-"""The fused CPU kernel (`csrc/int_linear.cpp`): built on first use with the system compiler, then cached.
+"""The fused CPU kernel (`csrc/int_linear.cpp`): built with the system compiler when packed layers are made
+(`qvlm_harness.kernels.convert.prepare_kernels`, at conversion time, outside every timed region; otherwise on
+first use), then cached.
 
 `available()` builds it once per machine (about a minute; the build folder under the harness cache is keyed by
 the source and the CPU's instruction-set flags, because it is compiled with ``-march=native``) and says whether

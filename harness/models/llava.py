@@ -97,8 +97,15 @@ class LlavaAdapter:
     @classmethod
     def load(cls, path_or_id: str | Path, *, dtype: str = "fp32", device: str = "cpu",
              name: str | None = None) -> LlavaAdapter:
-        """Load a Llava checkpoint by local path or hub id (offline unless the user has hub access)."""
+        """Load a Llava checkpoint by local path or hub id (offline unless the user has hub access).
+
+        A local folder is checked from its files first (`qvlm_harness.models.folder`: config, weights, tokenizer)
+        and its processor is built before the weights, so a broken folder is one line, never a "not reachable on
+        the hub" (it is local) and never a weight load wasted."""
+        from safetensors import SafetensorError
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+        from qvlm_harness.models.folder import RECREATE, check_model_folder, load_processor, short
 
         src = str(path_or_id)
         local = Path(src).expanduser()
@@ -107,18 +114,24 @@ class LlavaAdapter:
                 raise ModelError(f"{local} is not a model folder (no config.json); pass a Llava checkpoint folder "
                                  "or a hub id such as llava-hf/llava-1.5-7b-hf")
             src = str(local)
-        try:
-            config = AutoConfig.from_pretrained(src)
-        except OSError as exc:
-            raise ModelError(f"cannot load model {src!r}: not a local folder and not reachable on the hub "
-                             f"({type(exc).__name__}); pass a local Llava checkpoint path, or `--model default`"
-                             ) from exc
-        if config.model_type != "llava":
-            raise ModelError(f"{src} is a {config.model_type!r} checkpoint, not Llava "
-                             "(LlavaForConditionalGeneration); use a llava-hf/* model or a converted checkpoint")
+            check_model_folder(local)
+            processor = load_processor(local)
+        else:
+            try:
+                config = AutoConfig.from_pretrained(src)
+            except OSError as exc:
+                raise ModelError(f"cannot load model {src!r}: not a local folder and not reachable on the hub "
+                                 f"({type(exc).__name__}); pass a local Llava checkpoint path, or `--model default`"
+                                 ) from exc
+            if config.model_type != "llava":
+                raise ModelError(f"{src} is a {config.model_type!r} checkpoint, not Llava "
+                                 "(LlavaForConditionalGeneration); use a llava-hf/* model or a converted checkpoint")
+            processor = AutoProcessor.from_pretrained(src)
         torch_dtype = _dtype(dtype)
-        model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch_dtype)
-        processor = AutoProcessor.from_pretrained(src)
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(src, dtype=torch_dtype)
+        except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+            raise ModelError(f"the weights of {src} cannot be loaded ({short(exc)}); {RECREATE}") from None
         model.to(device)
         return cls(model, processor, name or Path(src).name, path=src)
 

@@ -39,6 +39,7 @@ from qvlm_harness.quant import (
     per_tensor_qparams,
     weight_qparams,
 )
+from qvlm_harness.quant.methodkit import layer_spec
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -239,7 +240,7 @@ class LearnableQLinear(nn.Module):
     def __init__(self, linear: nn.Linear, spec: QuantSpec, name: str = "", weight_mse: bool = True):
         super().__init__()
         self.name = name
-        self.spec = spec
+        self.spec = spec = layer_spec(spec, linear.in_features, spec.w_group_size)  # the harness's group rule
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.orig_dtype = linear.weight.dtype
