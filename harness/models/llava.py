@@ -1,9 +1,9 @@
 """Model adapter for HF `LlavaForConditionalGeneration` checkpoints (llava-hf/* on the hub, or a local folder).
 
 The adapter is the only code that knows how a LLaVA model is prompted: it renders the checkpoint's own chat
-template, places the image, batches with left padding, runs greedy generation (timing prefill and decode
-separately) and scores answer options by log-likelihood. Methods see the `torch.nn.Module` and the names of
-the linear layers of each part (`vision`, `projector`, `lm`); tasks see only `Request`/`Response`.
+template, places the image, batches prompts of equal length (no padding), runs greedy generation (timing prefill
+and decode separately) and scores answer options by log-likelihood. Methods see the `torch.nn.Module` and the
+names of the linear layers of each part (`vision`, `projector`, `lm`); tasks see only `Request`/`Response`.
 """
 
 from __future__ import annotations
