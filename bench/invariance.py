@@ -4,9 +4,10 @@ For each (method, bits, execution) the model is quantized once; then a seeded su
 through the task's own `answer` (the runner's path) at every batch size and thread count, and each configuration's
 per-sample outputs are compared with the first one's (the first batch size and thread count given: batch 1,
 1 thread by default): generated texts that differ, chosen answers (the task's scored `pred`) that differ, and the
-largest absolute difference of any option log-probability. Samples/s are printed as ratios to that first
-configuration, with the machine's load average before and after (the cores may be shared). The `key` column is
-what `qvlm_harness.models.invariance.invariance_key` says may still vary for that configuration.
+largest absolute difference of any option log-probability. Samples/s are printed with their ratio to that first
+configuration and with samples per CPU-second of this process (the work done, less sensitive than wall time to
+other jobs on shared cores; at several threads it includes their spinning), and the machine's load average before
+and after. The `key` column is what `qvlm_harness.models.invariance.invariance_key` says may still vary there.
 
     python bench/invariance.py --model default --methods fp32,bf16,rtn --bits w8a8,w4a4 \\
         --execution simulated,packed --tasks sqa,hm --limit 32 --batch-sizes 1,4,16 --threads 1,2
@@ -52,6 +53,7 @@ class Outcome:
     max_logprob_diff: float
     samples_per_s: float
     speed_x: float
+    samples_per_cpu_s: float
     key: str
 
 
@@ -143,16 +145,17 @@ def measure(model_path: str, methods: list[str], bits: list[QuantSpec], executio
                     for t in threads:
                         for b in batch_sizes:
                             set_threads(t)
-                            t0 = time.perf_counter()
+                            t0, c0 = time.perf_counter(), time.process_time()
                             got = answer_all(adapter, runs, b)
                             speed = n / (time.perf_counter() - t0)
+                            cpu_speed = n / max(time.process_time() - c0, 1e-9)
                             if reference is None:
                                 reference, ref_speed = got, speed
                             texts, choices, worst = compare(reference, got)
                             key = invariance_key(spec, execution, adapter.dtype, b, t)
                             outcomes.append(Outcome(method_name, "fp" if spec.is_float else spec.tag, execution,
                                                     dtype, b, t, n, texts, choices, worst, speed,
-                                                    speed / ref_speed, ",".join(key) or "-"))
+                                                    speed / ref_speed, cpu_speed, ",".join(key) or "-"))
                             log(format_row(outcomes[-1]))
                     del adapter
     finally:
@@ -161,13 +164,13 @@ def measure(model_path: str, methods: list[str], bits: list[QuantSpec], executio
 
 
 HEADER = ("| method | bits | exec | dtype | batch | threads | samples | text != | choice != | max abs dlogp "
-          "| samples/s | x ref | key |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| samples/s | x ref | samples/cpu-s | key |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(o: Outcome) -> str:
     return (f"| {o.method} | {o.bits} | {o.execution} | {o.dtype} | {o.batch_size} | {o.threads} | {o.samples} "
             f"| {o.text_differs} | {o.choice_differs} | {o.max_logprob_diff:.2e} | {o.samples_per_s:.2f} "
-            f"| {o.speed_x:.2f} | {o.key} |")
+            f"| {o.speed_x:.2f} | {o.samples_per_cpu_s:.2f} | {o.key} |")
 
 
 def main(argv: list[str] | None = None) -> list[Outcome]:
