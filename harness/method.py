@@ -51,6 +51,9 @@ class Method(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: True for baselines that ignore --bits (fp32/fp16/bf16): the planner evaluates them once.
     fixed_precision: ClassVar[bool] = False
+    #: the dtype the evaluated model computes in when the method casts it ("bf16" for the bf16 baseline); None:
+    #: the dtype it was loaded in. Part of a cell's identity where kernels are not row-invariant in that dtype.
+    compute_dtype: ClassVar[str | None] = None
     #: True for methods that walk the model's structure (stacks of units, scale groups, attention): the planner
     #: describes the model from its config (no weights) and refuses an architecture the seam does not know
     needs_structure: ClassVar[bool] = False

@@ -189,13 +189,21 @@ class Plan:
                                                                      self.data_dir(task))
         return self._samples[key]
 
-    def evaluation_settings(self) -> dict:
-        """The execution settings that can still change a cell's per-sample outputs (batch layout, threads)."""
+    def evaluation_settings(self, cell: Cell) -> dict:
+        """The execution settings that can still change `cell`'s per-sample outputs: none for fp32 on the CPU
+        (padding-free batches, row-invariant kernels), batch size and threads where kernels are not row-invariant
+        (bf16/fp16, GPUs) or a range spans the batch (`qvlm_harness.models.invariance.invariance_key`)."""
         import torch
+
+        from qvlm_harness.models.invariance import invariance_key
 
         s = self.spec
         threads = s.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or torch.get_num_threads()
-        return {"batch_size": s.batch_size, "threads": threads}
+        dtype = self.methods[cell.method].compute_dtype or s.dtype
+        key = invariance_key(cell.spec, s.execution, dtype, s.batch_size, threads, device=str(s.device))
+        if not self.tasks[cell.task].batch_invariant:
+            key |= {"batch_size": s.batch_size, "threads": threads}
+        return key
 
     def identity(self, cell: Cell) -> dict:
         """Everything `cell` is computed from (see `qvlm_harness.identity`): contents, config, settings."""
@@ -208,7 +216,7 @@ class Plan:
             "seed": s.seed, "scoring": self.scoring(cell.task), "max_new_tokens": s.max_new_tokens,
             "shots": cell.shots, "trials": s.trials if cell.shots else 1, "image_control": s.image_control,
             "task_options": s.task_options.get(cell.task) or {},
-            "method": method.identity(), "evaluation": self.evaluation_settings(),
+            "method": method.identity(), "evaluation": self.evaluation_settings(cell),
         }
         if cell.shots:
             ident["demos"] = self.demo_content(cell.task)

@@ -159,6 +159,10 @@ class Task(ABC):
     supports_shots: bool = False
     scoring_modes: tuple[str, ...] = ("generate",)
     report_meta: ClassVar[TaskMeta | None] = None  # a task's declaration of how reports show it
+    #: False for a task that batches requests itself instead of through the adapter's padding-free, row-invariant
+    #: path (lm-eval's model API pads): its results can change with batch size and threads, which then join its
+    #: cells' identity.
+    batch_invariant: ClassVar[bool] = True
 
     def metadata(self) -> TaskMeta:
         """How reports show this task: its declaration, or one derived from `name`, `metrics`, `primary_metric` and

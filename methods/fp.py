@@ -28,15 +28,18 @@ class _FloatBaseline(Method):
 
 
 class FP32(_FloatBaseline):
+    compute_dtype = "fp32"
     name = "fp32"
     dtype = torch.float32
 
 
 class FP16(_FloatBaseline):
+    compute_dtype = "fp16"
     name = "fp16"
     dtype = torch.float16
 
 
 class BF16(_FloatBaseline):
+    compute_dtype = "bf16"
     name = "bf16"
     dtype = torch.bfloat16

@@ -67,6 +67,7 @@ class LMEvalTask(Task):
     """One lm-eval task, named `lmeval:<task>`; options arrive from the run's task options (`--lmeval-include`)."""
 
     scoring_modes = ("lmeval",)
+    batch_invariant = False  # lm-eval's model API batches (and pads) requests itself
     supports_shots = False
     train_split = "train"
     data_layout = LAYOUT

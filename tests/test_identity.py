@@ -186,10 +186,22 @@ def test_two_processes_on_one_cell_count_each_sample_once(tiny_model_dir, tmp_pa
     assert rows[0].metrics["n_acc"] == 6  # the metric counts each sample once
 
 
-def test_batch_size_and_threads_are_part_of_the_identity_until_the_path_is_invariant(tiny_model_dir, tmp_path):
+def _cell_ids(tiny_model_dir, tmp_path, *, method="rtn", bits="w4a4", task="sqa", dtype="fp32") -> set[str]:
     ids = set()
     for bs, th in ((1, 1), (8, 1), (1, 2)):
-        plan = make_plan(RunSpec(methods=["rtn"], tasks=["sqa"], bits=[QuantSpec.parse("w4a4")], limit=2,
+        plan = make_plan(RunSpec(methods=[method], tasks=[task], bits=[QuantSpec.parse(bits)], limit=2, dtype=dtype,
                                  model=str(tiny_model_dir), output=tmp_path, batch_size=bs, threads=th))
         ids.add(plan.cell_id(plan.cells[0]))
-    assert len(ids) == 3
+    return ids
+
+
+def test_batch_size_and_threads_leave_the_identity_where_the_answer_path_is_invariant(tiny_model_dir, tmp_path):
+    assert len(_cell_ids(tiny_model_dir, tmp_path)) == 1  # fp32, per-token activations: invariant
+    assert len(_cell_ids(tiny_model_dir, tmp_path, method="fp32")) == 1
+
+
+def test_batch_size_and_threads_join_the_identity_where_results_can_still_change(tiny_model_dir, tmp_path):
+    assert len(_cell_ids(tiny_model_dir, tmp_path, dtype="bf16")) == 3  # bf16 GEMMs are not row-invariant
+    assert len(_cell_ids(tiny_model_dir, tmp_path, method="bf16")) == 3  # the baseline computes in bf16
+    # one activation range over the whole batch: batch size matters, threads do not
+    assert len(_cell_ids(tiny_model_dir, tmp_path, bits="w4a8-tensor-dynamic")) == 2

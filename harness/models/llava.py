@@ -1,15 +1,16 @@
 """Model adapter for HF `LlavaForConditionalGeneration` checkpoints (llava-hf/* on the hub, or a local folder).
 
 The adapter is the only code that knows how a LLaVA model is prompted: it renders the checkpoint's own chat
-template, places the image, batches with left padding, runs greedy generation (timing prefill and decode
-separately) and scores answer options by log-likelihood. It is also the model seam methods go through: what the
-model is made of (`stacks()`: stacks of units, from `qvlm_harness.models.architectures`), the one calibration
-encoder (`calibration_batches()`), and the recorded function-preserving transforms (`fold_scales()`,
-`transforms`). Tasks see only `Request`/`Response`.
+template, places the image, batches prompts of equal length (no padding), runs greedy generation (timing prefill
+and decode separately) and scores answer options by log-likelihood. It is also the model seam methods go
+through: what the model is made of (`stacks()`: stacks of units, from `qvlm_harness.models.architectures`), the
+one calibration encoder (`calibration_batches()`), and the recorded function-preserving transforms
+(`fold_scales()`, `transforms`). Tasks see only `Request`/`Response`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -25,6 +26,8 @@ from torch import nn
 from qvlm_harness.errors import ModelError
 from qvlm_harness.images import load_image
 from qvlm_harness.models.architectures import describe_model
+from qvlm_harness.models.batching import ENCODING_WINDOW_BYTES, same_length_batches
+from qvlm_harness.models.invariance import batch_invariant_linear
 from qvlm_harness.models.structure import STACK_NAMES, STACK_ROOTS, ScaleGroup, Stack
 from qvlm_harness.models.transforms import Transform, fold_group
 from qvlm_harness.task import Request, Response
@@ -226,29 +229,40 @@ class LlavaAdapter:
                 for k, v in batch.items()}
 
     # -- answering ---------------------------------------------------------------------------------------------------
+    # Batches hold only requests whose prompts have the same token length (no padding, see `models.batching`) and
+    # run with row-invariant linear kernels (`models.invariance`), so a request's answer is the one it gets alone,
+    # whatever the batch size, the thread count or the other requests: pass whole request lists, the longer the
+    # list the fuller the batches. Responses always come back in request order.
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], batch_size: int = 8) -> list[Response]:
-        """Greedy generation; each response carries its share of the batch's prefill and decode time."""
-        out: list[Response] = []
-        for chunk in _chunks(requests, batch_size):
-            batch = self.encode(chunk)
-            streamer = _TimingStreamer()
-            t0 = time.perf_counter()
-            max_new = max(r.max_new_tokens for r in chunk)
-            gen = self.model.generate(**batch, max_new_tokens=max_new, do_sample=False, num_beams=1,
-                                      streamer=streamer, pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=self._eos_ids)
-            t_end = time.perf_counter()
-            # times[0]: prompt put; times[1]: first new token (after prefill); times[-1]: end
-            t_first = streamer.times[1] if len(streamer.times) > 2 else t_end
-            prefill, decode = t_first - t0, t_end - t_first
-            new = gen[:, batch["input_ids"].shape[1]:]
-            for req, ids in zip(chunk, new, strict=True):
-                ids = ids[: req.max_new_tokens]
-                n_tokens = _tokens_before_stop(ids.tolist(), self._eos_ids, self.tokenizer.pad_token_id)
-                text = self.tokenizer.decode(ids[:n_tokens], skip_special_tokens=True).strip()
-                out.append(Response(text=text, prefill_s=prefill / len(chunk), decode_s=decode / len(chunk),
-                                    new_tokens=n_tokens))
+        """Greedy generation; each response carries its share of its batch's prefill and decode time."""
+        out: list[Response | None] = [None] * len(requests)
+        with batch_invariant_linear():
+            for idx, batch in self._batches(requests, batch_size):
+                for i, resp in zip(idx, self._generate_batch([requests[i] for i in idx], batch), strict=True):
+                    out[i] = resp
+        return out  # type: ignore[return-value]
+
+    def _generate_batch(self, chunk: Sequence[Request], batch: dict[str, torch.Tensor]) -> list[Response]:
+        """One padding-free batch through HF greedy generation, which stops once every row has ended."""
+        length = batch["input_ids"].shape[1]
+        streamer = _TimingStreamer()
+        t0 = time.perf_counter()
+        max_new = max(r.max_new_tokens for r in chunk)
+        gen = self.model.generate(**batch, max_new_tokens=max_new, do_sample=False, num_beams=1,
+                                  streamer=streamer, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=self._eos_ids)
+        t_end = time.perf_counter()
+        # times[0]: prompt put; times[1]: first new token (after prefill); times[-1]: end
+        t_first = streamer.times[1] if len(streamer.times) > 2 else t_end
+        prefill, decode = t_first - t0, t_end - t_first
+        out = []
+        for req, ids in zip(chunk, gen[:, length:], strict=True):
+            ids = ids[: req.max_new_tokens]
+            n_tokens = _tokens_before_stop(ids.tolist(), self._eos_ids, self.tokenizer.pad_token_id)
+            text = self.tokenizer.decode(ids[:n_tokens], skip_special_tokens=True).strip()
+            out.append(Response(text=text, prefill_s=prefill / len(chunk), decode_s=decode / len(chunk),
+                                new_tokens=n_tokens))
         return out
 
     @torch.inference_mode()
@@ -256,28 +270,59 @@ class LlavaAdapter:
         """Sum of log-probabilities (and token count) of each option as the assistant's answer.
 
         Options are tokenized on their own and appended to the prompt's ids, so the prompt/answer boundary never
-        merges into one token. When every option of every request in a batch is a single token (option letters,
-        yes/no), one forward pass scores them all; otherwise each (request, option) pair is a sequence.
+        merges into one token. One forward pass over a batch of prompts (image included) gives every option's
+        first token; a request with longer options then scores all of them in one more pass over the prompt's KV
+        cache, so the prompt and its image are encoded once per request, not once per option.
         """
-        out: list[Response] = []
-        for chunk in _chunks(requests, batch_size):
-            opt_ids = [[self.tokenizer(o, add_special_tokens=False).input_ids for o in r.options] for r in chunk]
-            if any(not ids for per in opt_ids for ids in per):
-                raise ModelError("an answer option tokenizes to nothing; options must be non-empty text")
-            t0 = time.perf_counter()
-            if all(len(ids) == 1 for per in opt_ids for ids in per):
-                batch = self.encode(chunk)
-                logits = self.model(**batch).logits[:, -1, :].float()
-                logp = torch.log_softmax(logits, dim=-1)
-                scores = [[(float(logp[i, ids[0]]), 1) for ids in per] for i, per in enumerate(opt_ids)]
-            else:
-                scores = self._loglik_sequences(chunk, opt_ids)
-            elapsed = time.perf_counter() - t0
-            out += [Response(option_logprobs=s, prefill_s=elapsed / len(chunk)) for s in scores]
-        return out
+        opt_ids = [self._option_ids(r) for r in requests]
+        out: list[Response | None] = [None] * len(requests)
+        with batch_invariant_linear():
+            for idx, batch in self._batches(requests, batch_size):
+                for i, resp in zip(idx, self._loglik_batch(batch, [opt_ids[i] for i in idx]), strict=True):
+                    out[i] = resp
+        return out  # type: ignore[return-value]
+
+    def _option_ids(self, request: Request) -> list[list[int]]:
+        ids = [self.tokenizer(o, add_special_tokens=False).input_ids for o in request.options]
+        if any(not i for i in ids):
+            raise ModelError("an answer option tokenizes to nothing; options must be non-empty text")
+        return ids
+
+    def _loglik_batch(self, batch: dict[str, torch.Tensor], opt_ids: list[list[list[int]]]) -> list[Response]:
+        """One padding-free batch of prompts: a forward that keeps only the last position's logits (and the KV cache
+        when some option is longer than one token), then one cached pass per request with such options."""
+        t0 = time.perf_counter()
+        multi = [any(len(ids) > 1 for ids in per) for per in opt_ids]
+        outputs = self.model(**batch, use_cache=any(multi), logits_to_keep=1)
+        first = torch.log_softmax(outputs.logits[:, -1, :].float(), dim=-1)
+        share = (time.perf_counter() - t0) / len(opt_ids)
+        responses = []
+        for row, (per, longer) in enumerate(zip(opt_ids, multi, strict=True)):
+            t1 = time.perf_counter()
+            rest = self._continuation_logprobs(outputs.cache, row, per) if longer else [0.0] * len(per)
+            scores = [(float(first[row, ids[0]]) + r, len(ids)) for ids, r in zip(per, rest, strict=True)]
+            responses.append(Response(option_logprobs=scores, prefill_s=share + time.perf_counter() - t1))
+        return responses
+
+    def _continuation_logprobs(self, cache, row: int, options: list[list[int]]) -> list[float]:
+        """log P(option[1:] | prompt, option[0]) for every option of the prompt in `row` of `cache`, in one forward
+        over that row's cache repeated once per option. Options are right-padded to the longest: a position after
+        an option's end is never read, and causal attention keeps it from touching the positions before it. The
+        batch holds only this request's options, so the result does not depend on which requests share its
+        prompt batch."""
+        longest = max(len(o) for o in options)
+        rows = _cache_rows(cache, torch.full((len(options),), row, dtype=torch.long, device=self.device))
+        pad = options[0][0]
+        ids = torch.tensor([o[:-1] + [pad] * (longest - len(o)) for o in options], device=self.device)
+        mask = torch.ones(len(options), rows.get_seq_length() + longest - 1, dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, attention_mask=mask, cache=rows, use_cache=True).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return [sum(float(logp[j, t, o[t + 1]]) for t in range(len(o) - 1)) for j, o in enumerate(options)]
 
     @torch.inference_mode()
     def _loglik_sequences(self, chunk: Sequence[Request], opt_ids: list[list[list[int]]]):
+        """The reference scoring the fast paths are checked against: one full forward of prompt + option per
+        (request, option), the prompt re-encoded each time."""
         scores: list[list[tuple[float, int]]] = []
         for req, per in zip(chunk, opt_ids, strict=True):
             base = self.encode([req])
@@ -364,6 +409,37 @@ class LlavaAdapter:
         n_prompt = [len(x) for x in self.tokenizer(prompts, add_special_tokens=special).input_ids]
         return [a - b for a, b in zip(n_full, n_prompt, strict=True)]
 
+    def _batches(self, requests: Sequence[Request],
+                 batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(request indices, encoded batch) of padding-free batches. Each request is encoded once, alone; requests
+        are taken in windows whose encodings fit `ENCODING_WINDOW_BYTES`, and batched by prompt length within a
+        window (with the default model's 112-px images a window holds ~1700 requests)."""
+        start = 0
+        while start < len(requests):
+            encodings: list[dict[str, torch.Tensor]] = []
+            size = 0
+            while start + len(encodings) < len(requests) and size < ENCODING_WINDOW_BYTES:
+                enc = self.encode([requests[start + len(encodings)]])
+                encodings.append(enc)
+                size += sum(t.numel() * t.element_size() for t in enc.values())
+            lengths = [int(e["input_ids"].shape[1]) for e in encodings]
+            for idx in same_length_batches(lengths, batch_size):
+                yield [start + i for i in idx], self._stack([encodings[i] for i in idx],
+                                                            [requests[start + i] for i in idx])
+            start += len(encodings)
+
+    def _stack(self, encodings: list[dict[str, torch.Tensor]], requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        """One batch from same-length single-request encodings: what `encode(requests)` returns without padding
+        (Llava processors stack per-image tensors); a processor whose per-image tensors do not stack is asked
+        for the batch itself."""
+        if len(encodings) == 1:
+            return encodings[0]
+        keys = dict.fromkeys(k for e in encodings for k in e)
+        try:
+            return {k: torch.cat([e[k] for e in encodings if k in e]) for k in keys}
+        except RuntimeError:
+            return self.encode(requests)
+
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _add_special_tokens(self, texts: Sequence[str]) -> bool:
         """Whether tokenizing rendered prompts should add the tokenizer's special tokens: not when the chat
@@ -394,9 +470,12 @@ def _dtype(name: str) -> torch.dtype:
         raise ModelError(f"unknown dtype {name!r}; choose fp32, fp16 or bf16") from None
 
 
-def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), max(1, size)):
-        yield items[start:start + size]
+def _cache_rows(cache, index: torch.Tensor):
+    """A new cache holding `cache`'s batch rows `index` (rows may repeat); `cache` itself is left unchanged."""
+    rows = copy.copy(cache)
+    rows.layers = [copy.copy(layer) for layer in cache.layers]
+    rows.batch_select_indices(index)
+    return rows
 
 
 def _tokens_before_stop(ids: list[int], stop: Sequence[int], pad: int | None) -> int:
