@@ -48,6 +48,7 @@ class BenchConfig:
     backend: str = "auto"
     rss: bool = True
     method_options: dict[str, dict] = field(default_factory=dict)
+    execution: str = "packed"  # "simulated": keep quantized layers fake-quant (what `harness run` does by default)
 
 
 @dataclass
@@ -87,7 +88,8 @@ def variant_specs(cfg: BenchConfig) -> list[tuple[str, QuantSpec]]:
 
 
 def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, copy_model: bool = True) -> Variant:
-    """Quantize a copy of `base` (a LlavaAdapter) with the registered method and pack it."""
+    """Quantize a copy of `base` (a LlavaAdapter) with the registered method and pack it (unless
+    `cfg.execution` is "simulated")."""
     from qvlm_harness.calibration import CalibrationSet
     from qvlm_harness.kernels.convert import convert_to_packed
     from qvlm_harness.models.llava import LlavaAdapter
@@ -104,7 +106,7 @@ def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, 
     quantized = method.quantize(adapter, calibration, spec, cfg.scope)
     packing: dict = {}
     execution = quantized.execution
-    if execution == "simulated":
+    if execution == "simulated" and cfg.execution == "packed":
         report = convert_to_packed(adapter.model, backend=cfg.backend)
         packing = report.to_dict() | {"summary": report.summary()}
         if report.converted:
