@@ -43,7 +43,7 @@ ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::scaled_dot_product")
 PHASES = ("processing", "image", "prefill", "decode", "answer")
 PHASE_LABELS = {"processing": "processing (tokenize, images)", "image": "image encoding", "prefill": "prefill",
                 "decode": "decode steps", "answer": "answer loop outside the model"}
-PROFILE_SAMPLES = 32  # enough batches to average over; the profiler's event list grows with every op
+PROFILE_SAMPLES = 8  # per batch size at least one batch; the profiler's event list (and its cost) grows per op
 
 
 @dataclass
@@ -67,23 +67,25 @@ class EvalProfile:
     executed: dict[str, float]  # per-sample executed work (FLOPs by part, positions, decode rows)
     required: dict[str, float]  # the same, as the answers required
     counters: dict[str, int] = field(default_factory=dict)
+    timed_ms_per_sample: float | None = None  # the same cell without the profiler (median of its timed rounds)
 
     def largest(self) -> tuple[str, float]:
         name = max(self.breakdown, key=lambda k: self.breakdown[k])
         return name, self.breakdown[name]
 
     def to_text(self) -> str:
+        timed = f"; {self.timed_ms_per_sample:.1f} ms in the timed rounds" if self.timed_ms_per_sample else ""
         lines = [f"{self.label}, batch {self.batch_size}: {self.wall_ms_per_sample:.1f} ms per sample (profiled pass "
-                 f"of {self.samples} samples; the profiler adds overhead of its own)"]
-        lines.append(f"  {'where the time goes':<40} {'ms/sample':>10} {'share':>7}")
+                 f"of {self.samples} samples; the profiler adds overhead of its own{timed})"]
+        lines.append(f"  {'where the time goes':<46} {'ms/sample':>10} {'share':>7}")
         for name, ms in self.breakdown.items():
-            lines.append(f"  {name:<40} {ms:10.2f} {100 * ms / self.wall_ms_per_sample:6.1f}%")
-        lines.append(f"  {'work per sample':<40} {'executed':>10} {'required':>10}")
+            lines.append(f"  {name:<46} {ms:10.2f} {100 * ms / self.wall_ms_per_sample:6.1f}%")
+        lines.append(f"  {'work per sample':<46} {'executed':>10} {'required':>10}")
         for key, ex in self.executed.items():
             req = self.required.get(key)
-            lines.append(f"  {key:<40} {ex:10.2f} {req:10.2f}" if req is not None else f"  {key:<40} {ex:10.2f}")
-        lines.append(f"  {'op':<48} {'calls/sample':>12} {'self ms/sample':>14}")
-        lines += [f"  {name[:48]:<48} {calls:>12} {ms:>14.3f}" for name, calls, ms in self.top]
+            lines.append(f"  {key:<46} {ex:10.4g} {req:10.4g}" if req is not None else f"  {key:<46} {ex:10.4g}")
+        lines.append(f"  {'op':<52} {'calls/sample':>12} {'self ms/sample':>14}")
+        lines += [f"  {name[:52]:<52} {calls:>12} {ms:>14.3f}" for name, calls, ms in self.top]
         return "\n".join(lines)
 
 
@@ -185,12 +187,12 @@ def attribute(events) -> tuple[dict[str, float], dict[str, tuple[int, float]]]:
 
 
 def profile_pass(variant: Variant, workload: Workload, shapes: ModelShapes, batch_size: int,
-                 n_samples: int | None = None, top: int = 12) -> EvalProfile:
+                 n_samples: int | None = None, top: int = 12, timed_ms_per_sample: float | None = None) -> EvalProfile:
     """Profile one evaluation pass of `variant` at `batch_size` (the first `n_samples` samples; default
-    `PROFILE_SAMPLES`, at least two batches), then count its executed FLOPs in a second pass."""
+    `PROFILE_SAMPLES`, at least one batch), then count its executed FLOPs in a second pass."""
     from torch.profiler import ProfilerActivity, profile
 
-    n = n_samples or min(len(workload.samples), max(PROFILE_SAMPLES, 2 * batch_size))
+    n = n_samples or min(len(workload.samples), max(PROFILE_SAMPLES, batch_size))
     samples = workload.samples[:n]
     adapter = variant.adapter
     counters = PassCounters()
@@ -240,7 +242,7 @@ def profile_pass(variant: Variant, workload: Workload, shapes: ModelShapes, batc
     return EvalProfile(variant.label, batch_size, n, wall_ms, breakdown,
                        [(name, round(calls / n), us * per) for name, (calls, us) in top_ops], executed, required,
                        {"prefill_positions": counters.prefill_positions, "decode_rows": counters.decode_rows,
-                        "decode_steps": counters.decode_steps})
+                        "decode_steps": counters.decode_steps}, timed_ms_per_sample)
 
 
 def _work(ex: ExecutedFlops, counters: PassCounters, required_counts, tokens, n: int):

@@ -309,6 +309,8 @@ def run_throughput(cfg: BenchConfig, tcfg: ThroughputConfig, *, profile: bool = 
         for c in cells:
             c.rates.append(part_rates(c.mixes))
             c.passes.append(evaluate_pass(workload, c.variant.adapter, c.batch_size))
+            log(f"    {c.variant.label} batch {c.batch_size}: {len(samples) / c.passes[-1].wall_s:.2f} samples/s "
+                f"(CPU share {c.passes[-1].cpu_s / (c.passes[-1].wall_s * threads):.2f})")
         log(f"  round {r + 1}/{cfg.rounds} done (load average {os.getloadavg()[0]:.2f})")
     rows = [cell_row(c, workload, shapes, threads) for c in cells]
     for row in rows:
@@ -319,9 +321,10 @@ def run_throughput(cfg: BenchConfig, tcfg: ThroughputConfig, *, profile: bool = 
     if profile:
         from qvlm_harness.eval_profile import profile_pass
 
-        for c in cells:
+        for c, row in zip(cells, rows, strict=True):
             log(f"  profiling {c.variant.label} batch {c.batch_size}")
-            profiles.append(profile_pass(c.variant, workload, shapes, c.batch_size))
+            profiles.append(profile_pass(c.variant, workload, shapes, c.batch_size,
+                                         timed_ms_per_sample=1000.0 / row["samples_per_s"]))
     load_after = os.getloadavg()
     env = {"model": model_id, "threads": threads, "torch": torch.__version__, "task": task.name,
            "split": task.resolve_split(tcfg.split), "scoring": scoring, "samples": len(samples),
