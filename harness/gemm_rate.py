@@ -6,7 +6,8 @@ makes the ratio meaningful on a shared machine: whatever load slows the evaluati
 
 fp32/fp16/bf16: `torch.mm(x, w.t())`, the layout `nn.Linear` computes (weights stored [N, K]); int8:
 `torch._int_mm` (int8 x int8 -> int32, oneDNN/VNNI on CPU), the integer GEMM a packed layer's fused kernel has
-to beat. Each shape is warmed up (oneDNN builds a primitive per new shape) and timed as the median of repeats.
+to beat. Each shape is warmed up (oneDNN builds a primitive per new shape) and timed as the median of repeats, in
+wall time and in process CPU time: the CPU-time rate does not fall when other jobs take the cores away.
 """
 
 from __future__ import annotations
@@ -52,23 +53,33 @@ def _product(shape: GemmShape):
     return lambda: torch.mm(x, w.t())
 
 
-def time_gemm(shape: GemmShape, *, min_repeats: int = 5, min_seconds: float = 0.02, warmup: int = 2) -> float:
-    """Median seconds of one product: `warmup` untimed calls, then at least `min_repeats` timed ones and at least
+@dataclass(frozen=True)
+class GemmTiming:
+    """Median wall seconds and median process CPU seconds (all threads) of one product."""
+
+    wall_s: float
+    cpu_s: float
+
+
+def time_gemm(shape: GemmShape, *, min_repeats: int = 5, min_seconds: float = 0.02, warmup: int = 2) -> GemmTiming:
+    """Median time of one product: `warmup` untimed calls, then at least `min_repeats` timed ones and at least
     `min_seconds` in total (so microsecond shapes are not timed from a single noisy call)."""
     run = _product(shape)
     for _ in range(warmup):
         run()
-    times: list[float] = []
-    while len(times) < min_repeats or sum(times) < min_seconds:
-        t0 = time.perf_counter()
+    walls: list[float] = []
+    cpus: list[float] = []
+    while len(walls) < min_repeats or sum(walls) < min_seconds:
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 1000:
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+        if len(walls) >= 1000:
             break
-    return statistics.median(times)
+    return GemmTiming(statistics.median(walls), statistics.median(cpus))
 
 
-def time_gemms(shapes: Iterable[GemmShape], **kwargs) -> dict[GemmShape, float]:
+def time_gemms(shapes: Iterable[GemmShape], **kwargs) -> dict[GemmShape, GemmTiming]:
     """`time_gemm` for every distinct shape, in sorted order (all at the current torch thread count)."""
     return {s: time_gemm(s, **kwargs) for s in sorted(set(shapes))}
 

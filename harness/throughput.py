@@ -2,13 +2,13 @@
 
 Every variant (method x bits, packed like the rest of `harness bench`) evaluates the same N task samples through
 the runner's evaluation path: task requests -> `task.answer` (the adapter's generate/loglik, batched) -> task
-scoring. That gives samples/s, prompt tokens/s and generated tokens/s, medians over interleaved rounds.
+scoring. That gives samples/s, prompt tokens/s and generated tokens/s, medians over rounds.
 
 Beside it, in the same run, the machine's limit: the FLOPs each sample needs (`qvlm_harness.flops`, from the model's
 shapes and the sample's real, unpadded token counts and answer length) over the dense GEMM rate this machine
 reaches right now at the variant's dtypes, the same threads and the batch's token counts
-(`qvlm_harness.gemm_rate`, measured just before each evaluation pass). Per part of the model (vision tower,
-projector, prefill, LM head, decode) the rate is that of its own layer mix:
+(`qvlm_harness.gemm_rate`). Per part of the model (vision tower, projector, prefill, LM head, decode) the rate is
+that of its own layer mix:
 
     limit_samples_per_s = 1 / mean over samples of sum over parts (flops_part / rate_part)
                         = effective rate / flops_per_sample
@@ -16,10 +16,17 @@ projector, prefill, LM head, decode) the rate is that of its own layer mix:
 
 Attention FLOPs are charged at their part's linear-layer rate (an upper bound: small per-head matmuls run slower
 than the layers' GEMMs). The fp32 variant is the baseline; `x_fp32` ratios compare rows of the same run.
+
+On a shared machine the cores come and go. Two things keep the figures comparable: the samples are evaluated in
+slices, every cell (variant x batch size) taking its turn on each slice right after measuring its GEMM rates, so
+slow phases hit all cells and their limits alike; and `cpu_efficiency` repeats the comparison in process CPU time
+(the GEMMs' CPU-time rate against the evaluation's CPU time), which does not count the time the process waited
+for a core.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import statistics
@@ -223,10 +230,20 @@ def part_mixes(shapes: ModelShapes, plan: ComputePlan, tokens: dict[str, int],
     return mixes
 
 
-def part_rates(mixes: dict[str, list[tuple[GemmShape, int]]]) -> dict[str, float]:
+@dataclass(frozen=True)
+class PartRates:
+    """FLOP/s per part, by wall time and by process CPU time."""
+
+    wall: dict[str, float]
+    cpu: dict[str, float]
+
+
+def part_rates(mixes: dict[str, list[tuple[GemmShape, int]]]) -> PartRates:
     """Measure every GEMM of the mixes now and return FLOP/s per part."""
-    seconds = time_gemms(g for mix in mixes.values() for g, _ in mix)
-    return {part: mix_rate(mix, seconds) for part, mix in mixes.items()}
+    timings = time_gemms(g for mix in mixes.values() for g, _ in mix)
+    wall = {g: t.wall_s for g, t in timings.items()}
+    cpu = {g: t.cpu_s for g, t in timings.items()}
+    return PartRates({p: mix_rate(m, wall) for p, m in mixes.items()}, {p: mix_rate(m, cpu) for p, m in mixes.items()})
 
 
 def limit_seconds(counts: Sequence[FlopCount], rates: dict[str, float]) -> float:
@@ -236,7 +253,10 @@ def limit_seconds(counts: Sequence[FlopCount], rates: dict[str, float]) -> float
         for part in PARTS:
             flops = c.part(part)
             if flops:
-                total += flops / rates[part]
+                rate = rates.get(part, 0.0)
+                if rate <= 0:
+                    raise HarnessError(f"no GEMM rate was measured for the {part} part; rerun (timer too coarse?)")
+                total += flops / rate
     return total
 
 
@@ -244,15 +264,52 @@ def limit_seconds(counts: Sequence[FlopCount], rates: dict[str, float]) -> float
 
 
 @dataclass
+class Round:
+    """One cell's evaluation of all samples in one round (the sum of its slices), and the time the samples'
+    FLOPs take at the GEMM rates measured before each slice."""
+
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    limit_wall_s: float = 0.0
+    limit_cpu_s: float = 0.0
+    loads: list[float] = field(default_factory=list)
+    responses: list[Response] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    rates: list[PartRates] = field(default_factory=list)
+
+
+@dataclass
 class Cell:
-    """One (variant, batch size): its passes and the GEMM rates measured before each."""
+    """One (variant, batch size): its rounds."""
 
     variant: Variant
     batch_size: int
     plan: ComputePlan
     mixes: dict[str, list[tuple[GemmShape, int]]]
-    passes: list[EvalPass] = field(default_factory=list)
-    rates: list[dict[str, float]] = field(default_factory=list)
+    rounds: list[Round] = field(default_factory=list)
+
+    def evaluate_slice(self, workload: Workload, shapes: ModelShapes, start: int, stop: int, into: Round) -> None:
+        """GEMM rates now, then samples[start:stop] through the evaluation path, added to `into`."""
+        rates = part_rates(self.mixes)
+        part = evaluate_pass(workload, self.variant.adapter, self.batch_size, workload.samples[start:stop])
+        tokens = Workload(workload.task, workload.samples[start:stop], workload.scoring, workload.max_new_tokens,
+                          workload.tokens[start:stop]).answered_tokens(part.responses)
+        counts = [sample_flops(shapes, t) for t in tokens]
+        into.wall_s += part.wall_s
+        into.cpu_s += part.cpu_s
+        into.limit_wall_s += limit_seconds(counts, rates.wall)
+        into.limit_cpu_s += limit_seconds(counts, rates.cpu)
+        into.loads.append(part.load_1min)
+        into.responses += part.responses
+        into.records += part.records
+        into.rates.append(rates)
+
+
+def slice_size(batch_sizes: Sequence[int], at_least: int = 16) -> int:
+    """Samples per interleaving slice: a multiple of every batch size (so each cell's batches are exactly those
+    of one whole pass) and at least `at_least`."""
+    step = math.lcm(*batch_sizes)
+    return step * max(1, -(-at_least // step))
 
 
 def resolve_scoring(task: Task, scoring: str) -> str:
@@ -267,7 +324,11 @@ def resolve_scoring(task: Task, scoring: str) -> str:
 
 def run_throughput(cfg: BenchConfig, tcfg: ThroughputConfig, *, profile: bool = False,
                    log: Callable[[str], None] = print) -> dict:
-    """Evaluate every variant at every batch size in interleaved rounds; returns {"rows", "profiles", "env"}."""
+    """Evaluate every variant at every batch size in interleaved rounds; returns {"rows", "profiles", "env"}.
+
+    Interleaving is finer than a round: the samples are cut into slices (`slice_size`) and every cell evaluates
+    a slice, right after measuring its GEMM rates, before any cell moves to the next, so a slow phase of a shared
+    machine hits every cell and its limit alike."""
     from qvlm_harness.kernels import cpu as cpu_kernels
     from qvlm_harness.models.llava import LlavaAdapter, set_threads
     from qvlm_harness.runner import resolve_model
@@ -279,9 +340,10 @@ def run_throughput(cfg: BenchConfig, tcfg: ThroughputConfig, *, profile: bool = 
     threads = set_threads(cfg.threads)
     model_id, model_path = resolve_model(cfg.model)
     load_before = os.getloadavg()
+    step = slice_size(cfg.batch_sizes)
     log(f"bench --throughput: model {model_id}; {threads} thread(s); {len(samples)} {task.name} samples "
-        f"({scoring}); {len(pairs)} variants; batch sizes {list(cfg.batch_sizes)}; {cfg.rounds} interleaved rounds; "
-        f"load average {load_before[0]:.2f}")
+        f"({scoring}); {len(pairs)} variants; batch sizes {list(cfg.batch_sizes)}; {cfg.rounds} rounds interleaved "
+        f"in slices of {step} samples; load average {load_before[0]:.2f}")
     base = LlavaAdapter.load(model_path)
     shapes = ModelShapes.from_model(base.model)
     workload = Workload(task, samples, scoring, cfg.new_tokens)
@@ -307,10 +369,15 @@ def run_throughput(cfg: BenchConfig, tcfg: ThroughputConfig, *, profile: bool = 
         c.variant.setup_s += time.perf_counter() - t0
     for r in range(cfg.rounds):
         for c in cells:
-            c.rates.append(part_rates(c.mixes))
-            c.passes.append(evaluate_pass(workload, c.variant.adapter, c.batch_size))
-            log(f"    {c.variant.label} batch {c.batch_size}: {len(samples) / c.passes[-1].wall_s:.2f} samples/s "
-                f"(CPU share {c.passes[-1].cpu_s / (c.passes[-1].wall_s * threads):.2f})")
+            c.rounds.append(Round())
+        for start in range(0, len(samples), step):
+            for c in cells:
+                c.evaluate_slice(workload, shapes, start, min(start + step, len(samples)), c.rounds[-1])
+        for c in cells:
+            done = c.rounds[-1]
+            share = done.cpu_s / (done.wall_s * threads)
+            log(f"    {c.variant.label} batch {c.batch_size}: {len(samples) / done.wall_s:.2f} samples/s, "
+                f"efficiency {done.limit_wall_s / done.wall_s:.3f} (CPU share {share:.2f})")
         log(f"  round {r + 1}/{cfg.rounds} done (load average {os.getloadavg()[0]:.2f})")
     rows = [cell_row(c, workload, shapes, threads) for c in cells]
     for row in rows:
@@ -328,9 +395,9 @@ def run_throughput(cfg: BenchConfig, tcfg: ThroughputConfig, *, profile: bool = 
     load_after = os.getloadavg()
     env = {"model": model_id, "threads": threads, "torch": torch.__version__, "task": task.name,
            "split": task.resolve_split(tcfg.split), "scoring": scoring, "samples": len(samples),
-           "max_new_tokens": cfg.new_tokens, "rounds": cfg.rounds, "backend": cfg.backend, "execution": cfg.execution,
-           "fused_kernel": cpu_kernels.unavailable_reason() or "on", "cpu": cpu_model(), "cores": os.cpu_count(),
-           "loadavg_before": list(load_before), "loadavg_after": list(load_after),
+           "max_new_tokens": cfg.new_tokens, "rounds": cfg.rounds, "slice": step, "backend": cfg.backend,
+           "execution": cfg.execution, "fused_kernel": cpu_kernels.unavailable_reason() or "on", "cpu": cpu_model(),
+           "cores": os.cpu_count(), "loadavg_before": list(load_before), "loadavg_after": list(load_after),
            "attention_count": "LM attention causal (T(T+1)/2 query-key pairs), vision tower full T^2",
            "mean_prompt_tokens": statistics.fmean(t.prompt_tokens for t in workload.tokens),
            "image_share": sum(bool(t.image_sizes) for t in workload.tokens) / len(workload.tokens)}
@@ -339,20 +406,20 @@ def run_throughput(cfg: BenchConfig, tcfg: ThroughputConfig, *, profile: bool = 
 
 def cell_row(c: Cell, workload: Workload, shapes: ModelShapes, threads: int) -> dict:
     """The reported figures of one cell: medians over its rounds."""
-    walls = [p.wall_s for p in c.passes]
-    wall = statistics.median(walls)
     n = len(workload.samples)
-    first = c.passes[0]
+    walls = [r.wall_s for r in c.rounds]
+    wall = statistics.median(walls)
+    limit_s = statistics.median(r.limit_wall_s for r in c.rounds)
+    first = c.rounds[0]
     tokens = workload.answered_tokens(first.responses)
     counts = [sample_flops(shapes, t) for t in tokens]
-    rates = {part: statistics.median(r[part] for r in c.rates) for part in c.rates[0]}
-    limit_s = limit_seconds(counts, rates)
     flops = sum(x.total for x in counts)
     samples_per_s = n / wall
     limit = n / limit_s
     generated = sum(r.new_tokens or 0 for r in first.responses)
     metrics = workload.task.aggregate(first.records)
     primary = workload.task.primary_metric
+    all_rates = [pr for r in c.rounds for pr in r.rates]
     v = c.variant
     return {
         "method": v.method, "bits": v.bits, "exec": v.execution, "batch": c.batch_size, "threads": threads,
@@ -362,16 +429,20 @@ def cell_row(c: Cell, workload: Workload, shapes: ModelShapes, threads: int) -> 
         "flops_per_sample": flops / n, "gflop_per_sample": flops / n / 1e9,
         "flops_by_part": {p: sum(x.part(p) for x in counts) / n for p in PARTS},
         "attention_flops_per_sample": sum(x.kind("attention") for x in counts) / n,
-        "gemm_gflops": {p: r / 1e9 for p, r in rates.items()},
+        "gemm_gflops": {p: statistics.median(pr.wall[p] for pr in all_rates) / 1e9 for p in c.mixes},
+        "gemm_gflops_cpu": {p: statistics.median(pr.cpu[p] for pr in all_rates) / 1e9 for p in c.mixes},
         "gemm_dtypes": {p: "+".join(c.plan.dtypes(shapes, p)) for p in c.mixes},
         "gemm_rows": {p: mix[0][0].m for p, mix in c.mixes.items()},
-        "rate_gflops": flops / limit_s / 1e9,
+        "rate_gflops": flops / n * limit / 1e9,  # the effective rate: limit = rate / flops per sample
         "limit_samples_per_s": limit, "efficiency": samples_per_s / limit,
+        "cpu_efficiency": statistics.median(r.limit_cpu_s for r in c.rounds) / statistics.median(
+            r.cpu_s for r in c.rounds),
         "accuracy": float(metrics[primary]) if primary in metrics else None, "metric": primary,
         "generated_tokens_per_sample": generated / n,
         "wall_s": wall, "wall_s_rounds": walls,
-        "cpu_share": statistics.median(p.cpu_s / (p.wall_s * threads) for p in c.passes),
-        "load_1min": statistics.median(p.load_1min for p in c.passes), "setup_s": v.setup_s,
+        "efficiency_rounds": [r.limit_wall_s / r.wall_s for r in c.rounds],
+        "cpu_share": statistics.median(r.cpu_s / (r.wall_s * threads) for r in c.rounds),
+        "load_1min": statistics.median(x for r in c.rounds for x in r.loads), "setup_s": v.setup_s,
     }
 
 

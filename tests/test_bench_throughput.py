@@ -45,8 +45,8 @@ def test_throughput_json_is_consistent(capsys, tmp_path, tiny_model_dir, monkeyp
     assert len(env["loadavg_before"]) == 3 and len(env["loadavg_after"]) == 3
     assert {(r["method"], r["batch"]) for r in rows} == {("fp32", 1), ("rtn", 1), ("fp32", 2), ("rtn", 2)}
     for r in rows:
-        for key in ("samples_per_s", "limit_samples_per_s", "efficiency", "prompt_tokens_per_s", "flops_per_sample",
-                    "rate_gflops", "cpu_share"):
+        for key in ("samples_per_s", "limit_samples_per_s", "efficiency", "cpu_efficiency", "prompt_tokens_per_s",
+                    "flops_per_sample", "rate_gflops", "cpu_share"):
             assert r[key] > 0 and math.isfinite(r[key]), key
         assert r["efficiency"] == pytest.approx(r["samples_per_s"] / r["limit_samples_per_s"], rel=1e-12)
         assert r["limit_samples_per_s"] == pytest.approx(r["rate_gflops"] * 1e9 / r["flops_per_sample"], rel=1e-9)
@@ -56,7 +56,8 @@ def test_throughput_json_is_consistent(capsys, tmp_path, tiny_model_dir, monkeyp
         assert 0 <= r["generated_tokens_per_sample"] <= 4
         assert sum(r["flops_by_part"].values()) == pytest.approx(r["flops_per_sample"], rel=1e-12)
         assert r["batch"] == r["gemm_rows"]["head"] and r["threads"] == 1
-        assert all(v > 0 for v in r["gemm_gflops"].values())
+        assert all(v > 0 for v in r["gemm_gflops"].values()) and r["gemm_gflops"].keys() == r["gemm_dtypes"].keys()
+        assert r["efficiency_rounds"] == [pytest.approx(r["efficiency"], rel=1e-12)]  # one round: its own figure
         ref = next(x for x in rows if x["method"] == "fp32" and x["batch"] == r["batch"])
         assert r["x_fp32"] == pytest.approx(r["samples_per_s"] / ref["samples_per_s"], rel=1e-12)
     rtn = next(r for r in rows if r["method"] == "rtn")
@@ -118,8 +119,8 @@ def test_bad_throughput_flags_are_one_line_exit_2(capsys, tmp_path, args, needle
 
 def test_gemm_rate_is_flops_over_measured_time():
     shapes = [GemmShape(8, 64, 32, d) for d in ("fp32", "bf16", "int8")]
-    seconds = {s: time_gemm(s, min_repeats=2, min_seconds=0.0) for s in shapes}
-    assert all(t > 0 for t in seconds.values())
+    timings = [time_gemm(s, min_repeats=2, min_seconds=0.0) for s in shapes]
+    assert all(t.wall_s > 0 and t.cpu_s >= 0 for t in timings)
     fake = {shapes[0]: 2.0, shapes[1]: 0.5}
     expected = (3 * shapes[0].flops + shapes[1].flops) / (3 * 2.0 + 0.5)
     assert mix_rate([(shapes[0], 3), (shapes[1], 1)], fake) == pytest.approx(expected)

@@ -24,7 +24,8 @@ THROUGHPUT_COLUMNS = {
     "method": "Method", "bits": "Bits", "exec": "Exec", "batch": "Batch", "samples_per_s": "Samples/s",
     "x_fp32": "x fp32", "prompt_tokens_per_s": "Prompt tok/s", "generated_tokens_per_s": "Gen tok/s",
     "gflop_per_sample": "GFLOP/sample", "rate_gflops": "GEMM GFLOP/s", "limit_samples_per_s": "Limit samples/s",
-    "efficiency": "Efficiency", "accuracy": "Acc", "cpu_share": "CPU share", "load_1min": "Load"}
+    "efficiency": "Efficiency", "cpu_efficiency": "CPU eff.", "accuracy": "Acc", "cpu_share": "CPU share",
+    "load_1min": "Load"}
 LATENCY_DEFAULTS = {"task": "vqav2", "rounds": 5, "batch_sizes": (1, 8)}
 THROUGHPUT_DEFAULTS = {"task": "sqa", "rounds": 3, "batch_sizes": (1, 16), "samples": 64, "scoring": "generate",
                        "split": "test"}
@@ -217,7 +218,8 @@ def render_throughput(result: dict) -> str:
     head = (f"model {env['model']}, {env['threads']} thread(s) of {env['cores']} cores ({env['cpu']}), torch "
             f"{env['torch']}; {env['samples']} {env['task']} {env['split']} samples ({env['scoring']}, at most "
             f"{env['max_new_tokens']} new tokens), mean prompt {env['mean_prompt_tokens']:.0f} tokens, "
-            f"{100 * env['image_share']:.0f}% with an image; medians of {env['rounds']} interleaved rounds; "
+            f"{100 * env['image_share']:.0f}% with an image; medians of {env['rounds']} rounds, interleaved in "
+            f"slices of {env['slice']} samples; "
             f"execution {env['execution']}, kernel backend {env['backend']} (fused CPU kernel: {env['fused_kernel']}); "
             f"load average {load_b[0]:.2f}/{load_b[1]:.2f}/{load_b[2]:.2f} before, "
             f"{load_a[0]:.2f}/{load_a[1]:.2f}/{load_a[2]:.2f} after")
@@ -234,8 +236,9 @@ def render_throughput(result: dict) -> str:
              "GFLOP/s: the dense GEMM rate this machine reached at the variant's dtypes, these threads and the "
              "batch's token counts (M), measured before each pass, per part of the model (second table). Limit = "
              "that rate / GFLOP per sample; Efficiency = Samples/s / Limit. x fp32: ratio to fp32 at the same batch "
-             "size in this run. CPU share: process CPU time / (wall x threads); below 1 when other jobs hold the "
-             "cores. Load: the 1-minute load average when the passes started.")
+             "size in this run. CPU eff.: the same in process CPU time (GEMM CPU-time rate vs the evaluation's CPU "
+             "time; not lowered by waiting for a core). CPU share: process CPU time / (wall x threads); below 1 "
+             "when other jobs hold the cores. Load: the 1-minute load average when the slices started.")
     out = [head, "", main.to_markdown(index=False, floatfmt=".3g", missingval="-"), "",
            pd.DataFrame(rates).to_markdown(index=False, missingval="-"), "", notes]
     for prof in result["profiles"]:
