@@ -225,6 +225,7 @@ def render_throughput(result: dict) -> str:
             f"{load_a[0]:.2f}/{load_a[1]:.2f}/{load_a[2]:.2f} after")
     df = pd.DataFrame(result["rows"])
     main = df[[c for c in THROUGHPUT_COLUMNS if c in df.columns]].rename(columns=THROUGHPUT_COLUMNS)
+    main = main.map(lambda v: _figure(v) if isinstance(v, float) else v)
     rates = []
     for row in result["rows"]:
         entry = {"Method": row["method"], "Bits": row["bits"], "Batch": row["batch"]}
@@ -234,16 +235,26 @@ def render_throughput(result: dict) -> str:
     notes = ("Samples/s: the N samples through the runner's path (requests, task.answer, scoring) over the pass's "
              "wall time. GFLOP/sample: what each answer needs (real tokens, no padding; LM attention causal). GEMM "
              "GFLOP/s: the dense GEMM rate this machine reached at the variant's dtypes, these threads and the "
-             "batch's token counts (M), measured before each pass, per part of the model (second table). Limit = "
+             "batch's token counts (M), measured before each slice, per part of the model (second table). Limit = "
              "that rate / GFLOP per sample; Efficiency = Samples/s / Limit. x fp32: ratio to fp32 at the same batch "
              "size in this run. CPU eff.: the same in process CPU time (GEMM CPU-time rate vs the evaluation's CPU "
              "time; not lowered by waiting for a core). CPU share: process CPU time / (wall x threads); below 1 "
              "when other jobs hold the cores. Load: the 1-minute load average when the slices started.")
-    out = [head, "", main.to_markdown(index=False, floatfmt=".3g", missingval="-"), "",
+    align = ["left" if c in ("Method", "Bits", "Exec") else "right" for c in main.columns]
+    out = [head, "", main.to_markdown(index=False, missingval="-", disable_numparse=True, colalign=align), "",
            pd.DataFrame(rates).to_markdown(index=False, missingval="-"), "", notes]
     for prof in result["profiles"]:
         out += ["", "```", prof.to_text(), "```"]
     return "\n".join(out)
+
+
+def _figure(v: float) -> str:
+    """Three significant figures without exponents (1540, 46.2, 0.0279)."""
+    if v != v:
+        return "-"
+    if v == 0 or abs(v) >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3g}" if abs(v) >= 0.001 else f"{v:.2e}"
 
 
 def write_throughput_outputs(result: dict, folder: Path) -> list[Path]:
