@@ -80,7 +80,8 @@ class EvalProfile:
         lines.append(f"  {'where the time goes':<46} {'ms/sample':>10} {'share':>7}")
         for name, ms in self.breakdown.items():
             lines.append(f"  {name:<46} {ms:10.2f} {100 * ms / self.wall_ms_per_sample:6.1f}%")
-        lines.append(f"  {'work per sample':<46} {'executed':>10} {'required':>10}")
+        lines.append("  work per sample (executed: padding, unread logits and finished sequences included;")
+        lines.append(f"  {'required: what the answers need)':<46} {'executed':>10} {'required':>10}")
         for key, ex in self.executed.items():
             req = self.required.get(key)
             lines.append(f"  {key:<46} {ex:10.4g} {req:10.4g}" if req is not None else f"  {key:<46} {ex:10.4g}")
@@ -258,8 +259,8 @@ def _work(ex: ExecutedFlops, counters: PassCounters, required_counts, tokens, n:
     for part, label in names.items():
         executed[label] = ex.parts.get(part, 0) / n / 1e9
         required[label] = req_parts[part] / n / 1e9
-    executed["LM prompt positions (padding incl.)"] = counters.prefill_positions / n
-    required["LM prompt positions (padding incl.)"] = sum(t.prompt_tokens for t in tokens) / n
-    executed["decode rows (finished seqs incl.)"] = counters.decode_rows / n
-    required["decode rows (finished seqs incl.)"] = sum(max(0, t.generated - 1) for t in tokens) / n
+    executed["LM prompt positions"] = counters.prefill_positions / n
+    required["LM prompt positions"] = sum(t.prompt_tokens for t in tokens) / n
+    executed["decode rows (sequences x steps)"] = counters.decode_rows / n
+    required["decode rows (sequences x steps)"] = sum(max(0, t.generated - 1) for t in tokens) / n
     return executed, required
