@@ -48,6 +48,7 @@ class BenchConfig:
     backend: str = "auto"
     rss: bool = True
     method_options: dict[str, dict] = field(default_factory=dict)
+    execution: str = "packed"  # "simulated": keep quantized layers fake-quant (what `harness run` does by default)
 
 
 @dataclass
@@ -88,7 +89,8 @@ def variant_specs(cfg: BenchConfig) -> list[tuple[str, QuantSpec]]:
 
 
 def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, copy_model: bool = True) -> Variant:
-    """Quantize a copy of `base` (a LlavaAdapter) with the registered method and pack it."""
+    """Quantize a copy of `base` (a LlavaAdapter) with the registered method and pack it (unless
+    `cfg.execution` is "simulated")."""
     from qvlm_harness.models.llava import LlavaAdapter
     from qvlm_harness.quantize import calibration_for, quantize
 
@@ -97,7 +99,7 @@ def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, 
     model = copy.deepcopy(base.model) if copy_model else base.model
     adapter = LlavaAdapter(model, base.processor, base.name, base.path)
     calibration = calibration_for(method, spec, plugins.tasks.get(cfg.task)(), cfg.calib_samples, cfg.seed)
-    quantized = quantize(adapter, method, spec, calibration, scope=cfg.scope, seed=cfg.seed, execution="packed",
+    quantized = quantize(adapter, method, spec, calibration, scope=cfg.scope, seed=cfg.seed, execution=cfg.execution,
                          kernel_backend=cfg.backend, measure_fp_pass=False)
     bits = "fp" if spec.is_float else spec.tag
     return Variant(method_name, bits, quantized.execution, adapter, quantized.report.get("packing", {}),

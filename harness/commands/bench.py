@@ -1,5 +1,6 @@
 """`harness bench`: prefill latency, decode tokens/s, weight bytes and peak RSS of packed quantized models,
-each as a ratio to the FP32 baseline measured in the same run (see `qvlm_harness.bench`)."""
+each as a ratio to the FP32 baseline measured in the same run (see `qvlm_harness.bench`); with `--throughput`,
+evaluation samples/s through the runner's path against the machine's own limit (see `qvlm_harness.throughput`)."""
 
 from __future__ import annotations
 
@@ -20,18 +21,46 @@ COLUMNS = {"method": "Method", "bits": "Bits", "exec": "Exec", "batch": "Batch",
            "linear_mb": "Linear MB", "linear_x_fp16": "Lin x fp16", "peak_rss_mb": "Peak RSS MB", "rss_x": "RSS x"}
 
 
+THROUGHPUT_COLUMNS = {
+    "method": "Method", "bits": "Bits", "exec": "Exec", "batch": "Batch", "samples_per_s": "Samples/s",
+    "x_fp32": "x fp32", "prompt_tokens_per_s": "Prompt tok/s", "generated_tokens_per_s": "Gen tok/s",
+    "gflop_per_sample": "GFLOP/sample", "rate_gflops": "GEMM GFLOP/s", "limit_samples_per_s": "Limit samples/s",
+    "efficiency": "Efficiency", "cpu_efficiency": "CPU eff.", "accuracy": "Acc", "cpu_share": "CPU share",
+    "load_1min": "Load"}
+LATENCY_DEFAULTS = {"task": plugins.DEFAULT_PROMPT_TASK, "rounds": 5, "batch_sizes": (1, 8)}
+THROUGHPUT_DEFAULTS = {"task": plugins.DEFAULT_CALIB_TASK, "rounds": 3, "batch_sizes": (1, 16), "samples": 64,
+                       "scoring": "generate", "split": "test"}
+THROUGHPUT_ONLY = ("samples", "scoring", "data_dir", "split")
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="real latency and memory of packed quantized models vs the FP32 baseline")
+    p = sub.add_parser("bench", help="real latency and memory of packed quantized models vs the FP32 baseline; "
+                                     "--throughput: evaluation speed against the machine's limit")
     p.add_argument("--model", default="default", help="'default', 'tiny', a Llava checkpoint folder or a hub id")
     p.add_argument("--methods", default=",".join(plugins.BENCH_METHODS),
                    help=f"comma list; {plugins.FLOAT_BASELINES[0]} is always added as the baseline")
     p.add_argument("--bits", default="w8a8,w4a4", help=f"for the quantized methods: {BITS_HELP}")
-    p.add_argument("--batch-sizes", type=int_list, default=(1, 8), help="comma list, e.g. 1,8")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt (forced to full length)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (medians are reported)")
+    p.add_argument("--batch-sizes", type=int_list, default=None, help="comma list (default 1,8; --throughput 1,16)")
+    p.add_argument("--new-tokens", type=int, default=16,
+                   help="tokens generated per prompt (forced to full length); with --throughput the cap on each "
+                        "answer, which stops at its end as in `harness run --max-new-tokens`")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved timing rounds, medians reported (default 5; --throughput 3)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed; printed)")
-    p.add_argument("--task", default=plugins.DEFAULT_PROMPT_TASK,
-                   help="task whose test prompts (with images) are generated from")
+    p.add_argument("--task", default=None,
+                   help=f"task the prompts come from (default {plugins.DEFAULT_PROMPT_TASK}; --throughput: the task "
+                        f"evaluated, default {plugins.DEFAULT_CALIB_TASK})")
+    p.add_argument("--throughput", action="store_true",
+                   help="evaluate --samples task samples per variant through the runner's path and report "
+                        "samples/s, tokens/s and the efficiency against this machine's measured GEMM limit")
+    p.add_argument("--samples", type=positive_int, default=None,
+                   help="--throughput: samples evaluated per variant and batch size (default 64; the seeded "
+                        "subset `harness run --limit N` evaluates)")
+    p.add_argument("--scoring", default=None, help="--throughput: generate (default) or loglik, as `harness run`")
+    p.add_argument("--data-dir", type=Path, default=None, help="--throughput: the task's official data folder")
+    p.add_argument("--split", default=None, help="--throughput: split to evaluate (default: the task's test split)")
+    p.add_argument("--execution", default="packed",
+                   help="packed (default): quantized layers on real integer kernels; simulated: fake-quant")
     p.add_argument("--calib-samples", type=int, default=16, help="for methods that calibrate")
     p.add_argument("--quantize", type=scope_list, default=ALL_SCOPES, dest="scope",
                    help="parts to quantize: vision,projector,lm (default all)")
@@ -39,30 +68,81 @@ def add_parser(sub) -> None:
                    help="integer linear layers: fused CPU kernel (auto/cpp), plain torch ops, or torch.compile")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
     p.add_argument("--no-rss", action="store_true", help="skip the per-variant peak RSS child processes")
-    p.add_argument("--profile", action="store_true", help="also profile the decode steps and write the top ops")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the decode steps and write the top ops; with --throughput, where an "
+                        "evaluation pass spends its time and how much of the executed work was needed")
     p.add_argument("--output", type=Path, default=Path("results/bench"), help="folder for CSV, Markdown, plot")
     p.add_argument("--seed", type=int, default=0)
 
 
-def execute(args: argparse.Namespace) -> int:
-    from qvlm_harness.bench import BenchConfig, run_bench
-    from qvlm_harness.writable import check_output_folder
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (a HarnessError, so the CLI prints one line and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise HarnessError(f"expected a positive whole number, got {text!r} (e.g. --samples 64)") from None
+    if value < 1:
+        raise HarnessError(f"expected a positive whole number, got {text!r} (e.g. --samples 64)")
+    return value
 
-    check_output_folder(args.output, "--output")  # written after every variant was timed
 
-    if args.new_tokens < 2:
-        raise HarnessError("--new-tokens must be at least 2 (one prefill token and at least one decode step)")
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the options whose default depends on the mode, and reject throughput-only options without it."""
+    if not args.throughput:
+        given = [f"--{name.replace('_', '-')}" for name in THROUGHPUT_ONLY if getattr(args, name) is not None]
+        if given:
+            raise HarnessError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --throughput; "
+                               "add --throughput or drop them")
+    for name, value in (THROUGHPUT_DEFAULTS if args.throughput else LATENCY_DEFAULTS).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
+def bench_config(args: argparse.Namespace):
+    from qvlm_harness.bench import BenchConfig
+
+    resolve_defaults(args)
+    least_tokens = 1 if args.throughput else 2
+    if args.new_tokens < least_tokens:
+        raise HarnessError("--new-tokens must be at least 2 (one prefill token and at least one decode step)"
+                           if least_tokens == 2 else "--new-tokens must be at least 1")
     if args.rounds < 1 or args.threads < 1 or any(b < 1 for b in args.batch_sizes):
         raise HarnessError("--rounds, --threads and --batch-sizes must be positive")
-    cfg = BenchConfig(model=args.model, methods=csv_list(args.methods), bits=QuantSpec.parse_list(args.bits),
-                      batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, rounds=args.rounds,
-                      threads=args.threads, task=args.task, calib_samples=args.calib_samples, seed=args.seed,
-                      scope=tuple(args.scope), backend=args.kernel_backend, rss=not args.no_rss,
-                      method_options=method_options(args.method_option))
-    result = run_bench(cfg, profile=args.profile, log=lambda m: print(m, file=sys.stderr))
+    if not args.batch_sizes:
+        raise HarnessError("--batch-sizes needs at least one size, e.g. --batch-sizes 1,16")
+    if args.execution not in ("packed", "simulated"):
+        raise HarnessError(f"--execution takes packed or simulated, got {args.execution!r}")
+    if args.throughput and args.scoring not in ("generate", "loglik"):
+        raise HarnessError(f"--scoring takes generate or loglik, got {args.scoring!r}")
+    return BenchConfig(model=args.model, methods=csv_list(args.methods), bits=QuantSpec.parse_list(args.bits),
+                       batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, rounds=args.rounds,
+                       threads=args.threads, task=args.task, calib_samples=args.calib_samples, seed=args.seed,
+                       scope=tuple(args.scope), backend=args.kernel_backend, rss=not args.no_rss,
+                       method_options=method_options(args.method_option), execution=args.execution)
+
+
+def execute(args: argparse.Namespace) -> int:
+    from qvlm_harness.plan import check_model_source
+    from qvlm_harness.writable import check_output_folder
+
+    cfg = bench_config(args)
+    check_model_source(cfg.model)
+    check_output_folder(args.output, "--output")  # written after every variant was timed
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     folder = args.output / time.strftime("%Y%m%d-%H%M%S")
-    written = write_outputs(result, folder)
-    print(render(result))
+    if args.throughput:
+        from qvlm_harness.throughput import ThroughputConfig, run_throughput
+
+        tcfg = ThroughputConfig(samples=args.samples, scoring=args.scoring, data_dir=args.data_dir, split=args.split)
+        result = run_throughput(cfg, tcfg, profile=args.profile, log=log)
+        written = write_throughput_outputs(result, folder)
+        print(render_throughput(result))
+    else:
+        from qvlm_harness.bench import run_bench
+
+        result = run_bench(cfg, profile=args.profile, log=log)
+        written = write_outputs(result, folder)
+        print(render(result))
     print(f"\nwritten: {', '.join(str(p) for p in written)}")
     return 0
 
@@ -129,3 +209,67 @@ def plot(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -- --throughput -----------------------------------------------------------------------------------------------------
+
+
+def render_throughput(result: dict) -> str:
+    """The throughput table, a table of the GEMM rates behind each limit, the notes and any profiles."""
+    import pandas as pd
+
+    env = result["env"]
+    load_b, load_a = env["loadavg_before"], env["loadavg_after"]
+    head = (f"model {env['model']}, {env['threads']} thread(s) of {env['cores']} cores ({env['cpu']}), torch "
+            f"{env['torch']}; {env['samples']} {env['task']} {env['split']} samples ({env['scoring']}, at most "
+            f"{env['max_new_tokens']} new tokens), mean prompt {env['mean_prompt_tokens']:.0f} tokens, "
+            f"{100 * env['image_share']:.0f}% with an image; medians of {env['rounds']} rounds, interleaved in "
+            f"slices of {env['slice']} samples; "
+            f"execution {env['execution']}, kernel backend {env['backend']} (fused CPU kernel: {env['fused_kernel']}); "
+            f"load average {load_b[0]:.2f}/{load_b[1]:.2f}/{load_b[2]:.2f} before, "
+            f"{load_a[0]:.2f}/{load_a[1]:.2f}/{load_a[2]:.2f} after")
+    df = pd.DataFrame(result["rows"])
+    main = df[[c for c in THROUGHPUT_COLUMNS if c in df.columns]].rename(columns=THROUGHPUT_COLUMNS)
+    main = main.map(lambda v: _figure(v) if isinstance(v, float) else v)
+    rates = []
+    for row in result["rows"]:
+        entry = {"Method": row["method"], "Bits": row["bits"], "Batch": row["batch"]}
+        for part, gflops in row["gemm_gflops"].items():
+            entry[f"{part} GFLOP/s"] = f"{gflops:.1f} {row['gemm_dtypes'][part]} (M={row['gemm_rows'][part]})"
+        rates.append(entry)
+    notes = ("Samples/s: the N samples through the runner's path (requests, task.answer, scoring) over the pass's "
+             "wall time. GFLOP/sample: what each answer needs (real tokens, no padding; LM attention causal). GEMM "
+             "GFLOP/s: the dense GEMM rate this machine reached at the variant's dtypes, these threads and the "
+             "batch's token counts (M), measured before each slice, per part of the model (second table). Limit = "
+             "that rate / GFLOP per sample; Efficiency = Samples/s / Limit. x fp32: ratio to fp32 at the same batch "
+             "size in this run. CPU eff.: the same in process CPU time (GEMM CPU-time rate vs the evaluation's CPU "
+             "time; not lowered by waiting for a core). CPU share: process CPU time / (wall x threads); below 1 "
+             "when other jobs hold the cores. Load: the 1-minute load average when the slices started.")
+    align = ["left" if c in ("Method", "Bits", "Exec") else "right" for c in main.columns]
+    out = [head, "", main.to_markdown(index=False, missingval="-", disable_numparse=True, colalign=align), "",
+           pd.DataFrame(rates).to_markdown(index=False, missingval="-"), "", notes]
+    for prof in result["profiles"]:
+        out += ["", "```", prof.to_text(), "```"]
+    return "\n".join(out)
+
+
+def _figure(v: float) -> str:
+    """Three significant figures without exponents (1540, 46.2, 0.0279)."""
+    if v != v:
+        return "-"
+    if v == 0 or abs(v) >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3g}" if abs(v) >= 0.001 else f"{v:.2e}"
+
+
+def write_throughput_outputs(result: dict, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / "throughput.json", folder / "throughput.md"]
+    paths[0].write_text(json.dumps({"env": result["env"], "rows": result["rows"],
+                                    "profiles": [p.__dict__ for p in result["profiles"]]}, indent=1, default=str))
+    paths[1].write_text(render_throughput(result) + "\n")
+    for prof in result["profiles"]:
+        p = folder / f"profile_throughput_{prof.label.replace(' ', '_')}_b{prof.batch_size}.txt"
+        p.write_text(prof.to_text() + "\n")
+        paths.append(p)
+    return paths
