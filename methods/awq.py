@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
@@ -67,31 +66,85 @@ def weight_mean(linears: Sequence[nn.Module], group: int | None) -> Tensor:
 
 def search_scale(linears: Sequence[nn.Module], x_mean: Tensor, run: Callable[[], Tensor],
                  quant: Callable[[Tensor], Tensor], *, n_grid: int = N_GRID, duo: bool = False,
-                 group: int | None = None) -> tuple[float, Tensor, list[float]]:
+                 group: int | None = None, org: Tensor | None = None) -> tuple[float, Tensor, list[float]]:
     """Grid-search alpha for one scale group. `run()` returns the inspected output (rows) for the current
-    weights; `quant(w)` fake-quantizes a weight. Returns (best alpha, its scales, loss per alpha)."""
+    weights (`org`: its float value, when the caller has it already); `quant(w)` fake-quantizes a weight, each
+    row on its own (per channel or group). Returns (best alpha, its scales, loss per alpha)."""
     with torch.no_grad():
-        org = run()
-        originals = [m.weight.detach().clone() for m in linears]
-        w_mean = weight_mean(linears, group) if duo else None
-        losses: list[float] = []
-        best, best_loss, best_s = -1.0, float("inf"), None
-        try:
-            for i in range(n_grid):
-                ratio = i / n_grid
-                s = awq_scales(x_mean, ratio, w_mean)
-                for m, w in zip(linears, originals, strict=True):
-                    m.weight.copy_((quant(w.float() * s[None, :]) / s[None, :]).to(w.dtype))
-                loss = float((org - run()).float().pow(2).mean())
-                losses.append(loss)
-                if loss < best_loss:
-                    best, best_loss, best_s = ratio, loss, s.clone()
-        finally:
-            for m, w in zip(linears, originals, strict=True):
-                m.weight.copy_(w)
+        org = run() if org is None else org
+        return _alpha_grid(linears, x_mean, lambda: float((org - run()).float().pow(2).mean()), quant,
+                           n_grid=n_grid, duo=duo, group=group)
+
+
+def search_scale_linear(linear: nn.Module, x_mean: Tensor, gram: Tensor, tokens: int,
+                        quant: Callable[[Tensor], Tensor], *, n_grid: int = N_GRID, duo: bool = False,
+                        group: int | None = None) -> tuple[float, Tensor, list[float]]:
+    """`search_scale` for a group whose inspected module is its one linear (o after v, down after up), without
+    running it: the loss ``mean((x W^T - x W_a^T)^2)`` over `tokens` rows ``x`` and the outputs equals
+    ``sum(E * (E @ G)) / (tokens * out)`` with ``E = W - W_a`` and the Gram matrix ``G = X^T X``, which costs
+    ``out * in^2`` per alpha instead of ``tokens * out * in`` (the bias cancels)."""
+    with torch.no_grad():
+        w_float = linear.weight.detach().float().clone()
+        out_f = w_float.shape[0]
+
+        def loss() -> float:
+            e = w_float - linear.weight.float()
+            return float((e * (e @ gram)).sum()) / (tokens * out_f)
+
+        return _alpha_grid([linear], x_mean, loss, quant, n_grid=n_grid, duo=duo, group=group)
+
+
+def _alpha_grid(linears: Sequence[nn.Module], x_mean: Tensor, loss: Callable[[], float],
+                quant: Callable[[Tensor], Tensor], *, n_grid: int, duo: bool, group: int | None
+                ) -> tuple[float, Tensor, list[float]]:
+    """The alpha loop: install ``Q(W s) / s`` in the group's linears, `loss()`, keep the best; weights restored.
+    The group's weights are quantized as one matrix (rows are quantized independently) into buffers reused for
+    every alpha."""
+    originals = [m.weight.detach().clone() for m in linears]
+    stacked = torch.cat([w.float() for w in originals]) if len(originals) > 1 else originals[0].float()
+    w_mean = weight_mean(linears, group) if duo else None
+    scaled = torch.empty_like(stacked)
+    rows = [w.shape[0] for w in originals]
+    losses: list[float] = []
+    best, best_loss, best_s = -1.0, float("inf"), None
+    try:
+        for i in range(n_grid):
+            ratio = i / n_grid
+            s = awq_scales(x_mean, ratio, w_mean)
+            torch.mul(stacked, s[None, :], out=scaled)
+            candidate = quant(scaled).div_(s[None, :])
+            for m, w, part in zip(linears, originals, candidate.split(rows), strict=True):
+                m.weight.copy_(part.to(w.dtype))
+            value = loss()
+            losses.append(value)
+            if value < best_loss:
+                best, best_loss, best_s = ratio, value, s.clone()
+    finally:
+        for m, w in zip(linears, originals, strict=True):
+            m.weight.copy_(w)
     if best_s is None:
         raise HarnessError("AWQ scale search found no finite loss (NaN activations?)")
     return best, best_s, losses
+
+
+def _inspected_run(module: nn.Module, calls: list, x: Tensor) -> tuple[Callable[[], Tensor], Tensor]:
+    """(run, its float output) for an inspected module (attention, MLP) over its recorded calls, real tokens only.
+
+    A module called on nothing but the group's input whose output rows depend only on their own input row (an
+    MLP) is run once on the real-token rows of every batch together (``x``): no padding is computed and one call
+    replaces one per batch. Whether the module is such is checked, not assumed: the float output both ways must
+    agree to float rounding, else every call is replayed as recorded."""
+    def replay() -> Tensor:
+        return torch.cat([valid_rows(first_output(module(*a, **k)), b.mask) for a, k, b in calls])
+
+    with torch.no_grad():
+        org = replay()
+        single_input = all(len(a) == 1 and not k for a, k, _ in calls)
+        if single_input and x.shape[0] == org.shape[0]:
+            rows = first_output(module(x))
+            if rows.shape == org.shape and torch.allclose(rows, org, rtol=1e-4, atol=1e-5 * float(org.abs().max())):
+                return (lambda: first_output(module(x))), rows
+    return replay, org
 
 
 def _fake_quant_rows(w: Tensor, bits: int, symmetric: bool) -> Tensor:
@@ -200,9 +253,10 @@ class AWQ(Method):
             if not ctx.batches:
                 self._quantize_block(ctx, lspec, model)
                 return
-            feats = ctx.linear_inputs(ctx.linears)
             inspect = sorted({g.inspect for g in groups if g.inspect not in in_scope})
-            calls = ctx.capture_calls(inspect)
+            rec = ctx.run_recording(ctx.linears, inspect)
+            ctx.outputs = rec.outputs  # the float unit's outputs feed the next unit (as llm-awq)
+            feats, calls = dict(rec.inputs), rec.calls
             found = []
             for g in groups:
                 fqns = list(g.consumers)
@@ -210,21 +264,21 @@ class AWQ(Method):
                 ls = lspec(lins[0])
                 x = feats[fqns[0]]
                 x_mean = x.abs().mean(0)
-                mod = ctx.module(g.inspect)
-                if g.inspect in in_scope:  # the inspected module is the linear itself
-                    run = lambda mod=mod, x=x: F.linear(x, mod.weight, mod.bias)  # noqa: E731
-                else:
-                    run = lambda mod=mod, cs=calls[g.inspect]: torch.cat(  # noqa: E731
-                        [valid_rows(first_output(mod(*a, **k)), b.mask) for a, k, b in cs])
                 quant = lambda w, ls=ls: fake_quantize_weight(w, ls.w_bits, ls.w_symmetric, ls.w_group_size)  # noqa: E731
-                ratio, s, _ = search_scale(lins, x_mean, run, quant, n_grid=n_grid, duo=duo,
-                                           group=ls.w_group_size)
+                if g.inspect in in_scope:  # the inspected module is the linear itself: its Gram matrix suffices
+                    ratio, s, _ = search_scale_linear(ctx.module(g.inspect), x_mean, x.T @ x, x.shape[0], quant,
+                                                      n_grid=n_grid, duo=duo, group=ls.w_group_size)
+                else:
+                    run, org = _inspected_run(ctx.module(g.inspect), calls[g.inspect], x)
+                    ratio, s, _ = search_scale(lins, x_mean, run, quant, n_grid=n_grid, duo=duo,
+                                               group=ls.w_group_size, org=org)
                 found.append((g, fqns, s))
                 report["alphas"][g.producer] = ratio
             for g, fqns, s in found:
                 adapter.fold_scales(g, s)
+                scaled = feats[fqns[0]] / s[None, :]
                 for f in fqns:
-                    feats[f] = feats[f] / s[None, :]
+                    feats[f] = scaled
             # llm-awq clips no q/k projection: their error shows only through the attention scores
             no_clip = {unit.attention.q, unit.attention.k} if unit.attention is not None else set()
             if clip:
@@ -244,7 +298,7 @@ class AWQ(Method):
         search = self._search_scopes(scope)
         searched = adapter.linear_names(search) if search else []
         with stage("search"):
-            covered = run_sequential(adapter, calibration, search, searched, process, propagate="float",
+            covered = run_sequential(adapter, calibration, search, searched, process, propagate="recorded",
                                      batch_size=c.batch_size) if searched else []
         with stage("rtn_rest"):
             rest = set(wanted) - set(covered)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qvlm_harness.methods.awq import awq_scales, search_clip, search_scale
+from qvlm_harness.methods.awq import awq_scales, search_clip, search_scale, search_scale_linear
 from qvlm_harness.methods.smoothquant import smooth_scales
 from qvlm_harness.models.architectures import describe_unit
 from qvlm_harness.models.transforms import fold_scales
@@ -80,6 +80,22 @@ def test_awq_search_picks_the_brute_force_alpha_and_beats_rtn():
     ref = blk(inp)
     fold_scales(blk.input_layernorm, lins, s)
     assert torch.allclose(blk(inp), ref, atol=1e-4)
+
+
+def test_awq_gram_loss_of_a_lone_linear_equals_running_it():
+    """The Gram-matrix shortcut (o after v, down after up) gives the same loss per alpha, hence the same alpha and
+    scales, as running the linear on every calibration row; the weights are left as they were."""
+    blk = ToyBlock()
+    x = blk.input_layernorm(outlier_inputs()).detach()
+    lin = blk.self_attn.q_proj
+    before = lin.weight.detach().clone()
+    quant = lambda w: fake_quantize_weight(w, 3, False, 32)  # noqa: E731
+    x_mean = x.abs().mean(0)
+    best, s, losses = search_scale([lin], x_mean, lambda: lin(x), quant)
+    best_g, s_g, losses_g = search_scale_linear(lin, x_mean, x.T @ x, x.shape[0], quant)
+    assert best_g == best and torch.equal(s_g, s)
+    assert torch.allclose(torch.tensor(losses_g), torch.tensor(losses), rtol=1e-3)
+    assert torch.equal(lin.weight, before)
 
 
 def test_clip_search_matches_brute_force_per_group():
