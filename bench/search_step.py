@@ -6,11 +6,13 @@ Variants (each timed over the same steps, interleaved in rounds, median of the r
 * qvlm: ``reference`` (autograd soft weight + regulariser graph, float32, unfused Adam, the formulation before the
   speed-up), ``fused`` (one-pass soft rounding, fused Adam, float32), ``fused-bf16`` (+ bfloat16 matrix products
   under autocast), ``fused-bf16-compiled`` (+ the compiled soft-rounding kernel);
-* aespa: ``reference`` (`learn_rounding_reference`: the eager loop with torch.optim.Adam), ``fused`` (one step
-  function with Adam written in, float32), ``fused-bf16`` (+ bfloat16 ``E @ H``), ``fused-bf16-compiled``.
+* aespa, on real layers of the default model with their input Hessians from the calibration set:
+  ``reference`` (`learn_rounding_reference`: the eager loop with torch.optim.Adam), ``fused`` (one step function
+  with Adam written in, float32), ``fused-bf16`` (+ bfloat16 ``E @ H``), ``fused-bf16-compiled``.
 
-With ``--quality`` it also runs each qvlm variant's full block search on a few blocks (``--quality-iters`` steps per
-unit) and aespa's rounding on a few layers, and prints the final hard-rounding objective of each (float32).
+With ``--quality`` it also runs each qvlm variant's full block search on the timed blocks (``--quality-iters`` steps
+per unit) and aespa's rounding of the timed layers (float32 eager vs bfloat16 compiled, ``--aespa-quality-iters``),
+and prints the final hard-rounding objective of each (float32).
 
     python bench/search_step.py --methods qvlm,aespa --steps 8 --threads 1
     python bench/search_step.py --methods qvlm --quality --quality-iters 200
@@ -96,9 +98,8 @@ def qvlm_steps(adapter, calibration, spec, steps, rounds, quality_iters, quality
         for name, ts in per.items():
             times[(stack, idx, name)] = statistics.median(ts)
         if quality:
-            for name, (fused, dtype, comp) in QVLM_VARIANTS.items():
-                if name == "fused-bf16-compiled":
-                    continue
+            for name in ("fused", "fused-bf16-compiled"):
+                fused, dtype, comp = QVLM_VARIANTS[name]
                 opts = QVLMOptions(iters=quality_iters, search_dtype=dtype, compile=comp)
                 s = BlockSearch(block, [1.0], spec, opts, seed=0, fused=fused)
                 res = s.run(inputs, targets)
@@ -117,36 +118,56 @@ def _aespa_variants(W, obj, qp, fused, reference):
     }
 
 
-def aespa_steps(steps, rounds, quality_iters, quality, shapes, seed=0):
+AESPA_LAYERS = ("model.vision_tower.encoder.layer.5.attention.q_proj", "model.vision_tower.encoder.layer.5.mlp.fc1",
+                "model.vision_tower.encoder.layer.5.mlp.fc2", "model.language_model.layers.15.self_attn.q_proj",
+                "model.language_model.layers.15.mlp.gate_proj", "model.language_model.layers.15.mlp.down_proj")
+
+
+def layer_hessians(adapter, calibration, names):
+    """``2/n X^T X`` of each named linear's inputs over the calibration set (real tokens of the LM only)."""
+    from qvlm_harness.quant.gptq import HessianAccumulator
+
+    mods = dict(adapter.model.named_modules())
+    accs = {n: HessianAccumulator(mods[n].in_features) for n in names}
+    handles = [mods[n].register_forward_pre_hook(lambda m, a, n=n: accs[n].add(a[0].detach().reshape(-1,
+                                                                                                  a[0].shape[-1])))
+               for n in names]
+    try:
+        calibration.run(adapter, batch_size=8)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (mods[n].weight.detach().float(), accs[n].value()) for n in names}
+
+
+def aespa_steps(adapter, calibration, bits, steps, rounds, quality_iters, quality):
     from qvlm_harness.methods.aespa.adaround import (
         Objective,
+        clip_search,
         learn_rounding,
         learn_rounding_reference,
-        qparams_for_ratio,
     )
 
-    g = torch.Generator().manual_seed(seed)
     times = {}
-    for out, inp in shapes:
-        W = torch.randn(out, inp, generator=g) * 0.05
-        X = torch.randn(4 * inp, inp, generator=g) @ (torch.eye(inp) + 0.1 * torch.randn(inp, inp, generator=g))
-        obj = Objective(2 * X.T @ X / X.shape[0]).damped(0.01)
-        qp = qparams_for_ratio(W, 1.0, 3, True, None)
+    for name, (W, H) in layer_hessians(adapter, calibration, AESPA_LAYERS).items():
+        obj = Objective(H).damped(0.01)
+        qp = clip_search(W, obj, bits, True, None, steps=25)
+        label = f"{name.split('.')[-1]} {W.shape[0]}x{W.shape[1]}"
         variants = _aespa_variants(W, obj, qp, learn_rounding, learn_rounding_reference)
         per = {k: [] for k in variants}
         for r in range(rounds + 1):
-            for name, fn in variants.items():
+            for vname, fn in variants.items():
                 t0 = time.perf_counter()
                 fn(steps)
                 if r:
-                    per[name].append((time.perf_counter() - t0) / steps)
-        for name, ts in per.items():
-            times[(f"{out}x{inp}", name)] = statistics.median(ts)
+                    per[vname].append((time.perf_counter() - t0) / steps)
+        for vname, ts in per.items():
+            times[(label, vname)] = statistics.median(ts)
         if quality:
-            for name, fn in variants.items():
-                res = fn(quality_iters)
-                print(f"quality aespa {out}x{inp} {name}: objective OPTQ/nearest {res.loss_init:.5f} learned "
-                      f"{res.loss:.5f}", flush=True)
+            for vname in ("fused", "fused-bf16-compiled"):
+                res = variants[vname](quality_iters)
+                print(f"quality aespa {name} W{bits} {vname}: objective nearest {res.loss_init:.6g} learned "
+                      f"{res.loss:.6g} ({res.loss / res.loss_init:.4f})", flush=True)
     return times
 
 
@@ -159,7 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quality", action="store_true")
-    ap.add_argument("--quality-iters", type=int, default=200)
+    ap.add_argument("--quality-iters", type=int, default=200, help="qvlm steps per unit of the quality runs")
+    ap.add_argument("--aespa-quality-iters", type=int, default=2000, help="aespa iterations of the quality runs")
+    ap.add_argument("--aespa-bits", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
@@ -175,8 +198,8 @@ def main(argv=None) -> int:
                        args.quality, [("vision", 5), ("lm", 15)])
         rows += [(f"qvlm {s}[{i}]", n, v) for (s, i, n), v in t.items()]
     if "aespa" in methods:
-        t = aespa_steps(args.steps * 5, args.rounds, args.quality_iters * 5, args.quality,
-                        [(576, 576), (1536, 576), (576, 1536), (1536, 384), (384, 1536)])
+        t = aespa_steps(adapter, calibration, args.aespa_bits, args.steps * 5, args.rounds, args.aespa_quality_iters,
+                        args.quality)
         rows += [(f"aespa {shape}", n, v) for (shape, n), v in t.items()]
     fp2 = time_fp_pass(adapter, calibration)
     print(f"FP pass again: {fp2:.1f} s (load drift)")

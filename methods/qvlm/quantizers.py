@@ -50,11 +50,19 @@ from qvlm_harness.quant import (
 ZETA, GAMMA = 1.1, -0.1
 
 
-def soft_round_parts(v: Tensor, fz: Tensor, zp: Tensor, scale: Tensor, bounds: Tensor,
-                     reg: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The soft weight ``s * (clamp(fz + h(V), qmin, qmax) - zp)`` (``fz = floor(W/s) + zp``), the factor
-    ``dW~/dV`` (so that the gradient of any loss of W~ is ``g * dfac``), and, when `reg` = (coefficient c, exponent
-    beta) is given, the gradient of ``c * sum(1 - |2h - 1|^beta)`` with respect to V. `bounds` = (qmin, qmax).
+def signed_power(t: Tensor, p: Tensor) -> Tensor:
+    """``|t|^p * sign(t)`` for p > 0, as ``exp(p log|t|)`` (0 at t = 0): the compiled kernels vectorise exp and log,
+    not pow with a tensor exponent (3-4x faster here, relative difference 6e-8)."""
+    a = t.abs()
+    return torch.where(a > 0, torch.exp(p * torch.log(a)), 0.0) * torch.sign(t)
+
+
+def soft_round_parts(v: Tensor, fz: Tensor, zp: Tensor, scale: Tensor, bounds: Tensor, reg: Tensor | None,
+                     out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The soft weight ``s * (clamp(fz + h(V), qmin, qmax) - zp)`` (``fz = floor(W/s) + zp``) in `out_dtype`, the
+    factor ``dW~/dV`` (so that the gradient of any loss of W~ is ``g * dfac``), and, when `reg` = (coefficient c,
+    exponent beta) is given, the gradient of ``c * sum(1 - |2h - 1|^beta)`` with respect to V. `bounds` = (qmin,
+    qmax).
 
     Derivatives follow autograd's conventions for the reference formulation: clamp passes the gradient on its
     closed interval, so ``dh/dV = (zeta - gamma) sigma (1 - sigma)`` where ``0 <= raw <= 1`` and the weight's
@@ -64,13 +72,12 @@ def soft_round_parts(v: Tensor, fz: Tensor, zp: Tensor, scale: Tensor, bounds: T
     h = raw.clamp(0.0, 1.0)
     q = fz + h
     qc = torch.minimum(torch.maximum(q, bounds[0]), bounds[1])
-    w = (qc - zp) * scale
+    w = ((qc - zp) * scale).to(out_dtype)
     dh = torch.where((raw >= 0.0) & (raw <= 1.0), (ZETA - GAMMA) * sig * (1.0 - sig), 0.0)
     dfac = torch.where((q >= bounds[0]) & (q <= bounds[1]), dh * scale, 0.0)
     if reg is None:
         return w, dfac, None
-    t = 2.0 * h - 1.0
-    rgrad = (-2.0 * reg[0] * reg[1]) * t.abs().pow(reg[1] - 1.0) * torch.sign(t) * dh
+    rgrad = (-2.0 * reg[0] * reg[1]) * signed_power(2.0 * h - 1.0, reg[1] - 1.0) * dh
     return w, dfac, rgrad
 
 
@@ -96,17 +103,18 @@ class _SoftRound(torch.autograd.Function):
     """W~(V) with the precomputed backward factor (and the regulariser's gradient folded into V's gradient)."""
 
     @staticmethod
-    def forward(ctx, v, fz, zp, scale, bounds, reg, compiled):  # type: ignore[override]
+    def forward(ctx, v, fz, zp, scale, bounds, reg, compiled, out_dtype):  # type: ignore[override]
         # detached: a Parameter would pin the compiled kernel to its static shape (one recompile per layer shape)
-        w, dfac, rgrad = soft_round_fn(compiled)(v.detach(), fz, zp, scale, bounds, reg)
+        w, dfac, rgrad = soft_round_fn(compiled)(v.detach(), fz, zp, scale, bounds, reg, out_dtype)
         ctx.save_for_backward(dfac, rgrad)
         return w
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         dfac, rgrad = ctx.saved_tensors
+        g = g.float()
         gv = g * dfac if rgrad is None else torch.addcmul(rgrad, g, dfac)
-        return gv, None, None, None, None, None, None
+        return gv, None, None, None, None, None, None, None
 
 
 def init_weight_qparams(w: Tensor, spec: QuantSpec, mse: bool = True, grid: int = 20, min_shrink: float = 0.5,
@@ -199,9 +207,10 @@ class AdaRoundWeight(nn.Module):
         """The reference formulation (plain autograd), kept for the tests and the dependency analysis."""
         return self._dequant(self.h())
 
-    def fused_soft_weight(self, compiled: bool = False) -> Tensor:
-        """The same soft weight with a one-pass backward; adds the gradient of the regulariser set in `reg`."""
-        w = _SoftRound.apply(self.v, self.fz, self.zp, self.scale, self.bounds, self.reg, compiled)
+    def fused_soft_weight(self, compiled: bool = False, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The same soft weight (in `dtype`: bfloat16 spares autocast a cast per step) with a one-pass backward;
+        adds the gradient of the regulariser set in `reg`."""
+        w = _SoftRound.apply(self.v, self.fz, self.zp, self.scale, self.bounds, self.reg, compiled, dtype)
         return w.reshape(self.shape)
 
     def hard_offset(self) -> Tensor:
@@ -330,6 +339,7 @@ class LearnableQLinear(nn.Module):
         self.soft = False  # soft (continuous h) during the search, hard (integer codes) otherwise
         self.fused = False  # soft weight through `fused_soft_weight` (the search sets it) or the reference
         self.compiled = False  # ... and its compiled kernel
+        self.work_dtype: torch.dtype | None = None  # bfloat16 while the search runs under autocast
         self.record: list[Tensor] | None = None  # when a list, valid input rows are appended (act init)
 
     def weight(self) -> Tensor:
@@ -337,7 +347,9 @@ class LearnableQLinear(nn.Module):
             return self.weight_fp
         if not self.soft:
             return self.rounding.hard_weight()
-        return self.rounding.fused_soft_weight(self.compiled) if self.fused else self.rounding.soft_weight()
+        if self.fused:
+            return self.rounding.fused_soft_weight(self.compiled, self.work_dtype or torch.float32)
+        return self.rounding.soft_weight()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.record is not None:
@@ -345,6 +357,8 @@ class LearnableQLinear(nn.Module):
         xq = self.act(x)
         w = self.weight()
         b = self.bias
+        if self.soft and self.work_dtype is not None:  # under the search's autocast, which casts x and b itself
+            return F.linear(xq, w, b)
         return F.linear(xq, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
     def reset(self) -> None:

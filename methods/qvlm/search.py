@@ -300,8 +300,10 @@ class BlockSearch:
 
     def train_mode(self, on: bool, compiled: bool = False) -> None:
         """Soft weights through the fused (or reference) form while on; hard weights and plain state when off."""
+        bf16 = on and self.opts.search_dtype == "bf16"
         for m in self.wrapped.values():
             m.fused, m.compiled = (self.fused, compiled) if on else (False, False)
+            m.work_dtype = torch.bfloat16 if bf16 and self.fused else None
             if m.rounding is not None:
                 m.rounding.reg = None
         _set_soft(self.wrapped, on)
