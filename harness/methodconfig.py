@@ -8,6 +8,10 @@ naming the valid values. A config serialises canonically (`to_dict()`: every fie
 config's `VERSION`), which is what a cell's identity and a checkpoint manifest record: two runs whose configs
 serialise alike computed the same thing.
 
+A config may declare named presets (`PRESETS`, e.g. a paper's budget) selected by its `preset` field: the preset
+fills in every option the user did not give (options given explicitly win), and the config holds, and serialises,
+the resolved values, so a cell's identity is the budget it actually ran with.
+
 Supported field types: `bool` (true/false/1/0/yes/no/on/off), `int`, `float`, `str`, `Literal[...]` (the
 choices), `tuple[str, ...]` (a comma list), and any of them `| None` (`none` / `null` / empty gives None).
 """
@@ -59,6 +63,8 @@ class MethodConfig:
 
     VERSION: ClassVar[int] = 1
     METHOD: ClassVar[str] = ""  # the owning method's name, for error messages (each Config sets it)
+    #: preset name -> option values it fills in when selected through a `preset` field (typed Python values)
+    PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -84,6 +90,9 @@ class MethodConfig:
         hints = _hints(cls)
         values = {name: coerce(f"{method}.{name}", raw, hints[name], fields[name])
                   for name, raw in options.items()}
+        preset = cls.PRESETS.get(values.get("preset")) if "preset" in fields else None
+        if preset:
+            values = {k: v for k, v in preset.items() if k not in values} | values
         return cls(**values)
 
     # -- serialisation ----------------------------------------------------------------------------------------------
@@ -96,7 +105,13 @@ class MethodConfig:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def changed(self) -> dict[str, Any]:
-        """The options that differ from their defaults (what a user set), for short labels."""
+        """The options that differ from their defaults (what a user set), for short labels; under a preset, the
+        preset's name and the options that differ from what it fills in."""
+        preset = getattr(self, "preset", None)
+        if preset in self.PRESETS:
+            base = type(self).from_options({"preset": preset})
+            return {"preset": preset} | {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                         if getattr(self, f.name) != getattr(base, f.name)}
         default = type(self)()
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if getattr(self, f.name) != getattr(default, f.name)}

@@ -14,6 +14,14 @@ Three steps, as in the paper's pipeline and its official code:
    stretch -0.1..1.1) on top of ``floor(W_init / s)``, Adam, and the regulariser ``sum 1 - |2h - 1|^b`` with b
    annealed linearly from 20 to 2 after a 20% warm-up. Gradients are analytic (``dL/dW = 2 G dW H``): one batched
    matmul per iteration.
+
+What an iteration costs, and why it is cheap: the only matrix product is ``G E H``; everything else (soft weight,
+masks, the regulariser's gradient, Adam) is element-wise. The reference loop (`learn_rounding_reference`, the
+formulation the speed-up is checked against) spends about 40 element-wise passes over the weight per iteration
+plus torch.optim.Adam's; `learn_rounding` does one pass (`rounding_step`: gradient, Adam written in, and the next
+iteration's error ``E``), optionally compiled into one kernel, and runs the product in bfloat16 when asked (``E``,
+``H`` and ``G`` rounded to bfloat16, accumulation in float32; V, Adam's state and every reported objective stay
+float32).
 """
 
 from __future__ import annotations
@@ -70,6 +78,10 @@ class Objective:
                           for i in range(ng)], dim=1)  # [heads or 1, ng, g, g]
         out = torch.einsum("hrgi,hgij,hrgj->hrg", Eg, Hb, Eg)
         return out.reshape(E.shape[0], ng)
+
+    def cast(self, dtype: torch.dtype) -> Objective:
+        """The same objective with its matrices in `dtype` (for the bfloat16 products of the rounding search)."""
+        return Objective(self.H.to(dtype), None if self.G is None else self.G.to(dtype), self.heads)
 
     def damped(self, percdamp: float) -> Objective:
         """The objective with ``percdamp * mean(diag H)`` added to H's diagonal, and dead inputs (zero diagonal)
@@ -149,11 +161,12 @@ def dequant(codes: Tensor, qp: QParams) -> Tensor:
     return (codes - z) * s
 
 
-def learn_rounding(W: Tensor, W_init: Tensor, obj: Objective, qp: QParams, *, iters: int = 2000, lr: float = 0.015,
-                   round_weight: float = 1.0, warmup: float = 0.2, b_range: tuple[float, float] = (20.0, 2.0),
-                   keep_best: bool = True) -> RoundingResult:
-    """AdaRound on ``obj(Q - W)`` starting from ``W_init`` (see the module docstring). With `keep_best`, the nearest
-    rounding of `W_init` is returned instead when the learned rounding scores worse on the objective."""
+def learn_rounding_reference(W: Tensor, W_init: Tensor, obj: Objective, qp: QParams, *, iters: int = 2000,
+                             lr: float = 0.015, round_weight: float = 1.0, warmup: float = 0.2,
+                             b_range: tuple[float, float] = (20.0, 2.0), keep_best: bool = True) -> RoundingResult:
+    """AdaRound on ``obj(Q - W)`` starting from ``W_init`` (see the module docstring), the reference formulation
+    (eager, float32, torch.optim.Adam). With `keep_best`, the nearest rounding of `W_init` is returned instead
+    when the learned rounding scores worse on the objective."""
     W = W.float()
     W_init = W_init.float()
     qmin, qmax = qrange(qp.bits, qp.symmetric)
@@ -182,6 +195,98 @@ def learn_rounding(W: Tensor, W_init: Tensor, obj: Objective, qp: QParams, *, it
         v.grad = grad * dh
         opt.step()
     codes = torch.clamp(base + (v.detach() >= 0).float() + z, qmin, qmax)
+    weight = dequant(codes, qp)
+    loss = obj(weight - W)
+    if keep_best and loss > loss_init:
+        return RoundingResult(init_codes.to(torch.int32), dequant(init_codes, qp), loss_init, loss_init)
+    return RoundingResult(codes.to(torch.int32), weight, loss_init, loss)
+
+
+# -- the fused iteration ----------------------------------------------------------------------------------------------
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # torch.optim.Adam's defaults, as the reference uses them
+
+
+def rounding_step(v: Tensor, m: Tensor, s2: Tensor, ghalf: Tensor, base: Tensor, z: Tensor, s: Tensor, W: Tensor,
+                  bounds: Tensor, hyper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One AdaRound iteration after the product ``ghalf = G E H``: the gradient with respect to V (the reference's
+    analytic form), one Adam update as torch.optim.Adam computes it, and the next iteration's error ``E``.
+
+    `hyper` = (lr / bias_correction1, sqrt(bias_correction2), regulariser weight (0 during the warm-up), b).
+    Returns the new (V, Adam first moment, second moment, E)."""
+    sig = torch.sigmoid(v)
+    raw = sig * (ZETA - GAMMA) + GAMMA
+    h = raw.clamp(0.0, 1.0)
+    dh = torch.where((raw > 0.0) & (raw < 1.0), (ZETA - GAMMA) * sig * (1.0 - sig), 0.0)
+    soft = base + h + z
+    inside = (soft >= bounds[0]) & (soft <= bounds[1])
+    t = 2.0 * h - 1.0
+    a = t.abs()  # |t|^(b - 1) as exp((b - 1) log|t|): vectorised when compiled, unlike pow (3-4x faster)
+    reg = hyper[2] * (-2.0 * hyper[3]) * torch.where(a > 0, torch.exp((hyper[3] - 1.0) * torch.log(a)), 0.0) * \
+        torch.sign(t)
+    grad = (torch.where(inside, 2.0 * ghalf * s, 0.0) + reg) * dh
+    m = m + (1.0 - BETA1) * (grad - m)
+    s2 = s2 * BETA2 + (1.0 - BETA2) * grad * grad
+    v = v - hyper[0] * m / (s2.sqrt() / hyper[1] + EPS)
+    h = (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+    e = (torch.minimum(torch.maximum(base + h + z, bounds[0]), bounds[1]) - z) * s - W
+    return v, m, s2, e
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def rounding_step_fn(compiled: bool):
+    """`rounding_step`, eager or compiled once per process (dynamic shapes: every layer shares the kernel; a failed
+    compilation - no C++ compiler - falls back to eager, which computes the same values)."""
+    if not compiled:
+        return rounding_step
+    fn = _COMPILED.get("step")
+    if fn is None:
+        try:
+            fn = torch.compile(rounding_step, dynamic=True)
+        except Exception:  # pragma: no cover - depends on the platform's toolchain
+            fn = rounding_step
+        _COMPILED["step"] = fn
+    return fn
+
+
+def learn_rounding(W: Tensor, W_init: Tensor, obj: Objective, qp: QParams, *, iters: int = 2000, lr: float = 0.015,
+                   round_weight: float = 1.0, warmup: float = 0.2, b_range: tuple[float, float] = (20.0, 2.0),
+                   keep_best: bool = True, dtype: str = "bf16", compiled: bool = False) -> RoundingResult:
+    """`learn_rounding_reference` with one fused pass per iteration (`rounding_step`) and the product ``G E H`` in
+    `dtype` ("fp32" or "bf16"); `compiled` runs the step as one compiled kernel. Same schedule, same Adam, same
+    keep-the-better rule; the objectives it reports are float32."""
+    W = W.float()
+    W_init = W_init.float()
+    qmin, qmax = qrange(qp.bits, qp.symmetric)
+    s = _expand(qp.scale.float(), W.shape[1], qp.group_size).contiguous()
+    z = _expand(qp.zero_point.float(), W.shape[1], qp.group_size).contiguous()
+    base = torch.floor(W_init / s)
+    init_codes = codes_of(W_init, qp)
+    loss_init = obj(dequant(init_codes, qp) - W)
+    if iters <= 0:
+        return RoundingResult(init_codes.to(torch.int32), dequant(init_codes, qp), loss_init, loss_init)
+    mm_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    mm_obj = obj.cast(mm_dtype)
+    bounds = torch.tensor([float(qmin), float(qmax)])
+    v = _rect_sigmoid_inverse((W_init / s - base).clamp(0, 1))
+    m = torch.zeros_like(v)
+    s2 = torch.zeros_like(v)
+    h = _rect_sigmoid(v)[0]
+    e = (torch.clamp(base + h + z, qmin, qmax) - z) * s - W
+    step = rounding_step_fn(compiled)
+    start = int(iters * warmup)
+    b_start, b_end = b_range
+    for it in range(iters):
+        b, rw = b_start, 0.0
+        if it >= start:
+            b = b_end + (b_start - b_end) * max(0.0, 1.0 - (it - start) / max(iters - start, 1))
+            rw = round_weight
+        n = it + 1
+        hyper = torch.tensor([lr / (1 - BETA1 ** n), (1 - BETA2 ** n) ** 0.5, rw, b])
+        ghalf = mm_obj.grad_half(e.to(mm_dtype)).float()
+        v, m, s2, e = step(v, m, s2, ghalf, base, z, s, W, bounds, hyper)
+    codes = torch.clamp(base + (v >= 0).float() + z, qmin, qmax)
     weight = dequant(codes, qp)
     loss = obj(weight - W)
     if keep_best and loss > loss_init:

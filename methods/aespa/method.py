@@ -9,7 +9,8 @@ objectives everywhere, the ablation), `clip_search` / `clip_steps` (100) / `clip
 `act_order`, `learn_rounding`, `round_layers` (all; `qkv` learns the rounding of the q/k/v projections only and
 keeps the OPTQ rounding elsewhere, a CPU-time saver: the MLP weights dominate AdaRound's cost), `num_iters`
 (2000), `lr` (0.015), `round_weight` (1.0), `round_weight_qkv` (1.5), `percdamp` (0.01), `batch_size` (8),
-`group_size`. Activations (a weight-only method originally) get the harness's
+`group_size`, `search_dtype` (bf16: the rounding search's product in bfloat16), `compile` (auto), `preset` (paper:
+the official code's budget, `PAPER`). Activations (a weight-only method originally) get the harness's
 shared activation quantizer when A < 16.
 """
 
@@ -31,10 +32,21 @@ from qvlm_harness.methods.aespa.objectives import AespaOptions, aespa_pass
 from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, weights_reason
 from qvlm_harness.quant.qlinear import QLinear
 
+#: the paper's budget (``preset=paper``): the official code's `python main.py ... --block_v --optq_init --act_order
+#: --learn_rounding` with its defaults (lr 0.015, round_weight 1.0, round_weight_qkv 1.5, num_iters 2000 per layer,
+#: percdamp 0.01), learned rounding on every layer; the clipping search at 100 ratios down to 0.01.
+PAPER = {"attention": True, "clip_search": True, "clip_steps": 100, "clip_min": 0.01, "optq_init": True,
+         "act_order": True, "learn_rounding": True, "round_layers": "all", "num_iters": 2000, "lr": 0.015,
+         "round_weight": 1.0, "round_weight_qkv": 1.5, "percdamp": 0.01}
+
 
 @dataclass(frozen=True)
 class AespaConfig(MethodConfig):
     METHOD = "aespa"
+    PRESETS = {"paper": PAPER}
+    preset: Literal["none", "paper"] = option(
+        "none", "paper: fill in the paper's budget (the official code's settings: 2000 AdaRound steps on every "
+        "layer, lr 0.015, rounding weights 1.0 / 1.5; options given explicitly win)")
     group_size: int | None = option(None, "weights in groups of N input channels (same as a g<N> bits suffix)",
                                     min=1)
     attention: bool = option(True, "aespa's attention-wise objectives for q/k/v (false: layer-wise everywhere, "
@@ -53,6 +65,11 @@ class AespaConfig(MethodConfig):
     round_weight_qkv: float = option(1.5, "rounding-regulariser weight of q/k/v", min=0.0)
     percdamp: float = option(0.01, "Hessian dampening (fraction of the mean diagonal)", min=0.0)
     batch_size: int = option(8, "calibration sequences per forward batch", min=1)
+    search_dtype: Literal["fp32", "bf16"] = option(
+        "bf16", "dtype of the learned rounding's G E H product (V, Adam state and reported objectives stay float32)")
+    compile: Literal["auto", "on", "off"] = option(
+        "auto", "torch.compile the fused rounding step (auto: from 200 iterations per layer, where the one-off "
+        "compilation pays)")
 
     def solver_options(self) -> AespaOptions:
         return AespaOptions(**{f.name: getattr(self, f.name) for f in fields(AespaOptions)})
@@ -120,10 +137,12 @@ class Aespa(Method):
             steps.append(f"OPTQ initialisation{' with act-order' if o.act_order else ''}")
         if o.learn_rounding:
             where = "" if o.round_layers == "all" else " of q/k/v only (OPTQ rounding elsewhere, round_layers=qkv)"
-            steps.append(f"AdaRound{where} on the precomputed objective ({o.num_iters} Adam steps, lr {o.lr}, rounding "
+            steps.append(f"AdaRound{where} on the precomputed objective ({o.num_iters} Adam steps with "
+                         f"{o.search_dtype} products, lr {o.lr}, rounding "
                          f"weight {o.round_weight_qkv} q/k/v and {o.round_weight} elsewhere; the OPTQ rounding is kept "
                          "where it scores better)")
-        return (f"aespa W{spec.w_bits} {'symmetric' if spec.w_symmetric else 'asymmetric'} {g}: {obj}; "
+        preset = f" [preset {self.config.preset}]" if self.config.preset != "none" else ""
+        return (f"aespa{preset} W{spec.w_bits} {'symmetric' if spec.w_symmetric else 'asymmetric'} {g}: {obj}; "
                 f"{', '.join(steps)}; blocks in forward order with inputs from the quantized prefix. Not implemented: "
                 f"Z-FOLD's folded per-input-channel scales (ranges come from the clipping search instead). "
                 f"{activation_text(spec)}; simulated (fake-quant in float)")

@@ -45,6 +45,7 @@ from qvlm_harness.quant.gptq import HessianAccumulator, gptq_quantize
 from qvlm_harness.quant.quantizer import QParams
 
 QKV = ("q_proj", "k_proj", "v_proj")
+COMPILE_MIN_ITERS = 200  # compile = auto: iterations per layer from which compiling the rounding step pays
 
 
 @dataclass
@@ -63,6 +64,11 @@ class AespaOptions:
     round_weight_qkv: float = 1.5
     percdamp: float = 0.01
     batch_size: int = 8
+    search_dtype: str = "bf16"  # dtype of the rounding search's G E H product ("fp32" or "bf16")
+    compile: str = "auto"  # "on" / "off" / "auto": compile the fused rounding step from COMPILE_MIN_ITERS iterations
+
+    def compiles(self) -> bool:
+        return self.compile == "on" or (self.compile == "auto" and self.num_iters >= COMPILE_MIN_ITERS)
 
 
 @dataclass
@@ -121,7 +127,8 @@ def quantize_layer(W: Tensor, obj: Objective, spec: QuantSpec, opts: AespaOption
     else:
         W_init = W
     iters = opts.num_iters if (opts.learn_rounding if learn is None else learn) else 0
-    r = learn_rounding(W, W_init, obj, qp, iters=iters, lr=opts.lr, round_weight=round_weight)
+    r = learn_rounding(W, W_init, obj, qp, iters=iters, lr=opts.lr, round_weight=round_weight,
+                       dtype=opts.search_dtype, compiled=opts.compiles())
     return r.codes, qp, r.loss_init, r.loss
 
 

@@ -86,10 +86,11 @@ class QVLM(Method):
             a = f"A{spec.a_bits} per-tensor static with learned (LSQ) step sizes, MSE-initialised"
         ve = (f"visual-encoder optimisation eta={o.eta} ({o.ve_steps} steps, anchor {o.ve_anchor})"
               if o.visual_optimisation else "no visual-encoder optimisation (eta=0)")
-        return (f"Q-VLM: entropy-guided block partition (p={o.p}, max depth {o.max_depth}, {o.entropy} entropy), "
-                f"block-wise rounding search ({o.iters} steps per unit, entropy-weighted reconstruction + rounding "
-                f"regulariser + KL guidance on the LM's final block), {ve}; {w}, {a}; simulated (fake-quant "
-                f"QLinear with integer codes)")
+        preset = f" [preset {o.preset}]" if o.preset != "none" else ""
+        return (f"Q-VLM{preset}: entropy-guided block partition (p={o.p}, max depth {o.max_depth}, {o.entropy} "
+                f"entropy), block-wise rounding search ({o.iters} steps per unit, {o.search_dtype} matrix products, "
+                f"entropy-weighted reconstruction + rounding regulariser + KL guidance on the LM's final block), {ve}; "
+                f"{w}, {a}; simulated (fake-quant QLinear with integer codes)")
 
     @classmethod
     def report_columns(cls, report: dict) -> dict:
@@ -149,10 +150,13 @@ class Pipeline:
                 with self.stage("entropy_after"):
                     ent_after, entries, cache, fp_logp = self.fp_pass(keep=True)
                 part_after = self.partition(ent_after)
+            prefix_float = True  # nothing before this stack is quantized yet: its FP inputs are its search inputs
             for stack in STACKS:
                 if stack in self.scope and self.units[stack]:
                     with self.stage(f"search_{stack}"):
-                        self.search_stack(stack, part_after[stack], ent_after, entries.get(stack, []), cache, fp_logp)
+                        self.search_stack(stack, part_after[stack], ent_after, entries.get(stack, []), cache, fp_logp,
+                                          reuse_inputs=prefix_float)
+                    prefix_float = False
         seconds = time.perf_counter() - t0
         cost = SearchCost(seconds, total_rss.peak_mb, {k: v["seconds"] for k, v in self.cost.items()})
         report = self.report(ent_before, ent_after, part_before, part_after, ve_report, bool(cache))
@@ -204,9 +208,13 @@ class Pipeline:
     # -- search ------------------------------------------------------------------------------------------------------
     def search_stack(self, stack: str, blocks: list[list[int]], entropies: dict[str, float],
                      fp_entries: list[StackInput], cache: dict[str, dict[int, Tensor]],
-                     fp_logp: dict[int, Tensor]) -> None:
+                     fp_logp: dict[int, Tensor], reuse_inputs: bool = False) -> None:
+        """Search one stack block by block. Its inputs are captured once (one forward of the quantized prefix per
+        batch; with `reuse_inputs` the FP pass's capture is the same thing and is reused) and then propagated
+        block by block through the searched units, so no block ever re-runs the model."""
         units = self.units[stack]
-        q_stream = capture_stack_inputs(self.model, self.batches, [stack], self.units)[stack]
+        q_stream = (list(fp_entries) if reuse_inputs and fp_entries
+                    else capture_stack_inputs(self.model, self.batches, [stack], self.units)[stack])
         if not q_stream:
             raise HarnessError(f"no calibration sample reaches the {stack} part (text-only calibration set?); "
                                f"calibrate on a task with images or leave it out with --quantize")

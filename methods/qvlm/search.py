@@ -12,6 +12,13 @@ LM head give on the block's output at the answer positions (CalibrationSet carri
 sequences are teacher-forced). Padded tokens never count. A block of d units runs ``iters * d`` Adam steps,
 one calibration batch per step in a seeded order. After the search the rounding is made hard; if the hard
 result is worse than round-to-nearest on the evaluation batches, the initial rounding is kept (and reported).
+
+What one step costs, and why it is cheap: the block's inputs (the quantized prefix's outputs) and its FP targets
+are computed once per block before the loop, never per step; the soft weights go through the fused form
+(`LearnableQLinear.fused` / `AdaRoundWeight.fused_soft_weight`: one element-wise pass forward, one multiply-add
+backward, the regulariser's gradient folded in, optionally compiled), Adam runs its fused kernel, and with
+``search_dtype=bf16`` the block's matrix products run in bfloat16 under autocast (weights, V and Adam's state stay
+float32; the before/after losses and the keep-the-start decision are measured in float32 hard mode).
 """
 
 from __future__ import annotations
@@ -110,13 +117,20 @@ def _set_soft(wrapped: dict[str, LearnableQLinear], soft: bool) -> None:
         m.soft = soft
 
 
-def _rel(out: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(sum of squared error, sum of squared target) over valid tokens."""
+def _sq_error(out: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+    """Sum of squared error over valid tokens."""
     diff = (out.float() - target.float()).square().sum(dim=-1)
-    ref = target.float().square().sum(dim=-1)
     if mask is not None and diff.dim() == mask.dim():
-        diff, ref = diff[mask], ref[mask]
-    return diff.sum(), ref.sum()
+        return diff[mask].sum()
+    return diff.sum()
+
+
+def _sq_norm(target: Tensor, mask: Tensor | None) -> Tensor:
+    """Sum of squared target over valid tokens."""
+    ref = target.float().square().sum(dim=-1)
+    if mask is not None and ref.dim() == mask.dim():
+        return ref[mask].sum()
+    return ref.sum()
 
 
 def init_static_activations(units: Sequence[Unit], wrapped: dict[str, LearnableQLinear], inputs: Sequence[StackInput],
@@ -162,8 +176,9 @@ class BlockSearch:
     """Search one block: `run()` optimises, `finalize()` installs the `QLinear`s."""
 
     def __init__(self, units: Sequence[Unit], entropies: Sequence[float], spec: QuantSpec, opts: QVLMOptions,
-                 seed: int, kl: KLGuide | None = None):
+                 seed: int, kl: KLGuide | None = None, *, fused: bool = True):
         self.units = list(units)
+        self.fused = fused  # False: the reference formulation (autograd soft weight + regulariser), for comparisons
         self.spec = spec
         self.opts = opts
         self.seed = seed
@@ -171,14 +186,22 @@ class BlockSearch:
         h = torch.tensor([max(float(e), 0.0) for e in entropies], dtype=torch.float64)
         self.weights = (h / h.sum() if float(h.sum()) > 0 else torch.full_like(h, 1.0 / len(h))).tolist()
         self.wrapped: dict[str, LearnableQLinear] = {}
+        self._norms: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (batch, unit) -> (target, its squared norm)
+
+    def _target_norm(self, si: StackInput, i: int, y: Tensor) -> Tensor:
+        """The squared norm of a target over valid tokens: a constant of the block, computed once, not per step."""
+        hit = self._norms.get((si.batch, i))
+        if hit is None or hit[0] is not y:
+            hit = self._norms[(si.batch, i)] = (y, _sq_norm(y, si.mask))
+        return hit[1]
 
     # -- loss ------------------------------------------------------------------------------------------------------
     def _forward(self, si: StackInput, targets: Sequence[Tensor]) -> tuple[list[tuple[Tensor, Tensor]], Tensor | None]:
         parts = []
         h = si.hidden
-        for u, y in zip(self.units, targets, strict=True):
+        for i, (u, y) in enumerate(zip(self.units, targets, strict=True)):
             h = run_unit(u, h, si)
-            parts.append(_rel(h, y, si.mask))
+            parts.append((_sq_error(h, y, si.mask), self._target_norm(si, i, y)))
         kl = self.kl.kl(h, si.batch) if self.kl is not None else None
         return parts, kl
 
@@ -248,35 +271,62 @@ class BlockSearch:
             groups.append({"params": v_params, "lr": opts.lr_round})
         if s_params:
             groups.append({"params": s_params, "lr": opts.lr_act})
-        opt = torch.optim.Adam(groups)
+        opt = torch.optim.Adam(groups, fused=self.fused)
         rng = random.Random(f"qvlm-block-{self.seed}-{self.units[0].name}")
         order: list[int] = []
         rounding = [m.rounding for m in self.wrapped.values() if m.rounding is not None]
-        n_vars = sum(r.v.numel() for r in rounding)
+        static = [m.act for m in self.wrapped.values() if m.act.learnable]
         warm = int(opts.warmup * n_steps)
-        _set_soft(self.wrapped, True)
-        with torch.enable_grad():
-            for t in range(n_steps):
-                if not order:
-                    order = list(range(len(inputs)))
-                    rng.shuffle(order)
-                si = inputs[order.pop()]
-                parts, kl = self._forward(si, targets[si.batch])
-                loss = sum(w * (a / b.clamp(min=1e-12)) for w, (a, b) in zip(self.weights, parts, strict=True))
-                if kl is not None:
-                    loss = loss + opts.kl_weight * kl
-                if t >= warm and rounding and opts.round_weight > 0:
-                    rel_t = (t - warm) / max(1, n_steps - warm)
-                    beta = opts.beta_end + (opts.beta_start - opts.beta_end) * max(0.0, 1.0 - rel_t)
-                    reg = sum(r.regulariser(beta) * r.v.numel() for r in rounding) / n_vars
-                    loss = loss + opts.round_weight * reg
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                for m in self.wrapped.values():
-                    if m.act.learnable:
-                        m.act.clamp_()
-        _set_soft(self.wrapped, False)
+        self.train_mode(True, compiled=opts.compiles(n_steps // max(1, len(self.units))))
+        try:
+            with torch.enable_grad():
+                for t in range(n_steps):
+                    if not order:
+                        order = list(range(len(inputs)))
+                        rng.shuffle(order)
+                    si = inputs[order.pop()]
+                    beta = None
+                    if t >= warm and rounding and opts.round_weight > 0:
+                        rel_t = (t - warm) / max(1, n_steps - warm)
+                        beta = opts.beta_end + (opts.beta_start - opts.beta_end) * max(0.0, 1.0 - rel_t)
+                    loss = self.step_loss(si, targets[si.batch], beta)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    for a in static:
+                        a.clamp_()
+        finally:
+            self.train_mode(False)
+
+    def train_mode(self, on: bool, compiled: bool = False) -> None:
+        """Soft weights through the fused (or reference) form while on; hard weights and plain state when off."""
+        bf16 = on and self.opts.search_dtype == "bf16"
+        for m in self.wrapped.values():
+            m.fused, m.compiled = (self.fused, compiled) if on else (False, False)
+            m.work_dtype = torch.bfloat16 if bf16 and self.fused else None
+            if m.rounding is not None:
+                m.rounding.reg = None
+        _set_soft(self.wrapped, on)
+
+    def step_loss(self, si: StackInput, targets: Sequence[Tensor], beta: float | None) -> Tensor:
+        """The quantity one search step differentiates: entropy-weighted reconstruction + KL guidance, and, with
+        `beta`, the rounding regulariser - added to the loss in the reference formulation, set on the fused soft
+        weights (which add its gradient in their backward pass, its value being unused) otherwise."""
+        opts = self.opts
+        rounding = [m.rounding for m in self.wrapped.values() if m.rounding is not None]
+        n_vars = sum(r.v.numel() for r in rounding)
+        if self.fused:
+            reg = None if beta is None else torch.tensor([opts.round_weight / n_vars, beta])
+            for r in rounding:
+                r.reg = reg
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.search_dtype == "bf16"):
+            parts, kl = self._forward(si, targets)
+        loss = sum(w * (a / b.clamp(min=1e-12)) for w, (a, b) in zip(self.weights, parts, strict=True))
+        if kl is not None:
+            loss = loss + opts.kl_weight * kl
+        if beta is not None and not self.fused:
+            loss = loss + opts.round_weight * sum(r.regulariser(beta) * r.v.numel() for r in rounding) / n_vars
+        return loss
 
     def finalize(self) -> list[str]:
         names = finalize_units(self.units, self.wrapped)
