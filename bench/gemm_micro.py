@@ -17,18 +17,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import statistics  # noqa: E402
+import statistics
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from qvlm_harness.config import QuantSpec  # noqa: E402
-from qvlm_harness.kernels import cpu as cpu_kernels  # noqa: E402
-from qvlm_harness.kernels.convert import pack_qlinear  # noqa: E402
-from qvlm_harness.kernels.linear import IntLinear  # noqa: E402
-from qvlm_harness.kernels.timing import round_samples  # noqa: E402
-from qvlm_harness.quant import QLinear  # noqa: E402
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.kernels import cpu as cpu_kernels
+from qvlm_harness.kernels.convert import pack_qlinear
+from qvlm_harness.kernels.linear import IntLinear
+from qvlm_harness.kernels.timing import round_samples
+from qvlm_harness.quant import QLinear
 
 DEFAULT_SHAPES = "576x576,576x1536,1536x576,384x384,384x1536,1536x384"
 

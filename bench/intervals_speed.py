@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qvlm_harness import plugins  # noqa: E402
-from qvlm_harness.metrics.intervals import cell_intervals  # noqa: E402
+from qvlm_harness import plugins
+from qvlm_harness.metrics.intervals import cell_intervals
 
 SUBJECTS = ("natural science", "social science", "language science")
 

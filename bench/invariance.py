@@ -27,14 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from qvlm_harness import plugins  # noqa: E402
-from qvlm_harness.calibration import CalibrationSet  # noqa: E402
-from qvlm_harness.config import ALL_SCOPES, QuantSpec  # noqa: E402
-from qvlm_harness.models.invariance import invariance_key  # noqa: E402
-from qvlm_harness.models.llava import LlavaAdapter, set_threads  # noqa: E402
-from qvlm_harness.task import Request, Response, Sample, Task  # noqa: E402
+from qvlm_harness import plugins
+from qvlm_harness.calibration import CalibrationSet
+from qvlm_harness.config import ALL_SCOPES, QuantSpec
+from qvlm_harness.models.invariance import invariance_key
+from qvlm_harness.models.llava import LlavaAdapter, set_threads
+from qvlm_harness.task import Request, Response, Sample, Task
 
 
 @dataclass

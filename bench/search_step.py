@@ -28,23 +28,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from qvlm_harness.calibration import CalibrationSet  # noqa: E402
-from qvlm_harness.config import QuantSpec  # noqa: E402
-from qvlm_harness.methods.qvlm.options import QVLMOptions  # noqa: E402
-from qvlm_harness.methods.qvlm.search import BlockSearch, restore_units  # noqa: E402
-from qvlm_harness.methods.qvlm.units import (  # noqa: E402
+from qvlm_harness.calibration import CalibrationSet
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.methods.qvlm.options import QVLMOptions
+from qvlm_harness.methods.qvlm.search import BlockSearch, restore_units
+from qvlm_harness.methods.qvlm.units import (
     build_batches,
     capture_stack_inputs,
     find_units,
     run_unit,
     set_submodule,
 )
-from qvlm_harness.models.default import default_model_path  # noqa: E402
-from qvlm_harness.models.llava import LlavaAdapter  # noqa: E402
-from qvlm_harness.quantize import time_fp_pass  # noqa: E402
-from qvlm_harness.tasks.sqa import ScienceQA  # noqa: E402
+from qvlm_harness.models.default import default_model_path
+from qvlm_harness.models.llava import LlavaAdapter
+from qvlm_harness.quantize import time_fp_pass
+from qvlm_harness.tasks.sqa import ScienceQA
 
 QVLM_VARIANTS = {  # name -> (fused, search_dtype, compile)
     "reference": (False, "fp32", "off"),

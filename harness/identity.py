@@ -125,7 +125,7 @@ def model_fingerprint(path_or_id: str) -> str:
 
         snapshot = snapshot_download(str(path_or_id), local_files_only=True)
         return folder_fingerprint(Path(snapshot))
-    except Exception:  # noqa: BLE001 - not cached locally, or no hub client: identify by name
+    except Exception:
         return f"hub:{path_or_id}"
 
 

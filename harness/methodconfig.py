@@ -150,50 +150,62 @@ def coerce(label: str, raw: Any, hint: Any, f: dataclasses.Field | None = None) 
 
 
 def _coerce_plain(raw: Any, kind: Any) -> Any:
+    """`raw` (from a flag, a YAML file or Python) as a value of `kind`; ValueError when it is not one."""
     origin = get_origin(kind)
     if origin is Literal:
-        base = type(get_args(kind)[0])
-        return _coerce_plain(raw, base)
+        return _coerce_plain(raw, type(get_args(kind)[0]))
     if origin is tuple:
         items = [s.strip() for s in raw.split(",")] if isinstance(raw, str) else list(raw)
         return tuple(str(x) for x in items if str(x))
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, int) and raw in (0, 1):
-            return bool(raw)
-        if isinstance(raw, str) and raw.strip().lower() in TRUE_WORDS + FALSE_WORDS:
-            return raw.strip().lower() in TRUE_WORDS
+    coerce = _COERCERS.get(kind)
+    if coerce is None:
+        raise TypeError(f"unsupported option type {kind!r}")
+    return coerce(raw)
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return raw.strip().lower() in TRUE_WORDS
+    raise ValueError(raw)
+
+
+def _to_int(raw: Any) -> int:
+    """Whole numbers only: 3, "3", 3.0 and "3.0" are 3; True, 2.5 and "2.5" are refused."""
+    if isinstance(raw, bool):
         raise ValueError(raw)
-    if kind is int:
-        if isinstance(raw, bool):
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            return int(text)
+        except ValueError:
+            raw = float(text)
+    if isinstance(raw, float):
+        if not raw.is_integer():
             raise ValueError(raw)
-        if isinstance(raw, float):
-            if not raw.is_integer():
-                raise ValueError(raw)
-            return int(raw)
-        if isinstance(raw, str):
-            text = raw.strip()
-            try:
-                return int(text)
-            except ValueError:
-                as_float = float(text)
-                if not as_float.is_integer():
-                    raise
-                return int(as_float)
         return int(raw)
-    if kind is float:
-        if isinstance(raw, bool):
-            raise ValueError(raw)
-        value = float(raw.strip()) if isinstance(raw, str) else float(raw)
-        if not math.isfinite(value):
-            raise ValueError(raw)
-        return value
-    if kind is str:
-        if not isinstance(raw, str | int | float) or isinstance(raw, bool):
-            raise ValueError(raw)
-        return str(raw).strip()
-    raise TypeError(f"unsupported option type {kind!r}")
+    return int(raw)
+
+
+def _to_float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    value = float(raw.strip()) if isinstance(raw, str) else float(raw)
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def _to_str(raw: Any) -> str:
+    if not isinstance(raw, str | int | float) or isinstance(raw, bool):
+        raise ValueError(raw)
+    return str(raw).strip()
+
+
+_COERCERS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _check_bounds(label: str, f: dataclasses.Field, value: Any) -> None:

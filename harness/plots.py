@@ -17,13 +17,13 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from qvlm_harness.config import QuantSpec  # noqa: E402
-from qvlm_harness.report import and_join, task_labels, task_meta, task_metas, task_shots_order  # noqa: E402
-from qvlm_harness.store import ResultRow  # noqa: E402
-from qvlm_harness.task import SHOTS_FIGURE  # noqa: E402
+from qvlm_harness.config import QuantSpec
+from qvlm_harness.report import and_join, task_labels, task_meta, task_metas, task_shots_order
+from qvlm_harness.store import ResultRow
+from qvlm_harness.task import SHOTS_FIGURE
 
 MARKERS = "osD^vP*Xh<>"
 PANEL = (4.2, 3.3)

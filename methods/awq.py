@@ -264,7 +264,7 @@ class AWQ(Method):
                 ls = lspec(lins[0])
                 x = feats[fqns[0]]
                 x_mean = x.abs().mean(0)
-                quant = lambda w, ls=ls: fake_quantize_weight(w, ls.w_bits, ls.w_symmetric, ls.w_group_size)  # noqa: E731
+                quant = lambda w, ls=ls: fake_quantize_weight(w, ls.w_bits, ls.w_symmetric, ls.w_group_size)
                 if g.inspect in in_scope:  # the inspected module is the linear itself: its Gram matrix suffices
                     ratio, s, _ = search_scale_linear(ctx.module(g.inspect), x_mean, x.T @ x, x.shape[0], quant,
                                                       n_grid=n_grid, duo=duo, group=ls.w_group_size)

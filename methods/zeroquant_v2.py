@@ -84,7 +84,7 @@ class ZeroQuantV2(Method):
             residual[fqn] = float((E - m.lowrank_weight()).norm() / E.norm().clamp(min=1e-12))
             return m
 
-        lspec = lambda f, lin: layer_spec(spec, lin.in_features, group)  # noqa: E731
+        lspec = lambda f, lin: layer_spec(spec, lin.in_features, group)
         if weights == "gptq":
             calibration = require_calibration(self, spec, calibration)
             with stage("gptq+lorc"):

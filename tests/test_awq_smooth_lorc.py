@@ -57,8 +57,8 @@ def test_awq_search_picks_the_brute_force_alpha_and_beats_rtn():
     blk = ToyBlock()
     x = blk.input_layernorm(outlier_inputs()).detach()
     lins = [blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj]
-    quant = lambda w: fake_quantize_weight(w, 3, False, 32)  # noqa: E731
-    run = lambda: torch.cat([m(x) for m in lins], dim=1)  # noqa: E731
+    quant = lambda w: fake_quantize_weight(w, 3, False, 32)
+    run = lambda: torch.cat([m(x) for m in lins], dim=1)
     x_mean = x.abs().mean(0)
     best, s, losses = search_scale(lins, x_mean, run, quant)
     # brute force: recompute every alpha's loss independently
@@ -89,7 +89,7 @@ def test_awq_gram_loss_of_a_lone_linear_equals_running_it():
     x = blk.input_layernorm(outlier_inputs()).detach()
     lin = blk.self_attn.q_proj
     before = lin.weight.detach().clone()
-    quant = lambda w: fake_quantize_weight(w, 3, False, 32)  # noqa: E731
+    quant = lambda w: fake_quantize_weight(w, 3, False, 32)
     x_mean = x.abs().mean(0)
     best, s, losses = search_scale([lin], x_mean, lambda: lin(x), quant)
     best_g, s_g, losses_g = search_scale_linear(lin, x_mean, x.T @ x, x.shape[0], quant)

@@ -213,7 +213,7 @@ def test_paired_interval_agrees_with_regression_compare():
         r["correct"] = r["pred"] == int(y)
     ea, eb = entries(recs_a), entries(recs_b)
     got = paired_intervals(HatefulMemes(), ea, eb, 1, n_boot=300, seed=1)
-    cell = lambda e: CellScores("m", "w4a4", "hm", 0, {"auroc": 0.0, "acc": 0.0}, list(e))  # noqa: E731
+    cell = lambda e: CellScores("m", "w4a4", "hm", 0, {"auroc": 0.0, "acc": 0.0}, list(e))
     comp = compare([cell(ea)], [cell(eb)], n_resamples=300, seed=1)
     for check in comp.checks:
         ci = got[check.metric]

@@ -13,13 +13,13 @@ import torch
 pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `lmeval` (tox installs it): "
                     "pip install -c constraints.txt -e '.[lmeval]'")
 
-from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.instance import Instance
 
-from qvlm_harness.errors import HarnessError  # noqa: E402
-from qvlm_harness.images import load_image  # noqa: E402
-from qvlm_harness.lmeval.model import QVLMHarnessLM, build_quantized  # noqa: E402
-from qvlm_harness.task import Request  # noqa: E402
-from qvlm_harness.tasks.sqa import ScienceQA  # noqa: E402
+from qvlm_harness.errors import HarnessError
+from qvlm_harness.images import load_image
+from qvlm_harness.lmeval.model import QVLMHarnessLM, build_quantized
+from qvlm_harness.task import Request
+from qvlm_harness.tasks.sqa import ScienceQA
 
 DATA = Path(__file__).parent / "data" / "lmeval"
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,13 +16,13 @@ import pytest
 pytest.importorskip("lm_eval", reason="lm-eval is the optional extra `lmeval` (tox installs it): "
                     "pip install -c constraints.txt -e '.[lmeval]'")
 
-from qvlm_harness.calibration import CalibrationSet  # noqa: E402
-from qvlm_harness.config import QuantSpec, RunSpec  # noqa: E402
-from qvlm_harness.errors import HarnessError, UnknownNameError  # noqa: E402
-from qvlm_harness.report import main_table  # noqa: E402
-from qvlm_harness.runner import Runner  # noqa: E402
-from qvlm_harness.task import Request  # noqa: E402
-from qvlm_harness.tasks.lmeval import LMEvalTask  # noqa: E402
+from qvlm_harness.calibration import CalibrationSet
+from qvlm_harness.config import QuantSpec, RunSpec
+from qvlm_harness.errors import HarnessError, UnknownNameError
+from qvlm_harness.report import main_table
+from qvlm_harness.runner import Runner
+from qvlm_harness.task import Request
+from qvlm_harness.tasks.lmeval import LMEvalTask
 
 DATA = Path(__file__).parent / "data" / "lmeval"
 ROOT = Path(__file__).resolve().parents[1]

@@ -128,7 +128,7 @@ def execute(args: argparse.Namespace) -> int:
     cfg = bench_config(args)
     check_model_source(cfg.model)
     check_output_folder(args.output, "--output")  # written after every variant was timed
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    log = lambda m: print(m, file=sys.stderr)
     folder = args.output / time.strftime("%Y%m%d-%H%M%S")
     if args.throughput:
         from qvlm_harness.throughput import ThroughputConfig, run_throughput

@@ -204,7 +204,7 @@ def bnb_available() -> bool:
     """True when bitsandbytes imports (its CPU kernels work on this machine)."""
     try:
         import bitsandbytes  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
+    except Exception:  # any import failure means "not available"
         return False
     return True
 

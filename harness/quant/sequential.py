@@ -252,6 +252,26 @@ class BlockContext:
             return [[f] for f in self.linears]
         return [[f"{self.name}.{r}" for r in g] for g in self._discover().groups]
 
+    def _waiting_forward(self, i: int, fqn: str, module: nn.Module, previous, solved: list[bool],
+                         see: Callable[[int, Tensor, Batch], None]):
+        """The forward `run_grouped` installs on group `i`'s first member: a batch of the run shows it its input
+        and pauses until the group is solved, then goes on through whatever module is now at `fqn`."""
+        def forward(*args, **kwargs):
+            p = current()
+            if p is not None and solved[i]:
+                raise HarnessError(f"{self.name} called {fqn} out of the order of its first batch; the grouped "
+                                   "run needs the same call order on every batch")
+            if p is not None:  # a batch of this run (a call from `solve` itself passes straight through)
+                see(i, _input_of(args, kwargs), p.tag)
+                p.pause(i)
+            now = self.model.get_submodule(fqn)
+            if now is module:  # solved in place: run the module's own forward
+                own = previous or types.MethodType(type(module).forward, module)
+                return own(*args, **kwargs)
+            return now(*args, **kwargs)
+
+        return forward
+
     def run_grouped(self, groups: Sequence[Sequence[str]], see: Callable[[int, Tensor, Batch], None],
                     solve: Callable[[int], None]) -> list[Tensor]:
         """Quantize the block group by group, each group seeing the inputs of the already-solved groups before it,
@@ -270,28 +290,11 @@ class BlockContext:
         solved = [False] * len(groups)
         patched: list[tuple[nn.Module, object]] = []
 
-        def waiting_forward(i: int, fqn: str, module: nn.Module, previous):
-            def forward(*args, **kwargs):
-                p = current()
-                if p is not None and solved[i]:
-                    raise HarnessError(f"{self.name} called {fqn} out of the order of its first batch; the grouped "
-                                       "run needs the same call order on every batch")
-                if p is not None:  # a batch of this run (a call from `solve` itself passes straight through)
-                    see(i, _input_of(args, kwargs), p.tag)
-                    p.pause(i)
-                now = self.model.get_submodule(fqn)
-                if now is module:  # solved in place: run the module's own forward
-                    own = previous or types.MethodType(type(module).forward, module)
-                    return own(*args, **kwargs)
-                return now(*args, **kwargs)
-
-            return forward
-
         for i, g in enumerate(groups):
             m = self.module(g[0])
             previous = m.__dict__.get("forward")
             patched.append((m, previous))
-            m.forward = waiting_forward(i, g[0], m, previous)
+            m.forward = self._waiting_forward(i, g[0], m, previous, solved, see)
         runs = [Pausable(lambda _p, b=b: first_output(self.block(*b.args, **b.kwargs)), tag=b) for b in self.batches]
         try:
             for r in runs:
