@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from qvlm_harness import plugins
-from qvlm_harness.calibration import CalibrationSet
-from qvlm_harness.config import ALL_SCOPES, QuantSpec
+from qvlm_harness.commands.common import method_options
+from qvlm_harness.config import QuantSpec
 from qvlm_harness.models.invariance import invariance_key
 from qvlm_harness.models.llava import LlavaAdapter, set_threads
+from qvlm_harness.quantize import calibration_for, quantize
 from qvlm_harness.task import Request, Response, Sample, Task
 
 
@@ -109,35 +110,30 @@ def compare(reference: list[tuple[Response, dict]], other: list[tuple[Response, 
 
 
 def quantized_model(model_path: str, method_name: str, spec: QuantSpec, execution: str, calib: Task,
-                    calib_samples: int, seed: int) -> LlavaAdapter:
+                    calib_samples: int, seed: int, options: dict | None = None) -> LlavaAdapter:
+    """A fresh model quantized through the harness's one entry point (`qvlm_harness.quantize.quantize`)."""
     adapter = LlavaAdapter.load(model_path)
-    method = plugins.methods.get(method_name)()
-    calibration = (CalibrationSet.from_task(calib, calib_samples, seed)
-                   if method.needs_calibration(spec) else None)
-    torch.manual_seed(seed)
-    quantized = method.quantize(adapter, calibration, spec, ALL_SCOPES)
-    if execution == "packed" and not spec.is_float:
-        from qvlm_harness.kernels.convert import convert_to_packed
-
-        convert_to_packed(quantized.adapter.model)
-    return quantized.adapter
+    method = plugins.methods.get(method_name)(**(options or {}))
+    calibration = calibration_for(method, spec, calib, calib_samples, seed)
+    quantize(adapter, method, spec, calibration, seed=seed, execution=execution, measure_fp_pass=False)
+    return adapter
 
 
 def measure(model_path: str, methods: list[str], bits: list[QuantSpec], executions: list[str], runs: list[TaskRun],
             batch_sizes: list[int], threads: list[int], *, seed: int = 0, calib_samples: int = 16,
-            log=print) -> list[Outcome]:
+            options: dict | None = None, log=print) -> list[Outcome]:
     """All configurations; the first (batch size, threads) pair is each model's reference."""
     before = torch.get_num_threads()
     n = sum(len(r.requests) for r in runs)
     outcomes: list[Outcome] = []
     try:
         for method_name in methods:
-            method = plugins.methods.get(method_name)()
-            specs = [QuantSpec()] if method.fixed_precision else bits
+            method = plugins.methods.get(method_name)(**(options or {}).get(method_name, {}))
+            specs = [QuantSpec()] if method.fixed_precision else [b for b in bits if method.supports(b) is None]
             for spec in specs:
                 for execution in (["simulated"] if spec.is_float else executions):
                     adapter = quantized_model(model_path, method_name, spec, execution, runs[0].task,
-                                              calib_samples, seed)
+                                              calib_samples, seed, (options or {}).get(method_name))
                     dtype = str(adapter.dtype).replace("torch.", "")
                     set_threads(threads[0])  # warm-up (kernel builds, first-call allocations) outside the timings
                     answer_all(adapter, [TaskRun(r.task, r.samples[:2], r.requests[:2]) for r in runs], 2)
@@ -187,6 +183,8 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--csv", type=Path, default=None)
+    ap.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="as `harness run` (repeatable), e.g. aespa.num_iters=50")
     args = ap.parse_args(argv)
 
     target = plugins.models.get(args.model) if args.model in plugins.models else args.model
@@ -198,7 +196,7 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     outcomes = measure(model_path, parse_list(args.methods), QuantSpec.parse_list(args.bits),
                        parse_list(args.execution), runs, parse_list(args.batch_sizes, int),
                        parse_list(args.threads, int), seed=args.seed, calib_samples=args.calib_samples,
-                       log=lambda line: print(line, flush=True))
+                       options=method_options(args.method_option), log=lambda line: print(line, flush=True))
     print(f"load average after: {os.getloadavg()[0]:.2f}", flush=True)
     if args.csv is not None:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
