@@ -106,6 +106,18 @@ def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, 
                    time.perf_counter() - t0)
 
 
+def build_variants(base, pairs: Sequence[tuple[str, QuantSpec]], cfg: BenchConfig, log) -> list[Variant]:
+    """Every (method, spec) of `pairs` built from copies of `base`, each logged with its packing summary."""
+    variants: list[Variant] = []
+    for method, spec in pairs:
+        log(f"  building {method} {'fp' if spec.is_float else spec.tag}")
+        v = build_variant(base, method, spec, cfg)
+        if v.packing:
+            log(f"    {v.packing['summary']}")
+        variants.append(v)
+    return variants
+
+
 def linear_weight_bytes(model: nn.Module, names: Sequence[str]) -> int:
     """Bytes the (quantizable) linear layers at `names` hold now, bias excluded, whatever module sits there."""
     total = 0
@@ -335,13 +347,7 @@ def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], N
     lin_names = base.linear_names(cfg.scope)
     fp16_bytes = sum(t.numel() * 2 for t in list(base.model.parameters()) + list(base.model.buffers()))
     fp16_linear = sum(base.model.get_submodule(n).weight.numel() * 2 for n in lin_names)
-    variants: list[Variant] = []
-    for method, spec in pairs:
-        log(f"  building {method} {'fp' if spec.is_float else spec.tag}")
-        v = build_variant(base, method, spec, cfg)
-        if v.packing:
-            log(f"    {v.packing['summary']}")
-        variants.append(v)
+    variants = build_variants(base, pairs, cfg, log)
     del base
     gc.collect()
     if cfg.backend in ("auto", "cpp") and any(v.execution == "real" for v in variants):

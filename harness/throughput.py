@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from qvlm_harness import plugins
-from qvlm_harness.bench import BASELINE, BenchConfig, Variant, build_variant, variant_specs
+from qvlm_harness.bench import BASELINE, BenchConfig, Variant, build_variants, variant_specs
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.flops import PARTS, FlopCount, ModelShapes, SampleTokens, generated_distributions, sample_flops
 from qvlm_harness.gemm_rate import GemmShape, mix_rate, time_gemms
@@ -349,13 +349,7 @@ def run_throughput(cfg: BenchConfig, tcfg: ThroughputConfig, *, profile: bool = 
     workload = Workload(task, samples, scoring, cfg.new_tokens)
     workload.tokens = count_tokens(base, workload, shapes)
     image_size = next((t.image_sizes[0] for t in workload.tokens if t.image_sizes), None)
-    variants: list[Variant] = []
-    for method, spec in pairs:
-        log(f"  building {method} {'fp' if spec.is_float else spec.tag}")
-        v = build_variant(base, method, spec, cfg)
-        if v.packing:
-            log(f"    {v.packing['summary']}")
-        variants.append(v)
+    variants = build_variants(base, pairs, cfg, log)
     del base
     cells = []
     for bs in cfg.batch_sizes:

@@ -34,10 +34,15 @@ from torch import Tensor, nn
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
 from qvlm_harness.cost import stage
 from qvlm_harness.errors import HarnessError
-from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_calibration
+from qvlm_harness.method import MethodConfig, QuantizedModel, require_calibration
 from qvlm_harness.methodconfig import option, resolve_group_size
 from qvlm_harness.quant.apply import quantize_linears, set_submodule
-from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, weights_reason
+from qvlm_harness.quant.methodkit import (
+    CalibratedWeightMethod,
+    activation_text,
+    calibrate_activations,
+    layer_spec,
+)
 from qvlm_harness.quant.qlinear import QLinear
 from qvlm_harness.quant.quantizer import compute_qparams, fake_quantize_weight, qrange
 from qvlm_harness.quant.sequential import BlockContext, first_output, run_sequential, valid_rows
@@ -212,18 +217,12 @@ class AWQConfig(MethodConfig):
             raise HarnessError(f"option awq.search takes a comma list of {', '.join(ALL_SCOPES)}, got {bad}")
 
 
-class AWQ(Method):
+class AWQ(CalibratedWeightMethod):
     name = "awq"
     needs_structure = True
     Config = AWQConfig
     produces = (QLinear,)
     packs = True
-
-    def supports(self, spec: QuantSpec) -> str | None:
-        return weights_reason(self.name, spec)
-
-    def needs_calibration(self, spec: QuantSpec) -> bool:
-        return True
 
     def _group(self, spec: QuantSpec) -> int | None:
         return resolve_group_size(self.name, spec.w_group_size, self.config.group_size, DEFAULT_GROUP)

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
 from qvlm_harness.cost import stage
-from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_calibration
+from qvlm_harness.method import MethodConfig, QuantizedModel, require_calibration
 from qvlm_harness.methodconfig import option, resolve_group_size
 from qvlm_harness.quant.gptq import gptq_pass
-from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, weights_reason
+from qvlm_harness.quant.methodkit import (
+    CalibratedWeightMethod,
+    activation_text,
+    calibrate_activations,
+    layer_spec,
+)
 from qvlm_harness.quant.qlinear import QLinear
 
 
@@ -32,18 +37,12 @@ class GPTQConfig(MethodConfig):
     batch_size: int = option(8, "calibration sequences per forward batch", min=1)
 
 
-class GPTQ(Method):
+class GPTQ(CalibratedWeightMethod):
     name = "gptq"
     needs_structure = True
     Config = GPTQConfig
     produces = (QLinear,)
     packs = True
-
-    def supports(self, spec: QuantSpec) -> str | None:
-        return weights_reason(self.name, spec)
-
-    def needs_calibration(self, spec: QuantSpec) -> bool:
-        return True
 
     def group(self, spec: QuantSpec) -> int | None:
         return resolve_group_size(self.name, spec.w_group_size, self.config.group_size)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from qvlm_harness.config import FLOAT_BITS, QuantSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.method import Method
 from qvlm_harness.quant.apply import act_quant_modules, calibrate_static_activations
 
 
@@ -15,6 +16,16 @@ def weights_reason(method: str, spec: QuantSpec) -> str | None:
     if spec.quantizes_weights:
         return None
     return f"{method} quantizes weights; give weight bits below 16 (e.g. w4a16, w8a8)"
+
+
+class CalibratedWeightMethod(Method):
+    """The shared half of GPTQ, AWQ and aespa's contract: any spec that quantizes weights, always calibrated."""
+
+    def supports(self, spec: QuantSpec) -> str | None:
+        return weights_reason(self.name, spec)
+
+    def needs_calibration(self, spec: QuantSpec) -> bool:
+        return True
 
 
 def effective_group(in_features: int, group_size: int | None) -> int | None:

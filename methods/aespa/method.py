@@ -26,10 +26,15 @@ import torch
 
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
 from qvlm_harness.cost import stage
-from qvlm_harness.method import Method, MethodConfig, QuantizedModel, require_calibration
+from qvlm_harness.method import MethodConfig, QuantizedModel, require_calibration
 from qvlm_harness.methodconfig import option, resolve_group_size
 from qvlm_harness.methods.aespa.objectives import AespaOptions, aespa_pass
-from qvlm_harness.quant.methodkit import activation_text, calibrate_activations, layer_spec, weights_reason
+from qvlm_harness.quant.methodkit import (
+    CalibratedWeightMethod,
+    activation_text,
+    calibrate_activations,
+    layer_spec,
+)
 from qvlm_harness.quant.qlinear import QLinear
 
 #: the paper's budget (``preset=paper``): the official code's `python main.py ... --block_v --optq_init --act_order
@@ -75,18 +80,12 @@ class AespaConfig(MethodConfig):
         return AespaOptions(**{f.name: getattr(self, f.name) for f in fields(AespaOptions)})
 
 
-class Aespa(Method):
+class Aespa(CalibratedWeightMethod):
     name = "aespa"
     needs_structure = True
     Config = AespaConfig
     produces = (QLinear,)
     packs = True
-
-    def supports(self, spec: QuantSpec) -> str | None:
-        return weights_reason(self.name, spec)
-
-    def needs_calibration(self, spec: QuantSpec) -> bool:
-        return True
 
     def check_structure(self, stacks, spec: QuantSpec) -> str | None:
         """aespa's query/key objectives take q = x W_q^T (up to RoPE): a norm applied to q and k after the
