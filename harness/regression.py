@@ -42,7 +42,7 @@ BASELINE_VERSION = 1
 FP_PREFERENCE = plugins.FLOAT_BASELINES  # which unquantized cell recovery is measured against
 DEFAULT_RECOVERY = 0.95
 
-CellKey = tuple[str, str, str, int]  # (method, bits, task, shots)
+CellKey = tuple[str, str, str, int, str]  # (method, bits, task, shots, scoring)
 
 
 @dataclass
@@ -60,12 +60,22 @@ class CellScores:
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def scoring(self) -> str:
+        """How the task was scored (generate, loglik, ...): one suite may hold a task scored both ways, and the two
+        are different cells (and the FP reference of each is the FP cell scored the same way)."""
+        return str(self.info.get("scoring") or "")
+
+    @property
     def key(self) -> CellKey:
-        return (self.method, self.bits, self.task, self.shots)
+        return (self.method, self.bits, self.task, self.shots, self.scoring)
+
+    @property
+    def task_label(self) -> str:
+        return f"{self.task}{f' {self.shots}-shot' if self.shots else ''}{f' ({self.scoring})' if self.scoring else ''}"
 
     @property
     def label(self) -> str:
-        return f"{self.method} {self.bits} {self.task}{f' {self.shots}-shot' if self.shots else ''}"
+        return f"{self.method} {self.bits} {self.task_label}"
 
     @property
     def is_float(self) -> bool:
@@ -106,7 +116,7 @@ def cell_from_row(row: ResultRow, store_path: Path) -> CellScores:
 
 
 def select_rows(store: Store, *, run_id: str | None = None, model: str | None = None) -> list[ResultRow]:
-    """Rows of one run (or of the whole store), one per (method, bits, task, shots): the newest wins."""
+    """Rows of one run (or of the whole store), one per (method, bits, task, shots, scoring): the newest wins."""
     rows = list(store.rows(run_id=run_id)) if run_id else list(store.rows())
     if model is not None:
         rows = [r for r in rows if r.model == model]
@@ -120,7 +130,7 @@ def select_rows(store: Store, *, run_id: str | None = None, model: str | None = 
                            "--model or a run with --run")
     newest: dict[CellKey, ResultRow] = {}
     for r in rows:  # ordered by creation time
-        newest[(r.method, r.bits, r.task, r.shots)] = r
+        newest[(r.method, r.bits, r.task, r.shots, r.scoring or "")] = r
     return list(newest.values())
 
 
@@ -279,8 +289,9 @@ class _PairedStatistic:
         return paired_bootstrap_ci(a, a + n, n_resamples=n_resamples, seed=seed, ci=ci, statistic=statistic)
 
 
-def _fp_reference(cells: Mapping[CellKey, CellScores], task: str, shots: int) -> CellScores | None:
-    fps = {c.method: c for c in cells.values() if c.is_float and c.task == task and c.shots == shots}
+def _fp_reference(cells: Mapping[CellKey, CellScores], of: CellScores) -> CellScores | None:
+    fps = {c.method: c for c in cells.values()
+           if c.is_float and (c.task, c.shots, c.scoring) == (of.task, of.shots, of.scoring)}
     for name in FP_PREFERENCE:
         if name in fps:
             return fps[name]
@@ -297,7 +308,8 @@ def compare(current: Sequence[CellScores], baseline: Sequence[CellScores], *, ga
             recovery: float = DEFAULT_RECOVERY, recovery_for: Mapping[str, float] | None = None,
             ci: float = 0.95, n_resamples: int = 1000, seed: int = 0, min_drop: float = 0.0,
             allow_model_change: bool = False) -> Comparison:
-    """Check every cell of `current` against the matching cell of `baseline` (same method, bits, task, shots).
+    """Check every cell of `current` against the matching cell of `baseline` (same method, bits, task, shots,
+    scoring).
 
     gate: "primary" (each task's primary metric decides), "all", or a list of metric names; other metrics are
     reported but never fail. recovery_for: per-bits thresholds overriding `recovery` (e.g. {"w4a4": 0.5}).
@@ -327,8 +339,8 @@ def compare(current: Sequence[CellScores], baseline: Sequence[CellScores], *, ga
             fb, fc = b.info.get("model_fingerprint"), c.info.get("model_fingerprint")
             if fb and fc and fb != fc and not allow_model_change:
                 comp.stale.append(f"{c.label} (baseline model {fb}, run {fc})")
-        fp_cur = _fp_reference(cur, c.task, c.shots)
-        fp_base = _fp_reference(base, c.task, c.shots)
+        fp_cur = _fp_reference(cur, c)
+        fp_base = _fp_reference(base, c)
         threshold = recovery_for.get(c.bits, recovery)
         for metric in sorted(comparable_metrics(c.metrics), key=lambda m: m not in gated):
             check = MetricCheck(cell=c.label, key=key, metric=metric, baseline=None, current=c.metrics[metric],
@@ -429,10 +441,11 @@ def format_comparison(comp: Comparison, *, only_gated: bool = False) -> str:
     for c in comp.checks:
         if only_gated and not c.gated:
             continue
-        method, bits, task, shots = c.key
+        method, bits, task, shots, scoring = c.key
         status = c.status.upper() if c.failed else c.status + ("" if c.gated or c.status == "ok" else " (not gated)")
         interval = f"[{_fmt(c.delta.low, '+.2f')}, {_fmt(c.delta.high, '+.2f')}]" if c.delta else "-"
-        rows.append([method, bits, task + (f" {shots}-shot" if shots else ""), c.metric + ("" if c.gated else "*"),
+        rows.append([method, bits, task + (f" {shots}-shot" if shots else "") + (f" ({scoring})" if scoring else ""),
+                     c.metric + ("" if c.gated else "*"),
                      _fmt(c.baseline), _fmt(c.current), _fmt(c.delta.estimate, "+.2f") if c.delta else "-",
                      interval, _fmt(c.recovery, ".3f"), c.n_paired, status])
     head = ["Method", "Bits", "Task", "Metric", "Baseline", "Current", "Delta", pct, "Recovery", "N", "Status"]
@@ -459,6 +472,7 @@ def format_comparison(comp: Comparison, *, only_gated: bool = False) -> str:
 def comparison_to_dict(comp: Comparison) -> dict[str, Any]:
     return {"ok": comp.ok, "ci": comp.ci, "missing": comp.missing, "stale": comp.stale, "notes": comp.notes, "checks": [
         {"cell": c.cell, "method": c.key[0], "bits": c.key[1], "task": c.key[2], "shots": c.key[3],
+         "scoring": c.key[4],
          "metric": c.metric, "baseline": c.baseline, "current": c.current,
          "delta": None if c.delta is None else c.delta._asdict(), "n_paired": c.n_paired, "recovery": c.recovery,
          "recovery_threshold": c.recovery_threshold, "baseline_recovery": c.baseline_recovery, "gated": c.gated,

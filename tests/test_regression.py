@@ -186,3 +186,23 @@ def test_cli_compare_exit_codes(capsys, tmp_path, tiny_model_dir):
     assert "REGRESSION" in text and "fp32 fp hm" in text
     assert json.loads((tmp_path / "cmp.json").read_text())["ok"] is False
     assert main(["compare", "--output", str(out), "--baseline", "nope", "--baselines-dir", str(tmp_path)]) == 2
+
+
+def test_a_task_scored_two_ways_is_two_cells_each_against_its_own_fp():
+    """One suite holds sqa by generation and by log-likelihood: both cells are kept (newest per scoring, not per
+    task), and each one's recovery is measured against the FP cell scored the same way."""
+    fp_gen, fp_ll = base_scores(p=0.8), base_scores(seed=3, p=0.5)
+    q = flip(fp_ll, down=2, up=0)  # 0.98 x the loglik FP, but only ~0.61 x the generation FP
+
+    def cell(method, bits, acc, scoring):
+        c = vqa_cell(method, bits, acc)
+        c.info["scoring"] = scoring
+        return c
+
+    cells = [cell("fp32", "fp", fp_gen, "generate"), cell("fp32", "fp", fp_ll, "loglik"),
+             cell("rtn", "w8a8", q, "loglik")]
+    comp = compare(cells, cells)
+    assert len({c.key for c in comp.checks}) == 3 and comp.ok
+    rtn = check(comp, "w8a8")
+    assert rtn.key[4] == "loglik" and rtn.recovery == pytest.approx(q.mean() / fp_ll.mean())
+    assert "(loglik)" in rtn.cell and "(loglik)" in format_comparison(comp)
