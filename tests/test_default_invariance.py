@@ -13,6 +13,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from qvlm_harness.cli import main
 
@@ -39,7 +40,15 @@ def _records(tmp_path, name: str, batch: int, threads: int) -> dict[tuple[str, s
     return records
 
 
-def test_per_sample_results_do_not_depend_on_batch_size_or_threads(tmp_path):
+@pytest.fixture
+def restore_threads():
+    """`harness run --threads N` sets torch's process-wide thread count; later tests expect conftest's one."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_per_sample_results_do_not_depend_on_batch_size_or_threads(tmp_path, restore_threads):
     alone = _records(tmp_path, "alone", 1, 1)
     batched = _records(tmp_path, "batched", 16, 2)
     assert len(alone) == 4 * 24 and alone.keys() == batched.keys()
