@@ -9,20 +9,8 @@ import math
 
 import pytest
 
-from qvlm_harness.cli import main
 from qvlm_harness.gemm_rate import GemmShape, mix_rate, time_gemm
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
+from tests.test_cli import one_line_error, run_cli
 
 
 def _written(out: str, name: str):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qvlm_harness.quant.compiled import compiled_once
 from qvlm_harness.quant.quantizer import QParams, compute_qparams, qrange
 
 GAMMA, ZETA = -0.1, 1.1  # rectified-sigmoid stretch (AdaRound)
@@ -232,22 +233,9 @@ def rounding_step(v: Tensor, m: Tensor, s2: Tensor, ghalf: Tensor, base: Tensor,
     return v, m, s2, e
 
 
-_COMPILED: dict[str, object] = {}
-
-
 def rounding_step_fn(compiled: bool):
-    """`rounding_step`, eager or compiled once per process (dynamic shapes: every layer shares the kernel; a failed
-    compilation - no C++ compiler - falls back to eager, which computes the same values)."""
-    if not compiled:
-        return rounding_step
-    fn = _COMPILED.get("step")
-    if fn is None:
-        try:
-            fn = torch.compile(rounding_step, dynamic=True)
-        except Exception:  # pragma: no cover - depends on the platform's toolchain
-            fn = rounding_step
-        _COMPILED["step"] = fn
-    return fn
+    """`rounding_step`, eager or compiled once per process (`qvlm_harness.quant.compiled`)."""
+    return compiled_once(rounding_step, compiled)
 
 
 def learn_rounding(W: Tensor, W_init: Tensor, obj: Objective, qp: QParams, *, iters: int = 2000, lr: float = 0.015,

@@ -46,6 +46,7 @@ from qvlm_harness.quant import (
     per_tensor_qparams,
     weight_qparams,
 )
+from qvlm_harness.quant.compiled import compiled_once
 from qvlm_harness.quant.methodkit import layer_spec
 
 ZETA, GAMMA = 1.1, -0.1
@@ -82,22 +83,9 @@ def soft_round_parts(v: Tensor, fz: Tensor, zp: Tensor, scale: Tensor, bounds: T
     return w, dfac, rgrad
 
 
-_COMPILED: dict[str, object] = {}
-
-
 def soft_round_fn(compiled: bool):
-    """`soft_round_parts`, eager or compiled once per process (dynamic shapes: every layer shares the kernel;
-    a failed compilation - no C++ compiler - falls back to eager, which computes the same values)."""
-    if not compiled:
-        return soft_round_parts
-    fn = _COMPILED.get("soft_round")
-    if fn is None:
-        try:
-            fn = torch.compile(soft_round_parts, dynamic=True)
-        except Exception:  # pragma: no cover - depends on the platform's toolchain
-            fn = soft_round_parts
-        _COMPILED["soft_round"] = fn
-    return fn
+    """`soft_round_parts`, eager or compiled once per process (`qvlm_harness.quant.compiled`)."""
+    return compiled_once(soft_round_parts, compiled)
 
 
 class _SoftRound(torch.autograd.Function):
