@@ -157,19 +157,34 @@ void row_group_sums(const uint8_t* xu, int64_t groups, int64_t group, int32_t* x
 // Centred int8 weight [n, k] from the int4 block layout (for the oneDNN path).
 void unpack_int4_rows(const uint8_t* w4, int64_t n, int64_t k, int64_t kp, int8_t* out) {
   const int64_t half = kBlock / 2;
+#if HK_VNNI
+  const __m256i nib_mask = _mm256_set1_epi8(15);
+  const __m256i eight = _mm256_set1_epi8(8);
+#endif
   at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
-    std::vector<int8_t> row(static_cast<size_t>(kp));
+    std::vector<int8_t> row(static_cast<size_t>(k == kp ? 0 : kp));
     for (int64_t r = b; r < e; ++r) {
       const uint8_t* src = w4 + r * (kp / 2);
+      // a row whose width is whole blocks is written in place; otherwise through `row` (k < kp)
+      int8_t* dst = k == kp ? out + r * k : row.data();
       for (int64_t blk = 0; blk < kp / kBlock; ++blk) {
         const uint8_t* p = src + blk * half;
-        int8_t* d = row.data() + blk * kBlock;
+        int8_t* d = dst + blk * kBlock;
+#if HK_VNNI
+        // 32 packed bytes -> 64 centred values in six instructions (the scalar loop below is the reference)
+        const __m256i pk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(pk, nib_mask), eight);
+        const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(pk, 4), nib_mask), eight);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), lo);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + half), hi);
+#else
         for (int64_t j = 0; j < half; ++j) {
           d[j] = static_cast<int8_t>((p[j] & 15) - 8);
           d[j + half] = static_cast<int8_t>((p[j] >> 4) - 8);
         }
+#endif
       }
-      std::copy(row.begin(), row.begin() + k, out + r * k);
+      if (k != kp) std::copy(row.begin(), row.begin() + k, out + r * k);
     }
   });
 }
