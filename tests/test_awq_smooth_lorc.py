@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -142,6 +143,19 @@ def test_smoothquant_folding_is_exact_in_float_and_lowers_w8a8_error():
     fold_scales(blk.input_layernorm, lins, s)
     assert torch.allclose(blk(x), ref, atol=1e-4)  # float output unchanged
     assert w8a8_error() < 0.5 * before
+
+
+@pytest.mark.parametrize("shape", [(96, 48), (48, 96), (40, 40)])
+def test_lorc_factors_equal_the_truncated_svd(shape):
+    """Both orientations of the Gram-matrix path against a full float64 SVD (the Eckart-Young optimum)."""
+    g = torch.Generator().manual_seed(3)
+    E = torch.randn(*shape, generator=g)
+    u, s, vh = torch.linalg.svd(E.double(), full_matrices=False)
+    for rank in (1, 8):
+        U, V = lorc_factors(E, rank)
+        assert U.shape == (shape[0], rank) and V.shape == (rank, shape[1])
+        ref = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        assert float((U.double() @ V.double() - ref).norm() / ref.norm()) < 1e-5
 
 
 def test_lorc_reduces_the_error_by_the_truncated_svd_amount():
