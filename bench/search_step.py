@@ -38,8 +38,8 @@ from qvlm_harness.methods.qvlm.units import (
     build_batches,
     capture_stack_inputs,
     find_units,
-    run_unit,
     set_submodule,
+    unit_outputs,
 )
 from qvlm_harness.models.default import default_model_path
 from qvlm_harness.models.llava import LlavaAdapter
@@ -55,15 +55,7 @@ QVLM_VARIANTS = {  # name -> (fused, search_dtype, compile)
 
 
 def _targets(units, inputs):
-    out = {}
-    with torch.no_grad():
-        for si in inputs:
-            h, outs = si.hidden, []
-            for u in units:
-                h = run_unit(u, h, si)
-                outs.append(h)
-            out[si.batch] = outs
-    return out
+    return {si.batch: unit_outputs(units, si.hidden, si) for si in inputs}
 
 
 def qvlm_steps(adapter, calibration, spec, steps, rounds, quality_iters, quality, picks):

@@ -15,7 +15,7 @@ from qvlm_harness.methods.qvlm.dependency import pair_ded
 from qvlm_harness.methods.qvlm.options import QVLMOptions
 from qvlm_harness.methods.qvlm.quantizers import LearnableQLinear
 from qvlm_harness.methods.qvlm.search import BlockSearch
-from qvlm_harness.methods.qvlm.units import build_batches, capture_stack_inputs, find_units, run_unit
+from qvlm_harness.methods.qvlm.units import build_batches, capture_stack_inputs, find_units, unit_outputs
 from qvlm_harness.methods.qvlm.visual import optimise_visual_encoder, tunable_parameters
 from qvlm_harness.models.llava import LlavaAdapter
 from qvlm_harness.quant import MIN_SCALE, QLinear
@@ -73,14 +73,7 @@ def test_block_search_lowers_reconstruction_error_vs_rtn(fresh, calib, bits):
     batches, units, entries = lm_setup(a, calib)
     block = units["lm"]
     inputs = entries["lm"]
-    targets = {}
-    with torch.no_grad():
-        for si in inputs:
-            h, outs = si.hidden, []
-            for u in block:
-                h = run_unit(u, h, si)
-                outs.append(h)
-            targets[si.batch] = outs
+    targets = {si.batch: unit_outputs(block, si.hidden, si) for si in inputs}
     opts = QVLMOptions(iters=30, lr_round=5e-2)
     search = BlockSearch(block, [1.0, 2.0], QuantSpec.parse(bits), opts, seed=0)
     result = search.run(inputs, targets)

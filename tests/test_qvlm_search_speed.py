@@ -17,7 +17,7 @@ from qvlm_harness.methods.qvlm import method as qvlm_method
 from qvlm_harness.methods.qvlm.options import PAPER, QVLMOptions
 from qvlm_harness.methods.qvlm.quantizers import LearnableQLinear, soft_round_fn, soft_round_parts
 from qvlm_harness.methods.qvlm.search import BlockSearch, restore_units
-from qvlm_harness.methods.qvlm.units import build_batches, capture_stack_inputs, find_units, run_unit
+from qvlm_harness.methods.qvlm.units import build_batches, capture_stack_inputs, find_units, unit_outputs
 from qvlm_harness.models.llava import LlavaAdapter
 from qvlm_harness.tasks.sqa import ScienceQA
 
@@ -36,14 +36,7 @@ def lm_block(tiny_model_dir, calib):
     units = find_units(a.model)
     inputs = capture_stack_inputs(a.model, batches, ["lm"], units)["lm"]
     block = units["lm"]
-    targets = {}
-    with torch.no_grad():
-        for si in inputs:
-            h, outs = si.hidden, []
-            for u in block:
-                h = run_unit(u, h, si)
-                outs.append(h)
-            targets[si.batch] = outs
+    targets = {si.batch: unit_outputs(block, si.hidden, si) for si in inputs}
     return a, block, inputs, targets
 
 

@@ -107,6 +107,17 @@ def run_units(units: Sequence[Unit], x: Tensor, si: StackInput) -> Tensor:
     return x
 
 
+def unit_outputs(units: Sequence[Unit], x: Tensor, si: StackInput) -> list[Tensor]:
+    """Each of consecutive units' outputs, run standalone from `x` without autograd: the float targets a block
+    search reconstructs."""
+    outs = []
+    with torch.no_grad():
+        for u in units:
+            x = run_unit(u, x, si)
+            outs.append(x)
+    return outs
+
+
 def _reached(stack: Stack, batch: EncodedBatch) -> bool:
     """Whether a batch's forward reaches a stack: text-only batches never run the vision tower or projector."""
     return stack.name == "lm" or batch.n_images > 0

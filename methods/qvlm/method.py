@@ -48,6 +48,7 @@ from qvlm_harness.methods.qvlm.units import (
     find_units,
     run_unit,
     run_units,
+    unit_outputs,
 )
 from qvlm_harness.methods.qvlm.visual import optimise_visual_encoder
 from qvlm_harness.quant.qlinear import QLinear
@@ -229,11 +230,7 @@ class Pipeline:
                     if all(u.name in cache for u in block_units):
                         targets[si.batch] = [cache[u.name][si.batch] for u in block_units]
                     else:
-                        h, outs = fp_stream[si.batch], []
-                        for u in block_units:
-                            h = run_unit(u, h, si)
-                            outs.append(h)
-                        targets[si.batch] = outs
+                        targets[si.batch] = unit_outputs(block_units, fp_stream[si.batch], si)
                     fp_stream[si.batch] = targets[si.batch][-1]
             kl = None
             if last_lm is not None and last_lm in block_units and self.opts.kl_weight > 0 and fp_logp:

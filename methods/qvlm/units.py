@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from qvlm_harness.models.architectures import describe_model
-from qvlm_harness.models.capture import StackInput, run_unit, run_units
+from qvlm_harness.models.capture import StackInput, run_unit, run_units, unit_outputs
 from qvlm_harness.models.capture import capture_stack_inputs as _capture
 from qvlm_harness.models.llava import CalibBatch
 from qvlm_harness.models.structure import STACK_NAMES, STACK_ROOTS, Stack, Unit
@@ -25,7 +25,7 @@ from qvlm_harness.quant.apply import set_submodule
 STACKS = STACK_NAMES
 
 __all__ = ["STACKS", "CalibBatch", "StackInput", "Unit", "build_batches", "capture_stack_inputs", "find_units",
-           "linears_of", "run_unit", "run_units", "set_submodule"]
+           "linears_of", "run_unit", "run_units", "set_submodule", "unit_outputs"]
 
 
 def find_units(model: nn.Module) -> dict[str, list[Unit]]:
