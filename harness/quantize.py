@@ -19,7 +19,7 @@ import torch
 from qvlm_harness.calibration import CalibrationSet
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
 from qvlm_harness.cost import CostRecorder
-from qvlm_harness.device import module_device, sync
+from qvlm_harness.device import module_device, off_device, sync, timer
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.method import Method, QuantizedModel, require_calibration
 from qvlm_harness.task import Task
@@ -49,8 +49,6 @@ def calibration_for(method: Method, spec: QuantSpec, task: Task | None, n: int, 
 def time_fp_pass(adapter, calibration: CalibrationSet, batch_size: int = 8) -> float:
     """Seconds of one FP forward pass over the calibration set (prompts with target answers), the unit search
     costs are expressed in."""
-    from qvlm_harness.device import timer
-
     with timer(getattr(adapter, "device", None)) as elapsed:  # CUDA events on a GPU, perf_counter on the CPU
         calibration.run(adapter, batch_size=batch_size)
     return elapsed.seconds
@@ -77,7 +75,7 @@ def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationS
     if measure_fp_pass and calibration is not None:
         fp_pass_s = time_fp_pass(adapter, calibration)
     seed_everything(seed)
-    device = model_device(adapter.model)
+    device = module_device(adapter.model)
     with CostRecorder() as recorder:
         qm = method.quantize(adapter, calibration, spec, scope)
         sync(device)  # a GPU search's last kernels belong to its cost
@@ -91,16 +89,10 @@ def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationS
     return qm
 
 
-def model_device(model) -> torch.device | None:
-    return module_device(model)
-
-
 def keep_on_device(qm: QuantizedModel, device: torch.device | None, log: Log | None = None) -> None:
     """The engine's placement invariant: a quantized model lives where the float model was. A method that left
     tensors elsewhere (a CPU-built buffer on a CUDA model) is corrected here, and the correction is recorded in
     ``report["placement"]`` (the `cuda` tests require it to be absent: every method places its own tensors)."""
-    from qvlm_harness.device import off_device
-
     if device is None or device.type == "meta":
         return
     stray = off_device(qm.adapter.model, device)

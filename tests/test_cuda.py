@@ -26,6 +26,7 @@ from qvlm_harness import plugins
 from qvlm_harness.calibration import CalibrationSet
 from qvlm_harness.config import QuantSpec
 from qvlm_harness.device import PeakDeviceMemory, int_mm_shape_ok, off_device, timer
+from qvlm_harness.errors import HarnessError
 from qvlm_harness.kernels.convert import convert_to_packed
 from qvlm_harness.kernels.gemm import int_mm
 from qvlm_harness.kernels.linear import IntLinear, WeightOnlyLinear
@@ -144,9 +145,15 @@ def test_int4_weight_only_kernel_on_cuda_equals_cpu(group):
 # -- packed vs fake quant on CUDA ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,tag", _cases(("w8a8", "w4a16", "w4a4"), packs_only=True))
 def test_packed_matches_fake_quant_on_cuda(tiny_model_dir, calibration, requests, name, tag):
+    """As tests/test_kernels.py on the CPU: W8A8 packed equals fake quant to float rounding; where codes sit at
+    rounding ties (A4) or the int4 kernel computes in bfloat16 (W4A16), the packed-vs-fake difference stays well
+    below the quantization error itself and next-token argmaxes agree."""
     adapter = _on_cuda(tiny_model_dir)
-    qm = quantize(adapter, _method(name), QuantSpec.parse(tag), calibration, measure_fp_pass=False)
     batch = adapter.encode(requests)
+    with torch.inference_mode():
+        floating = adapter.model(**batch).logits.float()
+    qm = quantize(adapter, _method(name), QuantSpec.parse(tag), calibration, measure_fp_pass=False)
+    assert qm.execution == "simulated"
     with torch.inference_mode():
         fake = adapter.model(**batch).logits.float()
     packed = copy.copy(adapter)
@@ -156,14 +163,14 @@ def test_packed_matches_fake_quant_on_cuda(tiny_model_dir, calibration, requests
     assert off_device(packed.model, torch.device(CUDA)) == []
     with torch.inference_mode():
         real = packed.model(**batch).logits.float()
-    rel = float((real - fake).norm() / fake.norm())
+    packed_error = float((real - fake).norm() / fake.norm())
+    quant_error = float((fake - floating).norm() / floating.norm())
+    agree = float((real.argmax(-1) == fake.argmax(-1)).float().mean())
     spec = QuantSpec.parse(tag)
-    if spec.a_bits <= 4 or not spec.quantizes_activations:  # A4: codes at ties flip; int4 weight-only: bf16 kernel
-        agree = float((real.argmax(-1) == fake.argmax(-1)).float().mean())
-        assert rel <= 0.1 and agree >= 0.9, (rel, agree)
+    if spec.a_bits <= 4 or not spec.quantizes_activations:
+        assert packed_error <= 0.25 * quant_error and agree >= 0.9, (packed_error, quant_error, agree)
     else:
-        assert rel <= 1e-4, rel
-    assert qm.execution == "simulated"
+        assert packed_error <= 1e-3 and agree >= 0.99, (packed_error, agree)
 
 
 # -- placement of every method --------------------------------------------------------------------------------------
@@ -198,7 +205,7 @@ def test_qlora_bitsandbytes_nf4_on_cuda_matches_the_harness_path(tiny_model_dir,
             pytest.skip(method.supports(spec))
         try:
             qm = quantize(adapter, method, spec, None, measure_fp_pass=False)
-        except Exception as exc:  # the tiny model's widths may not be multiples of 64
+        except HarnessError as exc:  # the tiny model's widths may not be multiples of 64
             pytest.skip(f"qlora backend {backend}: {exc}")
         assert qm.execution == ("real" if backend == "bnb" else "simulated")
         with torch.inference_mode():
