@@ -249,3 +249,18 @@ def test_rows_carry_an_empty_peak_cuda_figure_on_the_cpu(tiny_model_dir, tmp_pat
                    limit=2, output=tmp_path / "out", batch_size=2, max_new_tokens=2)
     rows = Runner(spec, log=lambda m: None, progress=False).run().rows
     assert rows and all(r.measurements["peak_cuda_mb"] is None and r.measurements["peak_rss_mb"] > 0 for r in rows)
+
+
+def test_conversion_report_names_why_int4_weights_dequantize_per_call():
+    """A group size the int4 kernel lacks (16) keeps packed codes and dequantizes them: the report says so."""
+    from qvlm_harness.config import QuantSpec
+    from qvlm_harness.kernels.convert import convert_to_packed
+    from qvlm_harness.quant.apply import quantize_linears
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    quantize_linears(model, QuantSpec.parse("w4a16g16"))
+    report = convert_to_packed(model, backend="torch")
+    assert report.complete and [m.kernel for m in model] == ["dequant", "dequant"]
+    assert report.kernel_notes == {"group size 16 is none of the int4 kernel's 256, 128, 64, 32": 2}
+    assert "dequantized per call" in report.summary() and report.to_dict()["kernel_notes"] == report.kernel_notes
