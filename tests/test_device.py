@@ -264,3 +264,24 @@ def test_conversion_report_names_why_int4_weights_dequantize_per_call():
     assert report.complete and [m.kernel for m in model] == ["dequant", "dequant"]
     assert report.kernel_notes == {"group size 16 is none of the int4 kernel's 256, 128, 64, 32": 2}
     assert "dequantized per call" in report.summary() and report.to_dict()["kernel_notes"] == report.kernel_notes
+
+
+def test_engine_moves_what_a_method_left_elsewhere_and_records_it(monkeypatch):
+    """`keep_on_device`: nothing happens when every tensor is on the model's device (the CPU case, and what the
+    `cuda` tests require of every method); a stray tensor is moved with the whole model and noted in the report."""
+    from types import SimpleNamespace
+
+    from qvlm_harness import quantize as q
+    from qvlm_harness.config import QuantSpec
+    from qvlm_harness.method import QuantizedModel
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    qm = QuantizedModel(SimpleNamespace(model=model), "m", QuantSpec(), "float")
+    q.keep_on_device(qm, torch.device("cpu"))
+    assert "placement" not in qm.report
+    moved: list = []
+    monkeypatch.setattr(q, "off_device", lambda m, d: ["0.weight"])
+    monkeypatch.setattr(model, "to", lambda d: moved.append(d) or model)
+    logs: list[str] = []
+    q.keep_on_device(qm, torch.device("cpu"), logs.append)
+    assert moved == [torch.device("cpu")] and "0.weight" in qm.report["placement"] and logs
