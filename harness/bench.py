@@ -26,6 +26,7 @@ from torch import nn
 
 from qvlm_harness import plugins
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.device import PeakDeviceMemory, is_cuda, sync
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.measure import PeakRSS, current_rss_mb, weight_bytes
 
@@ -49,6 +50,7 @@ class BenchConfig:
     rss: bool = True
     method_options: dict[str, dict] = field(default_factory=dict)
     execution: str = "packed"  # "simulated": keep quantized layers fake-quant (what `harness run` does by default)
+    device: str = "cpu"  # cuda: timed with synchronisation, peak CUDA memory instead of the RSS child processes
 
 
 @dataclass
@@ -165,11 +167,18 @@ def prompts(cfg: BenchConfig, n: int):
 
 
 def generate_once(adapter, batch: dict, new_tokens: int, clock: _Clock) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of one greedy generation forced to `new_tokens` tokens."""
+    """(prefill seconds, decode seconds) of one greedy generation forced to `new_tokens` tokens.
+
+    On CUDA the device is synchronised before the start and after the end; in between, HF's streamer receives
+    every new token copied to the host (``.cpu()``), a synchronising copy, so the first-token timestamp is one of
+    finished work too."""
+    device = getattr(adapter, "device", None)
+    sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         adapter.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                num_beams=1, streamer=clock, pad_token_id=adapter.tokenizer.pad_token_id)
+    sync(device)
     t_end = time.perf_counter()
     t_first = clock.times[1] if len(clock.times) > 2 else t_end
     return t_first - t0, t_end - t_first
@@ -177,7 +186,9 @@ def generate_once(adapter, batch: dict, new_tokens: int, clock: _Clock) -> tuple
 
 def time_variants(variants: Sequence[Variant], cfg: BenchConfig, batch_size: int,
                   log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
-    """Median prefill ms and decode tokens/s per variant label, interleaved over `cfg.rounds` rounds."""
+    """Median prefill ms and decode tokens/s per variant label, interleaved over `cfg.rounds` rounds; on CUDA also
+    ``cuda_work_mb``: how far the allocator's peak rose above what was live while the variant's first timed
+    generation ran (activations, KV cache, workspaces; None on the CPU)."""
     reqs = prompts(cfg, batch_size)
     batches = {v.label: v.adapter.encode(reqs) for v in variants}
     prefill: dict[str, list[float]] = {v.label: [] for v in variants}
@@ -186,9 +197,13 @@ def time_variants(variants: Sequence[Variant], cfg: BenchConfig, batch_size: int
         t0 = time.perf_counter()
         generate_once(v.adapter, batches[v.label], 2, _Clock())
         v.setup_s += time.perf_counter() - t0
+    work_mb: dict[str, float | None] = {}
     for r in range(cfg.rounds):
         for v in variants:
-            p, d = generate_once(v.adapter, batches[v.label], cfg.new_tokens, _Clock())
+            with PeakDeviceMemory(cfg.device if r == 0 else None) as mem:
+                p, d = generate_once(v.adapter, batches[v.label], cfg.new_tokens, _Clock())
+            if r == 0:
+                work_mb[v.label] = None if mem.peak_mb is None else mem.peak_mb - (mem.start_mb or 0.0)
             prefill[v.label].append(p)
             decode[v.label].append(d)
         log(f"  batch {batch_size}: round {r + 1}/{cfg.rounds} done")
@@ -197,7 +212,7 @@ def time_variants(variants: Sequence[Variant], cfg: BenchConfig, batch_size: int
     return {label: {"prefill_ms": 1000 * statistics.median(prefill[label]),
                     "decode_tok_s": steps / statistics.median(decode[label]),
                     "decode_ms_per_step": 1000 * statistics.median(decode[label]) / (cfg.new_tokens - 1),
-                    "prompt_tokens": prompt_len}
+                    "prompt_tokens": prompt_len, "cuda_work_mb": work_mb.get(label)}
             for label in prefill}
 
 
@@ -336,21 +351,28 @@ def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], N
     """Build every variant, time them, measure memory; returns {"rows": [...], "profiles": [...], "env": {...}}."""
     from qvlm_harness.kernels import cpu as cpu_kernels
     from qvlm_harness.models.llava import LlavaAdapter, set_threads
-    from qvlm_harness.plan import resolve_model
+    from qvlm_harness.plan import check_device, resolve_model
 
+    check_device(cfg.device)
     threads = set_threads(cfg.threads)
     pairs = variant_specs(cfg)
     model_id, model_path = resolve_model(cfg.model)
-    log(f"bench: model {model_id}; {threads} thread(s); {len(pairs)} variants; batch sizes "
+    on_cuda = is_cuda(cfg.device)
+    log(f"bench: model {model_id} on {cfg.device}; {threads} thread(s); {len(pairs)} variants; batch sizes "
         f"{list(cfg.batch_sizes)}; {cfg.new_tokens} new tokens; {cfg.rounds} interleaved rounds")
-    base = LlavaAdapter.load(model_path)
+    if on_cuda and cfg.rss:
+        log("  peak RSS child processes skipped on CUDA (host RSS says nothing about GPU memory); peak CUDA "
+            "memory is measured instead")
+    base = LlavaAdapter.load(model_path, device=cfg.device)
     lin_names = base.linear_names(cfg.scope)
     fp16_bytes = sum(t.numel() * 2 for t in list(base.model.parameters()) + list(base.model.buffers()))
     fp16_linear = sum(base.model.get_submodule(n).weight.numel() * 2 for n in lin_names)
     variants = build_variants(base, pairs, cfg, log)
     del base
     gc.collect()
-    if cfg.backend in ("auto", "cpp") and any(v.execution == "real" for v in variants):
+    if on_cuda:
+        torch.cuda.empty_cache()
+    if cfg.backend in ("auto", "cpp") and any(v.execution == "real" for v in variants) and not on_cuda:
         why = cpu_kernels.unavailable_reason()
         log(f"  fused CPU kernel: {'on (VNNI)' if cpu_kernels.has_vnni() else 'on' if not why else 'off: ' + why}")
     rows: list[dict] = []
@@ -370,10 +392,11 @@ def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], N
                    / (t["prefill_ms"] + (cfg.new_tokens - 1) * t["decode_ms_per_step"]),
                    "weight_mb": wb / 2**20, "weight_x_fp32": ref_bytes / wb, "weight_x_fp16": fp16_bytes / wb,
                    "linear_mb": lb / 2**20, "linear_x_fp16": fp16_linear / lb, "peak_rss_mb": None,
+                   "peak_cuda_mb": None if t["cuda_work_mb"] is None else wb / 2**20 + t["cuda_work_mb"],
                    "setup_s": v.setup_s, "threads": threads,
                    "packed_layers": v.packing.get("converted", 0),
                    "simulated_layers": len(v.packing.get("skipped", {}))}
-            if cfg.rss:
+            if cfg.rss and not on_cuda:
                 log(f"  peak RSS: {v.label} batch {bs} (child process)")
                 r = peak_rss(cfg, model_path, method, spec, bs)
                 row["peak_rss_mb"] = r.get("peak_rss_mb")
@@ -384,12 +407,17 @@ def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], N
         ref_rss = next((r["peak_rss_mb"] for r in rows if r["batch"] == row["batch"] and r["method"] == BASELINE),
                        None)
         row["rss_x"] = ref_rss / row["peak_rss_mb"] if ref_rss and row["peak_rss_mb"] else None
+        ref_cuda = next((r["peak_cuda_mb"] for r in rows if r["batch"] == row["batch"] and r["method"] == BASELINE),
+                        None)
+        row["cuda_x"] = ref_cuda / row["peak_cuda_mb"] if ref_cuda and row["peak_cuda_mb"] else None
     profiles = []
     if profile:
         for v in variants:
             log(f"  profiling one decode run: {v.label}")
             profiles.append(profile_decode(v, cfg, batch_size=1))
     env = {"model": model_id, "threads": threads, "torch": torch.__version__, "new_tokens": cfg.new_tokens,
-           "rounds": cfg.rounds, "backend": cfg.backend, "fused_kernel": cpu_kernels.unavailable_reason() or "on",
-           "task": cfg.task}
+           "rounds": cfg.rounds, "backend": cfg.backend, "task": cfg.task, "device": cfg.device,
+           "accelerator": torch.cuda.get_device_name(torch.device(cfg.device)) if on_cuda else None,
+           "timing": "synchronised wall clock (CUDA)" if on_cuda else "wall clock",
+           "fused_kernel": "not used on CUDA" if on_cuda else cpu_kernels.unavailable_reason() or "on"}
     return {"rows": rows, "profiles": profiles, "env": env}

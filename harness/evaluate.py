@@ -14,6 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from qvlm_harness.device import PeakDeviceMemory
 from qvlm_harness.identity import samples_fingerprint
 from qvlm_harness.measure import PeakRSS, weight_bytes
 from qvlm_harness.method import QuantizedModel
@@ -42,7 +43,7 @@ def evaluate_cell(plan: Plan, cell: Cell, quantized: QuantizedModel, *, run_id: 
     with log.lock():  # one writer per cell: a second process on the same cell waits, then finds it done
         done = log.done()
         todo = [(t, x) for t in range(trials) for x in samples if f"{t}:{x.id}" not in done]
-        rss_mb = _answer(plan, cell, task, quantized, log, todo, trials, scoring, progress)
+        rss_mb, device_mb = _answer(plan, cell, task, quantized, log, todo, trials, scoring, progress)
     ids = {x.id for x in samples}
     entries = [e for e in log.read() if e["id"] in ids]
     method = plan.methods[cell.method]
@@ -50,7 +51,7 @@ def evaluate_cell(plan: Plan, cell: Cell, quantized: QuantizedModel, *, run_id: 
         cell_id=cid, run_id=run_id, model=plan.model_id, method=cell.method, bits=cell.bits, task=cell.task,
         split=task.resolve_split(s.split), seed=s.seed, n_samples=len(samples), execution=quantized.execution,
         metrics=aggregate_trials(task, entries, trials) | interval_columns(cell_intervals(task, entries, trials)),
-        measurements=measurements(entries, quantized, rss_mb) | {"fidelity": fidelity},
+        measurements=measurements(entries, quantized, rss_mb, device_mb) | {"fidelity": fidelity},
         search_cost=quantized.search_cost.to_dict(),
         settings={"scope": list(s.scope), "scoring": scoring, "image_control": s.image_control,
                   "trials": trials, "calib_samples": s.calib_samples, "calib_task": plan.calib_source(cell),
@@ -67,9 +68,9 @@ def evaluate_cell(plan: Plan, cell: Cell, quantized: QuantizedModel, *, run_id: 
 
 
 def _answer(plan: Plan, cell: Cell, task, quantized: QuantizedModel, log: SampleLog, todo: list, trials: int,
-            scoring: str, progress: bool) -> float:
+            scoring: str, progress: bool) -> tuple[float, float | None]:
     """Answer the (trial, sample) pairs in `todo` batch by batch, appending each batch to the log; returns the
-    peak RSS while answering."""
+    peak RSS while answering and, on CUDA, the allocator's peak (MiB, reset for this cell; None on the CPU)."""
     s = plan.spec
     adapter = quantized.adapter
     samples = plan.samples(cell.task)
@@ -78,7 +79,7 @@ def _answer(plan: Plan, cell: Cell, task, quantized: QuantizedModel, log: Sample
     total = len(samples) * trials
     bar = tqdm(total=total, initial=total - len(todo), disable=not progress, desc=cell.label, unit="sample",
                leave=False)
-    with PeakRSS() as rss:
+    with PeakRSS() as rss, PeakDeviceMemory(getattr(adapter, "device", None)) as device_memory:
         for start in range(0, len(todo), s.batch_size):
             chunk = todo[start:start + s.batch_size]
             demos = [demonstrations(sample, demo_pool, cell.shots, trial, s.seed) for trial, sample in chunk]
@@ -101,7 +102,7 @@ def _answer(plan: Plan, cell: Cell, task, quantized: QuantizedModel, log: Sample
             log.append(lines)
             bar.update(len(chunk))
     bar.close()
-    return rss.peak_mb
+    return rss.peak_mb, device_memory.peak_mb
 
 
 def control_images(samples: Sequence[Sample], mode: str | None, seed: int) -> dict[str, Any] | None:
@@ -131,8 +132,10 @@ def demonstrations(sample: Sample, pool: Sequence[Sample], shots: int, trial: in
     return rng.sample(candidates, min(shots, len(candidates)))
 
 
-def measurements(entries: list[dict], quantized: QuantizedModel, peak_rss_mb: float) -> dict[str, Any]:
-    """Latency and memory of a cell, from its sample log and the model it ran on."""
+def measurements(entries: list[dict], quantized: QuantizedModel, peak_rss_mb: float,
+                 peak_cuda_mb: float | None = None) -> dict[str, Any]:
+    """Latency and memory of a cell, from its sample log and the model it ran on; `peak_cuda_mb` is the CUDA
+    allocator's high-water mark while the cell's samples were answered (weights included; None on the CPU)."""
     model = quantized.adapter.model
     prefill = [e["prefill_s"] for e in entries if e.get("prefill_s") is not None]
     decode = sum(e["decode_s"] or 0.0 for e in entries)
@@ -144,6 +147,7 @@ def measurements(entries: list[dict], quantized: QuantizedModel, peak_rss_mb: fl
         "weight_mb_packed": weight_bytes(model, packed=True) / 2**20,
         "packed_is_simulated": quantized.execution == "simulated",
         "peak_rss_mb": peak_rss_mb,
+        "peak_cuda_mb": peak_cuda_mb,
         "timing": "simulated" if quantized.execution == "simulated" else quantized.execution,
     }
 

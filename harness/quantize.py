@@ -10,7 +10,6 @@ short-circuit for a model that is already a quantized checkpoint (labelled from 
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from qvlm_harness.calibration import CalibrationSet
 from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
 from qvlm_harness.cost import CostRecorder
+from qvlm_harness.device import module_device, off_device, sync, timer
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.method import Method, QuantizedModel, require_calibration
 from qvlm_harness.task import Task
@@ -49,9 +49,9 @@ def calibration_for(method: Method, spec: QuantSpec, task: Task | None, n: int, 
 def time_fp_pass(adapter, calibration: CalibrationSet, batch_size: int = 8) -> float:
     """Seconds of one FP forward pass over the calibration set (prompts with target answers), the unit search
     costs are expressed in."""
-    t0 = time.perf_counter()
-    calibration.run(adapter, batch_size=batch_size)
-    return time.perf_counter() - t0
+    with timer(getattr(adapter, "device", None)) as elapsed:  # CUDA events on a GPU, perf_counter on the CPU
+        calibration.run(adapter, batch_size=batch_size)
+    return elapsed.seconds
 
 
 def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationSet | None = None, *,
@@ -75,8 +75,11 @@ def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationS
     if measure_fp_pass and calibration is not None:
         fp_pass_s = time_fp_pass(adapter, calibration)
     seed_everything(seed)
+    device = module_device(adapter.model)
     with CostRecorder() as recorder:
         qm = method.quantize(adapter, calibration, spec, scope)
+        sync(device)  # a GPU search's last kernels belong to its cost
+    keep_on_device(qm, device, log)
     qm.search_cost = recorder.cost
     qm.search_cost.fp_pass_s = fp_pass_s
     if not qm.config:
@@ -84,6 +87,22 @@ def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationS
     if execution == "packed" and qm.execution == "simulated":
         pack(qm, kernel_backend, log)
     return qm
+
+
+def keep_on_device(qm: QuantizedModel, device: torch.device | None, log: Log | None = None) -> None:
+    """The engine's placement invariant: a quantized model lives where the float model was. A method that left
+    tensors elsewhere (a CPU-built buffer on a CUDA model) is corrected here, and the correction is recorded in
+    ``report["placement"]`` (the `cuda` tests require it to be absent: every method places its own tensors)."""
+    if device is None or device.type == "meta":
+        return
+    stray = off_device(qm.adapter.model, device)
+    if not stray:
+        return
+    qm.adapter.model.to(device)
+    note = f"moved {len(stray)} tensor(s) the method left off {device} (e.g. {stray[0]}) onto it"
+    qm.report["placement"] = note
+    if log:
+        log(f"  {note}")
 
 
 def pack(qm: QuantizedModel, backend: str = "auto", log: Log | None = None) -> QuantizedModel:

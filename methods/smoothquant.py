@@ -31,7 +31,8 @@ from qvlm_harness.quant.methodkit import activation_text, calibrate_activations,
 def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
     """SmoothQuant's per-channel factors for linears sharing an input."""
     w_max = torch.stack([w.detach().abs().amax(dim=0).float() for w in weights]).amax(dim=0).clamp(min=1e-5)
-    return (act_absmax.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+    act = act_absmax.float().to(w_max.device)  # the statistics are gathered on the CPU; the weights may be on a GPU
+    return (act.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
 @dataclass(frozen=True)

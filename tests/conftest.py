@@ -11,6 +11,18 @@ import torch
 # machine a multi-threaded pool spinning for a busy core makes small ops up to ~80x slower (measured here).
 torch.set_num_threads(1)
 
+NO_CUDA = "no CUDA device"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `cuda` are skipped, with one reason, where torch sees no CUDA device (they never error)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

@@ -18,8 +18,10 @@ from qvlm_harness.errors import HarnessError
 COLUMNS = {"method": "Method", "bits": "Bits", "exec": "Exec", "batch": "Batch", "prefill_ms": "Prefill ms",
            "prefill_x": "Prefill x", "decode_tok_s": "Decode tok/s", "decode_x": "Decode x", "e2e_x": "E2E x",
            "weight_mb": "Weights MB", "weight_x_fp32": "W x fp32", "weight_x_fp16": "W x fp16",
-           "linear_mb": "Linear MB", "linear_x_fp16": "Lin x fp16", "peak_rss_mb": "Peak RSS MB", "rss_x": "RSS x"}
+           "linear_mb": "Linear MB", "linear_x_fp16": "Lin x fp16", "peak_rss_mb": "Peak RSS MB", "rss_x": "RSS x",
+           "peak_cuda_mb": "Peak CUDA MB", "cuda_x": "CUDA x"}
 
+CUDA_COLUMNS = ("peak_cuda_mb", "cuda_x")
 
 THROUGHPUT_COLUMNS = {
     "method": "Method", "bits": "Bits", "exec": "Exec", "batch": "Batch", "samples_per_s": "Samples/s",
@@ -47,6 +49,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved timing rounds, medians reported (default 5; --throughput 3)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed; printed)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N: on CUDA, timing synchronises the device and peak CUDA memory "
+                        "(allocator high-water mark) replaces the peak-RSS child processes")
     p.add_argument("--task", default=None,
                    help=f"task the prompts come from (default {plugins.DEFAULT_PROMPT_TASK}; --throughput: the task "
                         f"evaluated, default {plugins.DEFAULT_CALIB_TASK})")
@@ -112,20 +117,24 @@ def bench_config(args: argparse.Namespace):
         raise HarnessError("--batch-sizes needs at least one size, e.g. --batch-sizes 1,16")
     if args.execution not in ("packed", "simulated"):
         raise HarnessError(f"--execution takes packed or simulated, got {args.execution!r}")
+    if args.throughput and str(args.device).strip().lower() != "cpu":
+        raise HarnessError("--throughput measures against this CPU's own GEMM limit; drop --device or --throughput")
     if args.throughput and args.scoring not in ("generate", "loglik"):
         raise HarnessError(f"--scoring takes generate or loglik, got {args.scoring!r}")
     return BenchConfig(model=args.model, methods=csv_list(args.methods), bits=QuantSpec.parse_list(args.bits),
                        batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, rounds=args.rounds,
                        threads=args.threads, task=args.task, calib_samples=args.calib_samples, seed=args.seed,
                        scope=tuple(args.scope), backend=args.kernel_backend, rss=not args.no_rss,
-                       method_options=method_options(args.method_option), execution=args.execution)
+                       method_options=method_options(args.method_option), execution=args.execution,
+                       device=args.device)
 
 
 def execute(args: argparse.Namespace) -> int:
-    from qvlm_harness.plan import check_model_source
+    from qvlm_harness.plan import check_device, check_model_source
     from qvlm_harness.writable import check_output_folder
 
     cfg = bench_config(args)
+    check_device(cfg.device)
     check_model_source(cfg.model)
     check_output_folder(args.output, "--output")  # written after every variant was timed
     log = lambda m: print(m, file=sys.stderr)
@@ -151,12 +160,15 @@ def table(rows: list[dict]):
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    return df[[c for c in COLUMNS if c in df.columns]].rename(columns=COLUMNS)
+    cuda_only = [c for c in CUDA_COLUMNS if c in df.columns and df[c].isna().all()]  # CPU runs: no such columns
+    return df[[c for c in COLUMNS if c in df.columns and c not in cuda_only]].rename(columns=COLUMNS)
 
 
 def render(result: dict) -> str:
     env = result["env"]
-    head = (f"model {env['model']}, {env['threads']} thread(s), torch {env['torch']}, {env['new_tokens']} new tokens, "
+    where = f" on {env['device']} ({env['accelerator']})" if env.get("accelerator") else ""
+    head = (f"model {env['model']}{where}, {env['threads']} thread(s), torch {env['torch']}, "
+            f"{env['new_tokens']} new tokens, "
             f"medians of {env['rounds']} interleaved rounds; kernel backend {env['backend']} "
             f"(fused CPU kernel: {env['fused_kernel']})")
     notes = ("x = ratio to fp32 in this run (>1 is better: faster, smaller). E2E = prefill + all decode steps. "

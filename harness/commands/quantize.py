@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
                    help="parts to quantize: vision,projector,lm (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the model is loaded and searched")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
     p.add_argument("--output", type=Path, required=True, help="folder to write the quantized checkpoint to")
 
@@ -35,6 +36,7 @@ def execute(args: argparse.Namespace) -> int:
     from qvlm_harness.images import check_images
     from qvlm_harness.models.llava import set_threads
     from qvlm_harness.plan import (
+        check_device,
         check_group,
         check_model_source,
         linear_widths,
@@ -60,6 +62,7 @@ def execute(args: argparse.Namespace) -> int:
         raise HarnessError("--calib-samples must be >= 0")
     if args.threads is not None and args.threads < 1:
         raise HarnessError(f"--threads must be at least 1 (omit it for all cores), got {args.threads}")
+    check_device(args.device)
     check_output_folder(args.output, "--output")
     if args.output.exists() and any(args.output.iterdir()) and not is_checkpoint(args.output):
         raise HarnessError(f"{args.output} exists and is not a quantized checkpoint; choose an empty folder")
@@ -77,7 +80,7 @@ def execute(args: argparse.Namespace) -> int:
     if calibration is not None:
         check_images((f"calibration sample {r.sample_id} of {task.name}", r.image) for r in calibration.requests)
     set_threads(args.threads)
-    adapter = load_float(path, name=model_id)
+    adapter = load_float(path, name=model_id, device=args.device)
     fingerprint = adapter.fingerprint()
     qm = quantize(adapter, method, spec, calibration, scope=tuple(args.scope), seed=args.seed)
     calib = None if calibration is None else {"task": task.name, "samples": len(calibration), "seed": args.seed}

@@ -31,6 +31,8 @@ class ConversionReport:
     kinds: dict[str, int] = field(default_factory=dict)  # packed module class -> count
     wrappers: dict[str, str] = field(default_factory=dict)  # wrapper FQN -> class, whose inner layer was packed
     kernel: str | None = None  # how the kernels were made ready (built, loaded, compiled) and in how long
+    # why packed int4 weight-only layers dequantize per call instead of an int4 kernel -> count (e.g. an old GPU)
+    kernel_notes: dict[str, int] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -38,7 +40,7 @@ class ConversionReport:
 
     def to_dict(self) -> dict:
         return {"converted": len(self.converted), "skipped": dict(self.skipped), "kinds": dict(self.kinds),
-                "wrappers": dict(self.wrappers), "kernel": self.kernel}
+                "wrappers": dict(self.wrappers), "kernel": self.kernel, "kernel_notes": dict(self.kernel_notes)}
 
     def summary(self) -> str:
         kinds = ", ".join(f"{n} {k}" for k, n in self.kinds.items()) or "none"
@@ -51,6 +53,9 @@ class ConversionReport:
             for r in self.skipped.values():
                 reasons[r] = reasons.get(r, 0) + 1
             s += f"; {len(self.skipped)} left simulated: " + "; ".join(f"{n} x {r}" for r, n in reasons.items())
+        if self.kernel_notes:
+            s += "; int4 weights dequantized per call (no int4 kernel): " + "; ".join(
+                f"{n} x {r}" for r, n in self.kernel_notes.items())
         if self.kernel:
             s += f"; {self.kernel}"
         return s
@@ -104,6 +109,9 @@ def convert_to_packed(model: nn.Module, *, backend: str = "auto") -> ConversionR
             built[id(q)] = pack_qlinear(q, backend=backend)
             kind = type(built[id(q)]).__name__
             report.kinds[kind] = report.kinds.get(kind, 0) + 1
+            note = getattr(built[id(q)], "kernel_note", None)
+            if note:
+                report.kernel_notes[note] = report.kernel_notes.get(note, 0) + 1
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, built[id(q)])

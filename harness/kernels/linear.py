@@ -10,9 +10,11 @@
 
   With group-wise weight scales the sum runs per group of input channels and each group's int32 result is
   scaled before they are added.
-* `WeightOnlyLinear` (WxA16): 2..4-bit weights through the CPU int4pack kernels
-  (``aten._weight_int4pack_mm_for_cpu``, which computes in bfloat16), 5..8-bit weights stored as int8 and
-  dequantized per call; on other devices the int4 codes are unpacked and dequantized per call.
+* `WeightOnlyLinear` (WxA16): 2..4-bit weights through torch's int4pack kernels, which compute in bfloat16
+  (``aten._weight_int4pack_mm_for_cpu`` on the CPU, ``aten._weight_int4pack_mm`` on CUDA GPUs of compute
+  capability 8.0+, see `qvlm_harness.kernels.int4pack`), 5..8-bit weights stored as int8 and dequantized per
+  call; where no int4 kernel runs (other GPUs, group sizes it lacks) the int4 codes stay packed and are
+  unpacked and dequantized per call (`kernel_note` says why).
 
 Every packed module reports `weight_storage_bytes` as the bytes it really holds (codes incl. padding, scales,
 zero points, precomputed row sums), so `qvlm_harness.measure.weight_bytes` measures the real footprint.
@@ -219,12 +221,17 @@ class WeightOnlyLinear(PackedLinear):
         w_scale = w_scale.detach().float().expand(n, groups).contiguous()
         w_zero = None if w_zero is None else w_zero.detach().to(torch.int32).expand(n, groups).contiguous()
         self.kernel = "dequant"
+        self.kernel_note: str | None = None  # why the int4 kernel does not run (None when it does or 5..8 bits)
         self.int4pack_group = None
-        if packed.fmt == "int4" and torch.device(device).type == "cpu":
+        self.int4pack_device = torch.device(device).type  # the int4pack layout is device-specific
+        if packed.fmt == "int4":
             self.int4pack_group = self._int4pack_group(k, group_size)
+            self.kernel_note = self._int4pack_blocker(torch.device(device), group_size)
+            if self.kernel_note is not None:
+                self.int4pack_group = None
         if self.int4pack_group is not None:
             self.kernel = "int4pack"
-            self._init_int4pack(centred, w_scale, w_zero)
+            self._init_int4pack(centred, w_scale, w_zero, torch.device(device))
         else:
             self.register_buffer("qweight", packed.data)
             self.register_buffer("w_scale", w_scale)
@@ -241,9 +248,26 @@ class WeightOnlyLinear(PackedLinear):
         kp = -(-k // 32) * 32
         return next(g for g in INT4PACK_GROUPS if kp % g == 0)
 
-    def _init_int4pack(self, centred: Tensor, w_scale: Tensor, w_zero: Tensor | None) -> None:
-        """Pack for ``aten._weight_int4pack_mm_for_cpu``: it computes ``w = (nibble - 8) * s + z`` per group, and
-        our weight is ``s * (v - z_c)`` with ``v = nibble - 8`` the centred code, so ``z = -s * z_c``."""
+    def _int4pack_blocker(self, device: torch.device, group_size: int | None) -> str | None:
+        """Why the int4pack kernel cannot hold this layer on `device` (None when it can)."""
+        from qvlm_harness.kernels.int4pack import cuda_int4pack_blocker
+
+        if self.int4pack_group is None:
+            return f"group size {group_size} is none of the int4 kernel's {', '.join(map(str, INT4PACK_GROUPS))}"
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda":
+            return cuda_int4pack_blocker(device)
+        return f"no int4 kernel on {device.type}"
+
+    def _init_int4pack(self, centred: Tensor, w_scale: Tensor, w_zero: Tensor | None,
+                       device: torch.device) -> None:
+        """Pack for ``aten._weight_int4pack_mm_for_cpu`` (CPU) or ``aten._weight_int4pack_mm`` (CUDA, see
+        `qvlm_harness.kernels.int4pack`): both compute ``w = (nibble - 8) * s + z`` per group, and our weight is
+        ``s * (v - z_c)`` with ``v = nibble - 8`` the centred code, so ``z = -s * z_c``. The layout is built on
+        the CPU (no-op copies there) and only the packed result goes to `device`."""
+        centred, w_scale = centred.cpu(), w_scale.cpu()
+        w_zero = None if w_zero is None else w_zero.cpu()
         n, k = centred.shape
         g = self.int4pack_group
         assert g is not None
@@ -257,7 +281,16 @@ class WeightOnlyLinear(PackedLinear):
         sz = torch.zeros(reps, self.n_pad, 2, dtype=torch.float32)
         sz[:, :n, 0] = s.t()
         sz[:, :n, 1] = z.t()
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib, 1))
+        if self.int4pack_device == "cuda":
+            from qvlm_harness.kernels.int4pack import inner_k_tiles, tinygemm_bytes
+
+            tiles = inner_k_tiles(self.k_pad)  # k_pad is a multiple of the group (>= 32), so at least 2 fit
+            assert tiles is not None
+            qweight = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(nib).to(device), tiles)
+            sz = sz.to(device)
+        else:
+            qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib, 1)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scales_and_zeros", sz.to(torch.bfloat16))
         self.register_buffer("w_scale", None)
         self.register_buffer("w_zero", None)
@@ -277,15 +310,20 @@ class WeightOnlyLinear(PackedLinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel == "dequant":
             return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if x.device.type != "cpu":
-            raise HarnessError(f"layer {self.name} was packed for the CPU int4 kernel; convert on the device "
-                               "it runs on (move the model before `convert_to_packed`)")
+        if x.device.type != self.int4pack_device or self.qweight.device.type != self.int4pack_device:
+            raise HarnessError(f"layer {self.name} was packed for the {self.int4pack_device.upper()} int4 kernel; "
+                               "convert on the device it runs on (move the model before `convert_to_packed`)")
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.k_pad != self.in_features:
             x2 = F.pad(x2, (0, self.k_pad - self.in_features))
         assert self.int4pack_group is not None and self.scales_and_zeros is not None
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.int4pack_group, self.scales_and_zeros)
+        if self.int4pack_device == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.qweight, self.int4pack_group,
+                                                   self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.int4pack_group,
+                                                           self.scales_and_zeros)
         if self.n_pad != self.out_features:
             y = y[:, : self.out_features]
         y = self._add_bias(y.float()).to(x.dtype)
@@ -295,4 +333,5 @@ class WeightOnlyLinear(PackedLinear):
         gran = f"group{self.group_size}" if self.group_size else "channel"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"w{self.w_bits} {'sym' if self.w_symmetric else 'asym'} per-{gran} {self.fmt}, a16 float, "
-                f"kernel={self.kernel}{' (bf16 compute)' if self.kernel == 'int4pack' else ''}, packed")
+                f"kernel={self.kernel}{' (bf16 compute)' if self.kernel == 'int4pack' else ''}"
+                f"{f' ({self.kernel_note})' if self.kernel_note else ''}, packed")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from qvlm_harness.device import sync
 from qvlm_harness.errors import ModelError
 from qvlm_harness.images import load_image
 from qvlm_harness.models.architectures import describe_model
@@ -247,6 +248,7 @@ class LlavaAdapter:
         """One padding-free batch through HF greedy generation, which stops once every row has ended."""
         length = batch["input_ids"].shape[1]
         streamer = _TimingStreamer()
+        sync(self.device)  # on CUDA: nothing queued before is charged to prefill (HF's streamer syncs per token)
         t0 = time.perf_counter()
         max_new = max(r.max_new_tokens for r in chunk)
         gen = self.model.generate(**batch, max_new_tokens=max_new, do_sample=False, num_beams=1,
@@ -295,6 +297,7 @@ class LlavaAdapter:
         multi = [any(len(ids) > 1 for ids in per) for per in opt_ids]
         outputs = self.model(**batch, use_cache=any(multi), logits_to_keep=1)
         first = torch.log_softmax(outputs.logits[:, -1, :].float(), dim=-1)
+        sync(first.device)  # CUDA runs asynchronously: the clock must see the forward finished
         share = (time.perf_counter() - t0) / len(opt_ids)
         responses = []
         for row, (per, longer) in enumerate(zip(opt_ids, multi, strict=True)):

@@ -52,8 +52,9 @@ class ActQuantMixin:
             raise ValueError(f"static activation QParams must be per tensor, got {tuple(qp.scale.shape)}")
         if qp.bits != self.a_bits or qp.symmetric != self.a_symmetric:
             raise ValueError(f"act_qparams (bits={qp.bits}, symmetric={qp.symmetric}) do not match {self.spec.tag}")
-        self.a_scale = qp.scale.detach().float().reshape(())
-        self.a_zero = qp.zero_point.detach().to(torch.int32).reshape(())
+        device = next((t.device for t in self.buffers()), qp.scale.device)  # the layer's, not the observer's
+        self.a_scale = qp.scale.detach().float().reshape(()).to(device)
+        self.a_zero = qp.zero_point.detach().to(torch.int32).reshape(()).to(device)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.a_bits >= FLOAT_BITS or self.calibrating:

@@ -61,10 +61,14 @@ def linear_names(model: nn.Module, prefixes: Include = None) -> list[str]:
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Install `new` at `name` (an FQN relative to `model`), replacing what was there: the one module swap every
-    method, checkpoint loader and transform uses."""
+    method, checkpoint loader and transform uses. `new` is moved to the device of the module it replaces when it
+    lives elsewhere (codes some searches compute on the CPU must not stay there on a CUDA model); on the CPU, or
+    when the old module is on the meta device, nothing moves."""
+    from qvlm_harness.device import place_like
+
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    setattr(parent, child, place_like(new, getattr(parent, child, None)))
 
 
 _set_submodule = set_submodule  # the former private name, still imported by aespa and the checkpoint loader

@@ -47,9 +47,11 @@ class HessianAccumulator:
         self.n = 0
 
     def add(self, rows: Tensor) -> None:
-        x = rows.detach().reshape(-1, rows.shape[-1]).double().cpu()
+        x = rows.detach().reshape(-1, rows.shape[-1]).double()
         if x.shape[0] == 0:
             return
+        if self.H.device != x.device:  # accumulate where the activations are (a GPU model's stay on the GPU)
+            self.H = self.H.to(x.device)
         self.H += x.T @ x
         self.n += x.shape[0]
 
@@ -104,8 +106,14 @@ def one_thread() -> Iterator[None]:
 
 def _gptq_quantize(W: Tensor, H: Tensor, bits: int, symmetric: bool, group_size: int | None, *, block_size: int,
                    percdamp: float, act_order: bool, qparams: QParams | None) -> GPTQResult:
-    W = W.detach().float().clone()
-    H = H.detach().float().clone()
+    """The column loop runs on the CPU (NumPy views, see `_solve`): W and H come over once per call and the
+    result goes back to W's device (no copies on the CPU)."""
+    device = W.device
+    W = W.detach().float().cpu().clone()
+    H = H.detach().float().cpu().clone()
+    if qparams is not None:
+        qparams = QParams(qparams.scale.cpu(), qparams.zero_point.cpu(), qparams.bits, qparams.symmetric,
+                          qparams.group_size)
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise HarnessError(f"Hessian shape {tuple(H.shape)} does not match the weight's {cols} input columns")
@@ -164,6 +172,9 @@ def _gptq_quantize(W: Tensor, H: Tensor, bits: int, symmetric: bool, group_size:
     else:
         qp = QParams(g_scale, g_zero.to(torch.int32), bits, symmetric, group_size)
         Q = (codes - g_zero.repeat_interleave(group_size, 1)) * g_scale.repeat_interleave(group_size, 1)
+    if device.type != "cpu":
+        qp = QParams(qp.scale.to(device), qp.zero_point.to(device), bits, symmetric, qp.group_size)
+        codes, Q, updated = codes.to(device), Q.to(device), updated.to(device)
     return GPTQResult(codes.to(torch.int32), qp, Q, float(losses.sum()), updated)
 
 

@@ -97,6 +97,9 @@ class NFLinear(ActQuantMixin, nn.Module):
             new = getattr(self, n, None)
             if old is not None and new is not None and new.dtype != old.dtype:
                 setattr(self, n, old.to(new.device))
+        bnb_cache = getattr(self, "_bnb", None)
+        if bnb_cache is not None and bnb_cache[0].device != self.qweight.device:
+            self.refresh()  # bitsandbytes' QuantState is no buffer: rebuild it on the new device
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):

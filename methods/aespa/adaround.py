@@ -119,8 +119,8 @@ def clip_search(W: Tensor, obj: Objective, bits: int, symmetric: bool, group_siz
     W = W.float()
     ratios = torch.linspace(1.0, min_ratio, max(int(steps), 1)).tolist()
     shape = (W.shape[0], W.shape[1] // group_size) if group_size else (W.shape[0], 1)
-    best = torch.full(shape, float("inf"))
-    best_ratio = torch.ones(shape)
+    best = torch.full(shape, float("inf"), device=W.device)
+    best_ratio = torch.ones(shape, device=W.device)
     for r in ratios:
         qp = qparams_for_ratio(W, r, bits, symmetric, group_size)
         err = obj.row_errors(fake_quant(W, qp) - W, group_size).reshape(shape)
@@ -256,7 +256,7 @@ def learn_rounding(W: Tensor, W_init: Tensor, obj: Objective, qp: QParams, *, it
         return RoundingResult(init_codes.to(torch.int32), dequant(init_codes, qp), loss_init, loss_init)
     mm_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     mm_obj = obj.cast(mm_dtype)
-    bounds = torch.tensor([float(qmin), float(qmax)])
+    bounds = torch.tensor([float(qmin), float(qmax)], device=W.device)
     v = _rect_sigmoid_inverse((W_init / s - base).clamp(0, 1))
     m = torch.zeros_like(v)
     s2 = torch.zeros_like(v)
@@ -271,7 +271,7 @@ def learn_rounding(W: Tensor, W_init: Tensor, obj: Objective, qp: QParams, *, it
             b = b_end + (b_start - b_end) * max(0.0, 1.0 - (it - start) / max(iters - start, 1))
             rw = round_weight
         n = it + 1
-        hyper = torch.tensor([lr / (1 - BETA1 ** n), (1 - BETA2 ** n) ** 0.5, rw, b])
+        hyper = torch.tensor([lr / (1 - BETA1 ** n), (1 - BETA2 ** n) ** 0.5, rw, b], device=W.device)
         ghalf = mm_obj.grad_half(e.to(mm_dtype)).float()
         v, m, s2, e = step(v, m, s2, ghalf, base, z, s, W, bounds, hyper)
     codes = torch.clamp(base + (v >= 0).float() + z, qmin, qmax)

@@ -69,12 +69,12 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_matrix(d: int) -> Tensor:
+def rope_matrix(d: int, device: torch.device | str | None = None) -> Tensor:
     """``P`` with ``rotate_half(x) = P x`` (so the rotation at a position is ``R = diag(c) + diag(s) P``)."""
     half = d // 2
-    P = torch.zeros(d, d, dtype=torch.float64)
-    P[:half, half:] = -torch.eye(half, dtype=torch.float64)
-    P[half:, :half] = torch.eye(half, dtype=torch.float64)
+    P = torch.zeros(d, d, dtype=torch.float64, device=device)
+    P[:half, half:] = -torch.eye(half, dtype=torch.float64, device=device)
+    P[half:, :half] = torch.eye(half, dtype=torch.float64, device=device)
     return P
 
 
@@ -85,7 +85,7 @@ def rope_mean(G: Tensor, cc: Tensor, cs: Tensor, ss: Tensor, n: int) -> Tensor:
     ``(CGC)_ij = c_i G_ij c_j`` etc., so the mean needs only ``sum c c^T``, ``sum c s^T``, ``sum s s^T``.
     `G` may carry leading (head) dimensions.
     """
-    P = rope_matrix(G.shape[-1]).to(G.dtype)
+    P = rope_matrix(G.shape[-1], G.device).to(G.dtype)
     cc, cs, ss = (m.to(G.dtype) / n for m in (cc, cs, ss))
     return G * cc + (G * cs) @ P + P.T @ (G * cs.T) + P.T @ (G * ss) @ P
 
@@ -138,7 +138,7 @@ class AttentionObserver:
         g = self.geometry
         if not self.checked:
             mine = (probs @ value.float().repeat_interleave(g.rep, dim=1)).transpose(1, 2)
-            valid = self._valid(mine.shape[0], mine.shape[1])
+            valid = self._valid(mine.shape[0], mine.shape[1], mine.device)
             a, b = mine[valid], reference.float()[valid]
             if not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * (1 + float(b.abs().max()))):
                 raise HarnessError("aespa: the recomputed attention probabilities do not reproduce this model's "
@@ -147,7 +147,8 @@ class AttentionObserver:
             self._check_rope(query)
             self.checked = True
         B, _, T, _ = query.shape
-        valid = self._valid(B, T)  # [B, T]
+        self._follow(query.device)
+        valid = self._valid(B, T, query.device)  # [B, T]
         n = int(valid.sum())
         if n == 0:
             return
@@ -167,10 +168,18 @@ class AttentionObserver:
             self.ss += sin.T @ sin
         self.n += n
 
-    def _valid(self, B: int, T: int) -> Tensor:
+    def _valid(self, B: int, T: int, device: torch.device | None = None) -> Tensor:
         if self.mask is not None and tuple(self.mask.shape) == (B, T):
-            return self.mask.bool()
-        return torch.ones(B, T, dtype=torch.bool)
+            return self.mask.bool().to(device) if device is not None else self.mask.bool()
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+
+    def _follow(self, device: torch.device) -> None:
+        """Keep the accumulators where the attention runs (a no-op once they are there, and on the CPU)."""
+        if self.value.device != device:
+            self.value, self.key_cov, self.query_cov = (t.to(device) for t in (self.value, self.key_cov,
+                                                                                 self.query_cov))
+            if self.cc is not None:
+                self.cc, self.cs, self.ss = (t.to(device) for t in (self.cc, self.cs, self.ss))
 
     def _check_rope(self, query: Tensor) -> None:
         """Decide whether the module rotates q/k with the rotate-half RoPE (then the Q/K objectives carry the
@@ -184,7 +193,7 @@ class AttentionObserver:
             cos, sin = (t.float().unsqueeze(1) for t in self.cos_sin)
             if torch.allclose(plain * cos + rotate_half(plain) * sin, ref, **tol):
                 self.rope = True
-                self.cc = torch.zeros(d, d, dtype=torch.float64)
+                self.cc = torch.zeros(d, d, dtype=torch.float64, device=query.device)
                 self.cs = torch.zeros_like(self.cc)
                 self.ss = torch.zeros_like(self.cc)
                 return

@@ -44,13 +44,13 @@ def _range(chunks: Sequence[Tensor], masks: Sequence[Tensor | None]) -> tuple[fl
 
 
 def _counts(values: Tensor, lo: float, hi: float, bins: int) -> Tensor:
-    """Histogram counts (float64) of `values` on `bins` equal bins over [lo, hi] (last bin closed), as
-    numpy.histogram counts them."""
+    """Histogram counts (float64, on the CPU: `bins` numbers, whatever device `values` is on) of `values` on `bins`
+    equal bins over [lo, hi] (last bin closed), as numpy.histogram counts them."""
     v = values.reshape(-1).double()
     if hi <= lo:  # a constant tensor: everything in one bin
         return torch.bincount(torch.zeros(v.numel(), dtype=torch.long), minlength=bins).double()
     idx = torch.floor((v - lo) * (bins / (hi - lo))).long().clamp_(0, bins - 1)
-    return torch.bincount(idx, minlength=bins).double()
+    return torch.bincount(idx, minlength=bins).double().cpu()
 
 
 def entropy_of_counts(counts: Tensor) -> float:

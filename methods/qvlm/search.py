@@ -165,7 +165,7 @@ def init_static_activations(units: Sequence[Unit], wrapped: dict[str, LearnableQ
             m.record = None
     gen = torch.Generator().manual_seed(seed)
     for k, m in static.items():
-        rows = torch.cat(records[k]) if records[k] else torch.zeros(1, m.in_features)
+        rows = torch.cat(records[k]) if records[k] else torch.zeros(1, m.in_features, device=m.weight_fp.device)
         if rows.shape[0] > n_tokens:
             idx = torch.randperm(rows.shape[0], generator=gen)[:n_tokens].sort().values
             rows = rows[idx]
@@ -316,10 +316,10 @@ class BlockSearch:
         rounding = [m.rounding for m in self.wrapped.values() if m.rounding is not None]
         n_vars = sum(r.v.numel() for r in rounding)
         if self.fused:
-            reg = None if beta is None else torch.tensor([opts.round_weight / n_vars, beta])
+            reg = None if beta is None else torch.tensor([opts.round_weight / n_vars, beta], device=si.hidden.device)
             for r in rounding:
                 r.reg = reg
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=opts.search_dtype == "bf16"):
+        with torch.autocast(si.hidden.device.type, dtype=torch.bfloat16, enabled=opts.search_dtype == "bf16"):
             parts, kl = self._forward(si, targets)
         loss = sum(w * (a / b.clamp(min=1e-12)) for w, (a, b) in zip(self.weights, parts, strict=True))
         if kl is not None:
