@@ -24,17 +24,28 @@ def _from_label(spec: QuantSpec, label: str) -> QuantSpec:
     return spec.with_activations(granularity, kind == "dyn")  # type: ignore[arg-type]
 
 
+def spec_computed(method: str, bits: str, recorded: str | None = None) -> QuantSpec | None:
+    """The spec a cell of `method` labelled `bits` was computed with, activations as run (None for "fp"); `recorded`
+    is the cell's stored activations word, when it has one."""
+    if bits == FLOAT_ROW:
+        return None
+    spec = QuantSpec.parse(bits)
+    if recorded:
+        return _from_label(spec, str(recorded)) if spec.quantizes_activations else spec
+    if method in plugins.methods:
+        return plugins.methods.get(method).computed_spec(spec)
+    return spec.with_activations("token", True) if spec.names_token else spec
+
+
+def activations_of(method: str, bits: str, recorded: str | None = None) -> str:
+    """'float', 'token-dyn', 'tensor-dyn', 'tensor-static' or 'channel-static' (see `spec_computed`)."""
+    spec = spec_computed(method, bits, recorded)
+    return FLOAT_ACTIVATIONS if spec is None else spec.activations
+
+
 def computed_spec(row: ResultRow) -> QuantSpec | None:
     """The spec `row` was computed with, activations as run (None for a float baseline's "fp" row)."""
-    if row.bits == FLOAT_ROW:
-        return None
-    spec = QuantSpec.parse(row.bits)
-    label = (row.settings or {}).get("activations")
-    if label:
-        return _from_label(spec, str(label)) if spec.quantizes_activations else spec
-    if row.method in plugins.methods:
-        return plugins.methods.get(row.method).computed_spec(spec)
-    return spec.with_activations("token", True) if spec.names_token else spec
+    return spec_computed(row.method, row.bits, (row.settings or {}).get("activations"))
 
 
 def row_activations(row: ResultRow) -> str:

@@ -4,8 +4,9 @@ For each method in the registry and each bit-width of `BITS` it supports: quanti
 save, load, and the loaded model gives bit-identical logits (a padded batch, with and without images), holds only
 module types the method declares (`Method.produces`) and is labelled as the result was; where the method says
 its output packs (`Method.packs`; per-input-channel activations never do), the loaded model converts completely
-to packed kernels and stays within the packed-vs-fake tolerance of tests/test_kernels.py. The cases come from the registry, so a method registered
-later is covered without editing this file; `BUDGET` only shrinks searches so the suite stays fast.
+to packed kernels and stays within the packed-vs-fake tolerance of tests/test_kernels.py. The cases come from the
+registry, so a method registered later is covered without editing this file; `BUDGET` only shrinks searches so the
+suite stays fast.
 """
 
 from __future__ import annotations
