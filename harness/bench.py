@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from qvlm_harness import plugins
-from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.config import ALL_SCOPES, CHANNEL_ACTIVATIONS_UNPACKABLE, QuantSpec, Scope
 from qvlm_harness.device import PeakDeviceMemory, is_cuda, sync
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.measure import PeakRSS, current_rss_mb, weight_bytes
@@ -82,9 +82,13 @@ def variant_specs(cfg: BenchConfig) -> list[tuple[str, QuantSpec]]:
         method = plugins.methods.get(name)(**cfg.method_options.get(name, {}))
         specs = [QuantSpec()] if method.fixed_precision else list(cfg.bits)
         for spec in specs:
+            spec = method.canonical_spec(spec)
             reason = method.supports(spec)
             if reason is not None:
                 raise HarnessError(f"method {name} does not support {spec.tag} ({reason}); see `harness ls methods`")
+            if cfg.execution == "packed" and spec.quantizes_activations and spec.a_granularity == "channel":
+                raise HarnessError(f"--bits {spec.tag} with --execution packed: {CHANNEL_ACTIVATIONS_UNPACKABLE}; use "
+                                   "--execution simulated or per-token / per-tensor activations")
             out.append((name, spec))
     out.sort(key=lambda p: p[0] != BASELINE)
     return out

@@ -401,7 +401,12 @@ class StoredQuantization(Method):
         self.name = manifest["method"]
         where = f"checkpoint {path}"
         self.spec: QuantSpec = spec_from_dict(manifest["spec"], where)
-        self.config = stored_config(manifest, method_class(self.name, where), where)
+        self.method_cls = method_class(self.name, where)
+        self.config = stored_config(manifest, self.method_cls, where)
+
+    def computed_spec(self, spec: QuantSpec) -> QuantSpec:  # type: ignore[override]
+        """The activations the stored method ran for its spec (its own default for a bare bit-width)."""
+        return self.method_cls.computed_spec(spec)
 
     def identity(self) -> dict[str, Any]:
         """The stored method's config (the checkpoint's contents are the model's content fingerprint)."""

@@ -14,7 +14,7 @@ from typing import Literal
 from qvlm_harness.errors import HarnessError
 
 WGranularity = Literal["tensor", "channel", "group"]
-AGranularity = Literal["tensor", "token"]
+AGranularity = Literal["tensor", "token", "channel"]
 Scope = Literal["vision", "projector", "lm"]
 ALL_SCOPES: tuple[Scope, ...] = ("vision", "projector", "lm")
 
@@ -23,12 +23,17 @@ _BITS_RE = re.compile(r"^w(?P<w>\d+)a(?P<a>\d+)(?:g(?P<g>\d+))?(?P<flags>(?:-[a-
 # flag -> (the property it sets, whether it concerns the weights rather than the activations)
 BITS_FLAGS: dict[str, tuple[str, bool]] = {
     "tensor": ("activation granularity", False), "token": ("activation granularity", False),
+    "channel": ("activation granularity", False),
     "static": ("activation range", False), "dynamic": ("activation range", False),
     "sym": ("activation symmetry", False), "asym": ("activation symmetry", False),
     "wasym": ("weight symmetry", True),
 }
-BITS_SYNTAX = "w<bits>a<bits>[g<group>][-tensor][-static|-dynamic][-sym][-wasym]"
+BITS_SYNTAX = "w<bits>a<bits>[g<group>][-token|-tensor|-channel][-static|-dynamic][-sym][-wasym]"
 FLOAT_BITS = 16  # 16 means "left in floating point"
+# Why per-input-channel activation ranges are simulated only (the planner, the packer and describe() say it).
+CHANNEL_ACTIVATIONS_UNPACKABLE = (
+    "a per-input-channel activation scale cannot be factored out of an integer GEMM (it lies along the reduction "
+    "dim: folding it in would multiply the weight's columns, which then leave the weight grid)")
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,15 @@ class QuantSpec:
     Weights: uniform, symmetric by default, per output channel unless `w_group_size` is set (then per group of
     that many input channels). Activations (the inputs of every quantized linear layer): uniform asymmetric,
     per token and dynamic by default, which maps directly onto integer GEMM kernels with per-row scales; static
-    per-tensor ranges (calibrated) are the alternative. 16 bits means the tensor stays in floating point.
+    per-tensor ranges (calibrated), dynamic per-tensor ranges and static per-input-channel ranges (calibrated; one
+    range per column of the ``[..., in]`` input, simulated only: such a scale lies along the GEMM's reduction dim)
+    are the alternatives. 16 bits means the tensor stays in floating point.
+
+    `a_granularity_given` records that the granularity was named (always for -tensor/-channel; for per-token
+    only when spelled ``-token``). A bare ``w4a4`` means the harness's per-token dynamic quantizer for every method
+    but one whose reference code uses another (`Method.default_activations`: qvlm-official's released per-channel
+    ranges); ``w4a4-token`` means per-token for that one too. The planner drops the flag where it changes nothing
+    (`Method.canonical_spec`), so ``w4a4-token`` is ``w4a4`` for everyone else: same tag, same cell id.
     """
 
     w_bits: int = FLOAT_BITS
@@ -48,6 +61,7 @@ class QuantSpec:
     a_granularity: AGranularity = "token"
     a_symmetric: bool = False
     a_dynamic: bool = True
+    a_granularity_given: bool = False
 
     def __post_init__(self) -> None:
         if not (2 <= self.w_bits <= 8 or self.w_bits == FLOAT_BITS):
@@ -58,6 +72,11 @@ class QuantSpec:
             raise HarnessError(f"group size must be positive, got {self.w_group_size}")
         if self.a_granularity == "token" and not self.a_dynamic:
             raise HarnessError("per-token activation quantization is dynamic by nature; use -static with -tensor")
+        if self.a_granularity != "token" and not self.a_granularity_given:
+            object.__setattr__(self, "a_granularity_given", True)  # a non-default granularity is always named
+        if self.a_granularity == "channel" and self.a_dynamic:
+            raise HarnessError("per-input-channel activation ranges are static (calibrated once, range per input "
+                               "channel); drop -dynamic or use -token / -tensor-dynamic")
 
     @property
     def w_granularity(self) -> WGranularity:
@@ -76,8 +95,25 @@ class QuantSpec:
         return not (self.quantizes_weights or self.quantizes_activations)
 
     @property
+    def activations(self) -> str:
+        """The activation quantizer in one word, as every results table prints it: 'float' (A16), 'token-dyn',
+        'tensor-dyn', 'tensor-static' or 'channel-static' (symmetry is in the bits tag)."""
+        if not self.quantizes_activations:
+            return "float"
+        return f"{self.a_granularity}-{'dyn' if self.a_dynamic else 'static'}"
+
+    @property
+    def names_token(self) -> bool:
+        """True for an explicit ``-token`` (per-token activations asked for by name)."""
+        return self.quantizes_activations and self.a_granularity == "token" and self.a_granularity_given
+
+    def with_activations(self, granularity: AGranularity, dynamic: bool) -> QuantSpec:
+        """The same spec with another activation quantizer; per-token comes out bare (``w4a4``)."""
+        return replace(self, a_granularity=granularity, a_dynamic=dynamic, a_granularity_given=granularity != "token")
+
+    @property
     def tag(self) -> str:
-        """Canonical short name, e.g. 'w4a4', 'w4a16g128', 'w8a8-tensor-static'."""
+        """Canonical short name, e.g. 'w4a4', 'w4a16g128', 'w8a8-tensor-static', 'w4a4-channel-static'."""
         s = f"w{self.w_bits}a{self.a_bits}"
         if self.w_group_size:
             s += f"g{self.w_group_size}"
@@ -86,6 +122,8 @@ class QuantSpec:
             s += "-wasym"
         if self.a_granularity != default.a_granularity:
             s += f"-{self.a_granularity}"
+        elif self.names_token:
+            s += "-token"  # only where a method's own default differs (see the class docstring)
         if self.a_granularity == "tensor" and self.a_dynamic:
             s += "-dynamic"  # a bare -tensor means static
         elif self.a_dynamic != default.a_dynamic:
@@ -98,7 +136,8 @@ class QuantSpec:
     def parse(cls, text: str) -> QuantSpec:
         """Parse 'w4a4', 'w6a6', 'w8a8', 'w4a16', 'w4a16g128', 'w8a8-tensor-static', 'w4a4-sym', 'fp'/'w16a16'.
 
-        Flags after the bits: `-tensor` (per-tensor activations, implies static unless `-dynamic`),
+        Flags after the bits: `-token` (per-token dynamic activations, the default, spelled out), `-tensor`
+        (per-tensor activations, implies static unless `-dynamic`), `-channel` (static per-input-channel ranges),
         `-static`, `-dynamic`, `-sym` (symmetric activations), `-wasym` (asymmetric weights). Each flag at most
         once; two flags setting the same property (`-static-dynamic`), activation flags on float activations
         (a16) and weight flags (g, -wasym) on float weights (w16) are refused: they would silently mean nothing.
@@ -121,7 +160,7 @@ class QuantSpec:
                 what = "weights (w16" if on_weights else "activations (a16"
                 raise HarnessError(f"bit-width {text!r}: -{flag} applies to quantized {what} keeps them in "
                                    f"float); drop -{flag}")
-        granularity: AGranularity = "tensor" if "tensor" in flags else "token"
+        granularity: AGranularity = "tensor" if "tensor" in flags else "channel" if "channel" in flags else "token"
         return cls(
             w_bits=w_bits,
             a_bits=a_bits,
@@ -130,6 +169,7 @@ class QuantSpec:
             a_granularity=granularity,
             a_symmetric="sym" in flags,
             a_dynamic="static" not in flags and (granularity == "token" or "dynamic" in flags),
+            a_granularity_given=bool({"token", "tensor", "channel"} & set(flags)),
         )
 
     @classmethod
@@ -143,7 +183,12 @@ class QuantSpec:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"tag": self.tag}
+        """The spec's value (cell identities, checkpoint manifests); `a_granularity_given` only for an explicit
+        -token (implied by the granularity otherwise), so specs stored before it existed keep their form."""
+        d = asdict(self)
+        if not self.names_token:
+            d.pop("a_granularity_given")
+        return d | {"tag": self.tag}
 
 
 @dataclass

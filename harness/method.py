@@ -61,8 +61,13 @@ class Method(ABC):
     #: a checkpoint saves only these and resolves their codecs through the method named in its manifest.
     produces: ClassVar[tuple[type, ...]] = ()
     #: True when the output converts to packed integer kernels (`convert_to_packed`) at every supported spec that
-    #: quantizes weights (float weights never pack).
+    #: quantizes weights (float weights never pack) and whose activations are not per input channel (those never
+    #: pack: their scale lies along the GEMM's reduction dim).
     packs: ClassVar[bool] = False
+    #: the activation quantizer a bare bit-width (``w4a4``, no -token/-tensor/-channel) means for this method, as
+    #: (granularity, dynamic): the harness's per-token dynamic one, unless the method reproduces code whose own
+    #: default is another (qvlm-official: the released per-input-channel static ranges). `resolve_spec` applies it.
+    default_activations: ClassVar[tuple[str, bool]] = ("token", True)
 
     def __init__(self, config: MethodConfig | None = None, **options: Any):
         if config is not None and options:
@@ -75,6 +80,25 @@ class Method(ABC):
     def options(self) -> dict[str, Any]:
         """The config as a plain dict (every option, defaults included)."""
         return {k: v for k, v in self.config.to_dict().items() if k != "version"}
+
+    @classmethod
+    def canonical_spec(cls, spec: QuantSpec) -> QuantSpec:
+        """The cell spec of a requested one: an explicit ``-token`` is dropped (``w4a4-token`` is ``w4a4``: same
+        tag, same cell id) unless this method's bare bit-width means other activations."""
+        if spec.names_token and cls.default_activations == ("token", True):
+            return spec.with_activations("token", True)
+        return spec
+
+    @classmethod
+    def computed_spec(cls, spec: QuantSpec) -> QuantSpec:
+        """The activation quantizer this method runs for `spec`, as a plain spec (explicit -token dropped, a bare
+        bit-width given `default_activations`): what tables print and what fair comparisons pair on."""
+        if spec.names_token:
+            return spec.with_activations("token", True)
+        bare = spec.quantizes_activations and (spec.a_granularity, spec.a_dynamic) == ("token", True)
+        if bare and cls.default_activations != ("token", True):
+            return spec.with_activations(*cls.default_activations)  # type: ignore[arg-type]
+        return spec
 
     def supports(self, spec: QuantSpec) -> str | None:
         """None when the method can quantize at `spec`, else the reason it cannot (one line)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qvlm_harness import plugins
+from qvlm_harness.activations import computed_bits, row_activations
 from qvlm_harness.errors import HarnessError, UnknownNameError
 from qvlm_harness.metrics.classification import ConfidenceInterval
 from qvlm_harness.metrics.intervals import interval_metrics, paired_intervals
@@ -47,6 +48,13 @@ class PairedResult:
     trials: int
     verdict: str  # "better" | "worse" | "not distinguishable" | "undefined" (A relative to B)
     lower_is_better: bool = False  # from the task's metadata
+    activations_a: str = ""  # the activation quantizer of each side (`qvlm_harness.activations`)
+    activations_b: str = ""
+
+    @property
+    def activations_label(self) -> str:
+        a, b = self.activations_a, self.activations_b
+        return a if a == b else f"{a} / {b}"
 
     @property
     def task_label(self) -> str:
@@ -76,15 +84,19 @@ def _method_name(name: str) -> str:
 
 
 def pair_rows(rows: Sequence[ResultRow], a: str, b: str) -> list[tuple[ResultRow, ResultRow]]:
-    """(row of A, row of B) per task, shots and bits both have; a float method's "fp" row pairs with every bits
-    of the other method that has no "fp" row of its own."""
+    """(row of A, row of B) per task, shots and computed bits both have; a float method's "fp" row pairs with
+    every bits of the other method that has no "fp" row of its own.
+
+    Rows pair on what they computed (`computed_bits`: weights and the activation quantizer), not on their labels:
+    qvlm's ``w4a4`` (per-token) pairs with qvlm-official's ``w4a4-token``, and qvlm-official's bare ``w4a4`` (its
+    released per-input-channel ranges) with qvlm's ``w4a4-channel-static``, never with qvlm's ``w4a4``."""
     present = sorted({r.method for r in rows})
     for name in (a, b):
         if name not in present:
             raise HarnessError(f"method {name!r} has no results in the selected rows (methods there: "
                                f"{', '.join(present)}); run it first or pick another --run/--store")
-    by_a = {(r.task, r.shots, r.bits): r for r in rows if r.method == a}
-    by_b = {(r.task, r.shots, r.bits): r for r in rows if r.method == b}
+    by_a = {(r.task, r.shots, computed_bits(r)): r for r in rows if r.method == a}
+    by_b = {(r.task, r.shots, computed_bits(r)): r for r in rows if r.method == b}
     pairs = []
     for key in sorted(by_a.keys() & by_b.keys()):
         pairs.append((by_a[key], by_b[key]))
@@ -96,8 +108,9 @@ def pair_rows(rows: Sequence[ResultRow], a: str, b: str) -> list[tuple[ResultRow
                 if (task2, shots2) == (task, shots) and bits2 != FLOAT_BITS:
                     pairs.append((row2, row) if flip else (row, row2))
     if not pairs:
-        raise HarnessError(f"{a} and {b} share no task x bits in the selected rows; run both on the same tasks and "
-                           "bits (a float method pairs with every bits)")
+        raise HarnessError(f"{a} and {b} share no task x bits in the selected rows (rows pair on bits and activation "
+                           "quantizer, the table's Activations column); run both on the same tasks and bits, e.g. "
+                           "--bits w4a4-token or w4a4-channel for both (a float method pairs with every bits)")
     return sorted(pairs, key=lambda p: (p[0].task, p[0].shots, p[0].bits, p[1].bits))
 
 
@@ -190,7 +203,8 @@ def compare_methods(store: Store, method_a: str, method_b: str, *, run_id: str |
             comp.results.append(PairedResult(
                 task=ra.task, shots=ra.shots, bits_a=ra.bits, bits_b=rb.bits, metric=m, a=float(ra.metrics[m]),
                 b=float(rb.metrics[m]), delta=deltas[m], n_paired=len(ids_a), trials=ca.trials,
-                verdict=verdict(deltas[m], lower), lower_is_better=lower))
+                verdict=verdict(deltas[m], lower), lower_is_better=lower, activations_a=row_activations(ra),
+                activations_b=row_activations(rb)))
     if not comp.results:
         raise HarnessError(f"none of the metrics {metrics} is reported by both {a} and {b}; use --metrics primary, "
                            "all, or names from `harness ls tasks`")
@@ -211,10 +225,10 @@ def format_method_comparison(comp: MethodComparison) -> str:
     rows = []
     for r in comp.results:
         word = {"better": f"{a} better", "worse": f"{a} worse"}.get(r.verdict, r.verdict)
-        rows.append([r.task_label, r.bits_label, r.metric + ("*" if r.lower_is_better else ""),
+        rows.append([r.task_label, r.bits_label, r.activations_label, r.metric + ("*" if r.lower_is_better else ""),
                      _fmt(r.a), _fmt(r.b), _fmt(r.delta.estimate, "+.2f"),
                      f"[{_fmt(r.delta.low, '+.2f')}, {_fmt(r.delta.high, '+.2f')}]", r.n_paired, word])
-    head = ["Task", "Bits", "Metric", a, b, f"{a} - {b}", pct, "N", "Verdict"]
+    head = ["Task", "Bits", "Activations", "Metric", a, b, f"{a} - {b}", pct, "N", "Verdict"]
     out = [tabulate(rows, headers=head, tablefmt="github", disable_numparse=True)]
     if any(r.lower_is_better for r in comp.results):
         out.append("* lower is better")
@@ -229,6 +243,7 @@ def format_method_comparison(comp: MethodComparison) -> str:
 def method_comparison_to_dict(comp: MethodComparison) -> dict[str, Any]:
     return {"method_a": comp.method_a, "method_b": comp.method_b, "ci": comp.ci, "resamples": comp.n_resamples,
             "seed": comp.seed, "notes": comp.notes, "comparisons": [
-                {"task": r.task, "shots": r.shots, "bits_a": r.bits_a, "bits_b": r.bits_b, "metric": r.metric,
+                {"task": r.task, "shots": r.shots, "bits_a": r.bits_a, "bits_b": r.bits_b,
+                 "activations_a": r.activations_a, "activations_b": r.activations_b, "metric": r.metric,
                  "a": r.a, "b": r.b, "delta": r.delta.estimate, "low": r.delta.low, "high": r.delta.high,
                  "n_paired": r.n_paired, "trials": r.trials, "verdict": r.verdict} for r in comp.results]}

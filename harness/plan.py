@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qvlm_harness import plugins
-from qvlm_harness.config import QuantSpec, RunSpec
+from qvlm_harness.config import CHANNEL_ACTIVATIONS_UNPACKABLE, QuantSpec, RunSpec
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.images import check_images
 from qvlm_harness.method import Method
@@ -286,7 +286,7 @@ def make_plan(spec: RunSpec, *, collect: bool = False) -> Plan:
         plan.methods[stored.name] = stored
         plan.bits = (stored.spec,)
     else:
-        plan.bits = tuple(dict.fromkeys(spec.bits))
+        plan.bits = tuple(dict.fromkeys(spec.bits))  # w4a4 and w4a4-token differ until `Method.canonical_spec`
         for name in dict.fromkeys(spec.methods):
             with problems.check():
                 canonical = plugins.methods.resolve_name(name)
@@ -376,7 +376,14 @@ def _cells(plan: Plan, problems: _Problems) -> list[Cell]:
     n_specs = sum(1 if m.fixed_precision else len(plan.bits) for m in plan.methods.values())
     for name, method in plan.methods.items():
         specs = [QuantSpec()] if method.fixed_precision else list(plan.bits)
-        for qspec in specs:
+        resolved: set[QuantSpec] = set()
+        for requested in specs:
+            qspec = requested if method.fixed_precision else method.canonical_spec(requested)
+            if qspec in resolved:
+                if qspec != requested:
+                    plan.notes.append(f"--bits: {requested.tag} is {qspec.tag} for {name}; evaluated once")
+                continue
+            resolved.add(qspec)
             reason = method.supports(qspec)
             if reason is None:
                 method.check(qspec)
@@ -387,6 +394,8 @@ def _cells(plan: Plan, problems: _Problems) -> list[Cell]:
                 else:
                     plan.notes.append(f"skipping: {message}")
                 continue
+            if not _packable_activations(plan, name, qspec, problems):
+                continue
             for t, task in plan.tasks.items():
                 shots = tuple(dict.fromkeys(spec.shots)) if task.supports_shots else (0,)
                 if spec.scoring not in task.scoring_modes and len(task.scoring_modes) > 1:
@@ -396,6 +405,23 @@ def _cells(plan: Plan, problems: _Problems) -> list[Cell]:
     if plan.methods and plan.tasks and not cells:
         raise HarnessError("no method supports any of the requested bit-widths; see `harness ls methods`")
     return cells
+
+
+def _packable_activations(plan: Plan, name: str, qspec: QuantSpec, problems: _Problems) -> bool:
+    """--execution packed and per-input-channel activations: refused when --bits names the channel ranges
+    (False); a method whose own default they are (a bare w4a4) runs them simulated, with a note, as it always
+    did (True)."""
+    computed = plan.methods[name].computed_spec(qspec)
+    if plan.spec.execution != "packed" or not computed.quantizes_activations or computed.a_granularity != "channel":
+        return True
+    if qspec.a_granularity == "channel":
+        problems.add(f"--bits {qspec.tag} with --execution packed: {CHANNEL_ACTIVATIONS_UNPACKABLE}; use "
+                     "--execution simulated, or per-token (-token) / per-tensor (-tensor) activations")
+        return False
+    plan.notes.append(f"{name} {qspec.tag} stays simulated under --execution packed (its default activations are "
+                      f"{computed.activations}: {CHANNEL_ACTIVATIONS_UNPACKABLE}); give {qspec.tag}-token for "
+                      "packable per-token activations")
+    return True
 
 
 def _check_structure(plan: Plan, problems: _Problems) -> None:

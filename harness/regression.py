@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from qvlm_harness import __version__, plugins
+from qvlm_harness.activations import activations_of
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.metrics.classification import ConfidenceInterval, paired_bootstrap_ci
 from qvlm_harness.store import ResultRow, SampleLog, Store, _dumps
@@ -111,7 +112,8 @@ def cell_from_row(row: ResultRow, store_path: Path) -> CellScores:
               "data_fingerprint": row.data_fingerprint, "n_samples": row.n_samples, "sample_limit": row.sample_limit,
               "seed": row.seed, "split": row.split, "scoring": row.scoring, "execution": row.execution,
               "git": row.environment.get("git"), "harness_version": row.environment.get("harness_version"),
-              "task_options": row.settings.get("task_options") or {}},
+              "task_options": row.settings.get("task_options") or {},
+              "activations": activations_of(row.method, row.bits, row.settings.get("activations"))},
     )
 
 
@@ -218,6 +220,7 @@ class MetricCheck:
     lower_is_better: bool = False  # the task declares a drop an improvement (e.g. a parse-failure rate)
     status: str = "ok"  # ok | improved | regressed | below-recovery | near-recovery | known-below-recovery | ...
     reasons: list[str] = field(default_factory=list)
+    activations: str = ""  # the cell's activation quantizer (`qvlm_harness.activations`), for the table
 
     @property
     def failed(self) -> bool:
@@ -345,7 +348,8 @@ def compare(current: Sequence[CellScores], baseline: Sequence[CellScores], *, ga
         for metric in sorted(comparable_metrics(c.metrics), key=lambda m: m not in gated):
             check = MetricCheck(cell=c.label, key=key, metric=metric, baseline=None, current=c.metrics[metric],
                                 delta=None, n_paired=0, gated=metric in gated,
-                                lower_is_better=metric in lower_is_better)
+                                lower_is_better=metric in lower_is_better,
+                                activations=activations_of(c.method, c.bits, c.info.get("activations")))
             if paired is not None and paired.ids and metric in b.metrics:
                 check.baseline = b.metrics[metric]
                 check.n_paired = len(paired.ids)
@@ -444,11 +448,13 @@ def format_comparison(comp: Comparison, *, only_gated: bool = False) -> str:
         method, bits, task, shots, scoring = c.key
         status = c.status.upper() if c.failed else c.status + ("" if c.gated or c.status == "ok" else " (not gated)")
         interval = f"[{_fmt(c.delta.low, '+.2f')}, {_fmt(c.delta.high, '+.2f')}]" if c.delta else "-"
-        rows.append([method, bits, task + (f" {shots}-shot" if shots else "") + (f" ({scoring})" if scoring else ""),
+        rows.append([method, bits, c.activations, task + (f" {shots}-shot" if shots else "")
+                     + (f" ({scoring})" if scoring else ""),
                      c.metric + ("" if c.gated else "*"),
                      _fmt(c.baseline), _fmt(c.current), _fmt(c.delta.estimate, "+.2f") if c.delta else "-",
                      interval, _fmt(c.recovery, ".3f"), c.n_paired, status])
-    head = ["Method", "Bits", "Task", "Metric", "Baseline", "Current", "Delta", pct, "Recovery", "N", "Status"]
+    head = ["Method", "Bits", "Activations", "Task", "Metric", "Baseline", "Current", "Delta", pct, "Recovery", "N",
+            "Status"]
     out = [tabulate(rows, headers=head, tablefmt="github", disable_numparse=True),
            "", "* reported, not gated (gate with --gate all or --gate METRIC,...)"]
     out += [f"note: {n}" for n in comp.notes]

@@ -1,8 +1,10 @@
 """Tables from result rows: CSV, LaTeX (booktabs) and Markdown, with columns as in the paper's tables.
 
 Two kinds of table:
-- the main table: method x bits, each task's primary metric, latency and memory, and the execution label
-  ("float", "simulated", "real") so fake quantization is never mistaken for a measured deployment;
+- the main table: method x bits, each task's primary metric, latency and memory, the activation quantizer
+  ("Activations": token-dyn, tensor-static, channel-static, ...; `qvlm_harness.activations`), so two rows at one
+  bit-width with different activation quantizers are never read as a like-for-like comparison, and the execution
+  label ("float", "simulated", "real") so fake quantization is never mistaken for a measured deployment;
 - one table per task with every sub-metric, in the order and under the labels the task declares.
 
 This module knows no task: labels, metric order, primary metrics, which end of a column is best, the Shots column
@@ -27,11 +29,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from qvlm_harness.activations import row_activations
 from qvlm_harness.config import QuantSpec
 from qvlm_harness.store import ResultRow
 from qvlm_harness.table_format import best_cells, table_notes, table_to_latex, to_latex, to_markdown  # noqa: F401
 from qvlm_harness.task import TaskMeta, row_task_meta
 
+ACTIVATIONS_COLUMN = "Activations"
 SIMULATED_NOTE = ("simulated = fake quantization in floating point: accuracy is real, latency and memory are those "
                   "of the float model (packed MB is what a packed format would take).")
 EFFICIENCY_COLUMNS = ("Prefill ms", "Decode tok/s", "Weights MB", "Packed MB", "Peak RSS MB", "Search s")
@@ -199,7 +203,8 @@ def main_table(rows: Sequence[ResultRow], primary: dict[str, str] | None = None)
     columns = {cell: _shots_label(labels[cell[0]], cell[1]) for cell in task_shots_order(rows)}
     records, ranking, intervals = [], {}, {}
     for (method, bits), rs in groups.items():
-        rec = {"Method": method, "Bits": _bits_label(bits), "Exec": rs[0].execution}
+        rec = {"Method": method, "Bits": _bits_label(bits), ACTIVATIONS_COLUMN: row_activations(rs[0]),
+               "Exec": rs[0].execution}
         rec |= {column: math.nan for column in columns.values()}  # task columns in task order
         for r in rs:
             meta = metas[r.task]
@@ -234,7 +239,8 @@ def task_table(rows: Sequence[ResultRow], task: str) -> pd.DataFrame:
     meta = task_meta(own, task)
     records, intervals = [], {}
     for r in own:
-        rec = {"Method": _method_label(r, variants), "Bits": _bits_label(r.bits), "Exec": r.execution}
+        rec = {"Method": _method_label(r, variants), "Bits": _bits_label(r.bits),
+               ACTIVATIONS_COLUMN: row_activations(r), "Exec": r.execution}
         if r.shots or meta.varies_by_shots:
             rec["Shots"] = r.shots
         for k in meta.metrics:
@@ -285,7 +291,8 @@ def multi_dataset_table(rows: Sequence[ResultRow]) -> pd.DataFrame:
         groups.setdefault((r.method, r.bits), []).append(r)
     records, intervals = [], {}
     for (method, bits), rs in groups.items():
-        rec: dict = {"Method": method, "Bits": _bits_label(bits), "Exec": rs[0].execution}
+        rec: dict = {"Method": method, "Bits": _bits_label(bits), ACTIVATIONS_COLUMN: row_activations(rs[0]),
+                     "Exec": rs[0].execution}
         by_col = {(r.task, r.shots): r for r in rs}
         for task, shots in columns:
             r = by_col.get((task, shots))
@@ -304,7 +311,7 @@ def multi_dataset_table(rows: Sequence[ResultRow]) -> pd.DataFrame:
 def efficiency_table(rows: Sequence[ResultRow]) -> pd.DataFrame:
     """Latency and memory per method x bits (averaged over the cells of that setting), with the execution label:
     for "simulated" rows the timings and stored bytes are those of the float model."""
-    keep = ["Method", "Bits", "Exec", *EFFICIENCY_COLUMNS]
+    keep = ["Method", "Bits", ACTIVATIONS_COLUMN, "Exec", *EFFICIENCY_COLUMNS]
     table = main_table(rows)
     return _annotate(table[[c for c in keep if c in table.columns]].copy(), ranking=EFFICIENCY_RANKING,
                      intervals={}, measured_only=MEASURED_ON_REAL_KERNELS, title="Latency and memory",

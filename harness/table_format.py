@@ -34,7 +34,7 @@ def best_cells(df: pd.DataFrame, higher: Sequence[str] = (), lower: Sequence[str
     return out
 
 
-STRUCTURAL_COLUMNS = ("Method", "Bits", "Exec", "Shots", "N")
+STRUCTURAL_COLUMNS = ("Method", "Bits", "Activations", "Exec", "Shots", "N")
 
 
 def bold_cells(df: pd.DataFrame) -> set[tuple[int, str]]:

@@ -24,6 +24,12 @@ paper-faithful `qvlm`:
   the released code's otherwise dead per-token-row branch for the vision tower (NF4 + static per-position
   ranges, shrink grid {1.0, 0.999, 0.998}).
 
+Activation granularity (issue 16): the released per-input-channel ranges above are this method's default, what a
+bare ``w4a4`` means for it (``Method.default_activations``; the row's activations column says ``channel-static``,
+and ``w4a4-channel`` names it). ``w4a4-token`` swaps them for the harness's shared per-token dynamic quantizer (no
+calibration: NF4 weights and per-token activations only), so qvlm-official and qvlm can be compared under one
+activation quantizer; per-tensor ranges are not part of the released code and are refused.
+
 Deliberate differences: ranges and scales are clamped (the released code divides by ``max - min`` and yields
 NaN for a constant channel); no random answer is substituted for unparseable outputs (the harness scores them
 wrong); the hidden width, not the literal 4096, decides which layers are dynamic (``literal_4096=true`` gives
@@ -42,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qvlm_harness.config import ALL_SCOPES, FLOAT_BITS, QuantSpec, Scope
+from qvlm_harness.config import ALL_SCOPES, CHANNEL_ACTIVATIONS_UNPACKABLE, FLOAT_BITS, QuantSpec, Scope
 from qvlm_harness.cost import stage
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.method import Method, MethodConfig, QuantizedModel
@@ -52,6 +58,7 @@ from qvlm_harness.quant.apply import set_submodule
 from qvlm_harness.quant.codec import ModuleCodec, ModuleFacts, StoredModule, attach_codec, dtype_name
 from qvlm_harness.quant.nf4 import NFState, nf_quantize
 from qvlm_harness.quant.nflinear import nf_stat_names, nf_state_from, nf_state_meta, nf_state_tensors
+from qvlm_harness.quant.quantizer import fake_quantize_per_token
 
 # -- the released activation quantizer ------------------------------------------------------------------------------
 
@@ -99,32 +106,36 @@ class CalibState:
 
 
 class OfficialQLinear(nn.Module):
-    """NF4 weights + the released activation quantizer of one linear (LM: per input channel; vision: per row)."""
+    """NF4 weights + the activation quantizer of one linear: the released one (LM: per input channel; vision: per
+    row), or the harness's shared per-token dynamic one (``kind="token"``, for a comparison under one quantizer)."""
 
     def __init__(self, linear: nn.Linear, a_bits: int, kind: str, block: int, position: int, dynamic: bool,
-                 state: CalibState, name: str):
+                 state: CalibState, name: str, a_symmetric: bool = False):
         super().__init__()
         nf4 = nf_quantize(linear.weight, backend="auto")  # bitsandbytes' own state when it imports
-        self._setup(nf4, linear.bias, linear.weight.dtype, a_bits, kind, block, position, dynamic, state, name)
+        self._setup(nf4, linear.bias, linear.weight.dtype, a_bits, kind, block, position, dynamic, state, name,
+                    a_symmetric)
 
     @classmethod
     def restore(cls, nf4: NFState, bias: Tensor | None, dtype: torch.dtype, a_bits: int, kind: str, block: int,
-                position: int, dynamic: bool, state: CalibState, name: str) -> OfficialQLinear:
+                position: int, dynamic: bool, state: CalibState, name: str,
+                a_symmetric: bool = False) -> OfficialQLinear:
         """A layer from its stored NF4 state (checkpoint loading: nothing is re-quantized)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(nf4, bias, dtype, a_bits, kind, block, position, dynamic, state, name)
+        self._setup(nf4, bias, dtype, a_bits, kind, block, position, dynamic, state, name, a_symmetric)
         return self
 
     def _setup(self, nf4: NFState, bias: Tensor | None, dtype: torch.dtype, a_bits: int, kind: str, block: int,
-               position: int, dynamic: bool, state: CalibState, name: str) -> None:
+               position: int, dynamic: bool, state: CalibState, name: str, a_symmetric: bool = False) -> None:
         self.name = name
         self.out_features, self.in_features = nf4.shape
         self.nf4 = nf4
         self.register_buffer("weight", self.nf4.dequantize(dtype))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.a_bits = a_bits
-        self.kind = kind  # "channel" (language model) | "row" (vision) | "none" (A16)
+        self.kind = kind  # "channel" (language model) | "row" (vision) | "token" (shared per-token) | "none" (A16)
+        self.a_symmetric = a_symmetric  # the shared per-token quantizer only: the released ranges are asymmetric
         self.block, self.position = block, position  # count_block (1-based), count_layer (1-based)
         self.dynamic = dynamic
         self.state = state
@@ -203,6 +214,9 @@ class OfficialQLinear(nn.Module):
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.kind == "none":
             return x
+        if self.kind == "token":  # the harness's shared quantizer: one dynamic range per token row
+            what = f"the input activations of layer {self.name}"
+            return fake_quantize_per_token(x, self.a_bits, self.a_symmetric, what=what)
         xf = x.float()
         if self.phase != "off":
             if xf.shape[1] == 1:
@@ -258,9 +272,13 @@ class OfficialQLinear(nn.Module):
         return self.weight.numel() * self.weight.element_size() + s.codes.numel() + s.absmax_q.numel()
 
     def extra_repr(self) -> str:
-        act = "a16 float" if self.kind == "none" else (
-            f"a{self.a_bits} asym per-{'input-channel' if self.kind == 'channel' else 'token-row'} "
-            f"{'dynamic' if self.dynamic else 'static'}")
+        if self.kind == "none":
+            act = "a16 float"
+        elif self.kind == "token":
+            act = f"a{self.a_bits} {'sym' if self.a_symmetric else 'asym'} per-token dynamic (shared quantizer)"
+        else:
+            act = (f"a{self.a_bits} asym per-{'input-channel' if self.kind == 'channel' else 'token-row'} "
+                   f"{'dynamic' if self.dynamic else 'static'}")
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 block64 double-quant, "
                 f"{act}, block {self.block} layer {self.position}, simulated")
 
@@ -270,14 +288,15 @@ class OfficialQLinear(nn.Module):
 # the activation scheme (bits, per-channel / per-row / none, dynamic), the layer's place (block, position) and the
 # search's outcome (shrink, samples). The dequantized weight is rebuilt from the NF4 state; the per-prompt padding
 # mask the dynamic layers read comes from a hook on the language model, re-installed once all layers are loaded.
-_KINDS = ("channel", "row", "none")
+_KINDS = ("channel", "row", "token", "none")
 
 
 def _codec_meta(m: OfficialQLinear) -> dict:
     if m.phase != "off":
         raise HarnessError(f"cannot save {m.name}: it is still calibrating (phase {m.phase!r})")
     return {"in": m.in_features, "out": m.out_features, "name": m.name, "dtype": dtype_name(m.weight.dtype),
-            "a_bits": m.a_bits, "kind": m.kind, "block": m.block, "position": m.position, "dynamic": m.dynamic,
+            "a_bits": m.a_bits, "a_symmetric": m.a_symmetric, "kind": m.kind, "block": m.block,
+            "position": m.position, "dynamic": m.dynamic,
             "samples": m.samples, "shrink": m.shrink, **nf_state_meta(m.nf4)}
 
 
@@ -296,12 +315,12 @@ def _codec_build(s: StoredModule) -> OfficialQLinear:
     out_f, in_f = s.ints("out", "in")
     nf4 = nf_state_from(s, (out_f, in_f))
     lo, hi = s.tensors["range_min"], s.tensors["range_max"]
-    width = {"channel": in_f, "none": 0}.get(kind, lo.numel())
+    width = {"channel": in_f, "token": 0, "none": 0}.get(kind, lo.numel())
     s.shaped("range_min", (width,))
     s.shaped("range_max", (width,))
     bias = s.shaped("bias", (out_f,)) if "bias" in s.tensors else None
     m = OfficialQLinear.restore(nf4, bias, s.dtype(), a_bits, kind, block, position, bool(s.meta_field("dynamic")),
-                                CalibState(), s.meta.get("name", ""))
+                                CalibState(), s.meta.get("name", ""), bool(s.meta.get("a_symmetric", False)))
     m.range_min, m.range_max = lo.float(), hi.float()
     m.samples, m.shrink = samples, float(s.meta_field("shrink"))
     return m
@@ -349,6 +368,7 @@ class QVLMOfficial(Method):
     Config = QVLMOfficialConfig
     produces = (OfficialQLinear,)
     packs = False  # per-input-channel activation scales lie along the reduction dim: no integer GEMM
+    default_activations = ("channel", False)  # the released code's ranges: what a bare w4a4 means here
 
     @property
     def n_calib(self) -> int:
@@ -371,21 +391,34 @@ class QVLMOfficial(Method):
             return "the released code has NF4 (4-bit) weights only; use w4a4 or w4a16"
         if spec.w_group_size not in (None, 64):
             return "NF4 uses blocks of 64; drop the group suffix"
-        if spec.quantizes_activations and (spec.a_granularity != "token" or spec.a_symmetric or not spec.a_dynamic):
-            return "the released activation scheme is fixed (asymmetric per input channel); use plain w4aN"
+        act = self.computed_spec(spec)
+        if not act.quantizes_activations or act.a_granularity == "token":
+            return None
+        if act.a_granularity == "tensor":
+            return ("per-tensor ranges are not in the released code; use w4aN (its per-input-channel ranges) or "
+                    "w4aN-token (the shared per-token quantizer)")
+        if act.a_symmetric:
+            return "the released per-input-channel ranges are asymmetric; drop -sym (or use w4aN-token-sym)"
         return None
 
     def needs_calibration(self, spec: QuantSpec) -> bool:
-        return spec.quantizes_activations
+        return self.computed_spec(spec).a_granularity == "channel" and spec.quantizes_activations
 
     def describe(self, spec: QuantSpec) -> str:
-        a = (f"A{spec.a_bits} asymmetric per-input-channel ranges (gated running min/max on 8 prompts, shrink grid "
-             f"1.0..0.4 on a search prompt; o/down_proj dynamic per prompt)" if spec.quantizes_activations
-             else "A16 (float)")
+        act = self.computed_spec(spec)
+        if not act.quantizes_activations:
+            a = "A16 (float)"
+        elif act.a_granularity == "token":
+            a = (f"A{spec.a_bits} {'symmetric' if act.a_symmetric else 'asymmetric'} dynamic per-token activations "
+                 "(the harness's shared quantizer, not the released one; no calibration)")
+        else:
+            a = (f"A{spec.a_bits} asymmetric static per-input-channel ranges, the released quantizer (gated running "
+                 f"min/max on 8 prompts, shrink grid 1.0..0.4 on a search prompt; o/down_proj dynamic per prompt; "
+                 f"simulated only: {CHANNEL_ACTIVATIONS_UNPACKABLE})")
         vis = ("vision tower NF4 + per-token-row ranges (released dead code, enabled)" if self.quantize_vision
                else "vision tower and projector in floating point, as in the released code")
         return (f"Q-VLM released code: NF4 weights (block 64, double quant, round to nearest), {a}; {vis}; "
-                "simulated (per-channel activation scales cannot use integer kernels)")
+                "simulated (no packed NF4 kernel here)")
 
     def quantize(self, adapter, calibration, spec: QuantSpec, scope: Sequence[Scope] = ALL_SCOPES) -> QuantizedModel:
         reason = self.supports(spec)
@@ -394,7 +427,11 @@ class QVLMOfficial(Method):
         model = adapter.model
         state = CalibState()
         swapped: list[OfficialQLinear] = []
+        act = self.computed_spec(spec)
         a_bits = spec.a_bits if spec.quantizes_activations else FLOAT_BITS
+        per_token = a_bits < FLOAT_BITS and act.a_granularity == "token"
+        lm_kind = "none" if a_bits >= FLOAT_BITS else "token" if per_token else "channel"
+        vision_kind = "none" if a_bits >= FLOAT_BITS else "token" if per_token else "row"
         with stage("nf4"):
             quantize_vision = self.quantize_vision and "vision" in scope
             stacks = {s.name: s for s in adapter.stacks(["vision", "lm"] if quantize_vision else ["lm"])}
@@ -403,27 +440,27 @@ class QVLMOfficial(Method):
                 for bi, unit in enumerate(stacks["lm"].units):
                     for pos, (name, lin) in enumerate(_module_order_linears(unit), start=1):
                         dyn = (lin.in_features != (4096 if self.literal_4096 else hidden)) or pos == 4
-                        mod = OfficialQLinear(lin, a_bits, "channel" if a_bits < FLOAT_BITS else "none", bi + 1, pos,
-                                              dyn, state, f"{unit.name}.{name}")
+                        mod = OfficialQLinear(lin, a_bits, lm_kind, bi + 1, pos, dyn and not per_token, state,
+                                              f"{unit.name}.{name}", act.a_symmetric)
                         set_submodule(unit.module, name, mod)
                         swapped.append(mod)
             if quantize_vision:
                 for bi, unit in enumerate(stacks["vision"].units):
                     for pos, (name, lin) in enumerate(_module_order_linears(unit), start=1):
-                        mod = OfficialQLinear(lin, a_bits, "row" if a_bits < FLOAT_BITS else "none", bi + 1, pos,
-                                              False, state, f"{unit.name}.{name}")
+                        mod = OfficialQLinear(lin, a_bits, vision_kind, bi + 1, pos, False, state,
+                                              f"{unit.name}.{name}", act.a_symmetric)
                         set_submodule(unit.module, name, mod)
                         swapped.append(mod)
         # the per-prompt (dynamic) ranges must ignore left padding: the LM's 2-D attention mask, per call
         model.model.language_model.register_forward_pre_hook(_mask_hook(state), with_kwargs=True)
-        report: dict = {"calibration_ids": [], "search_ids": []}
-        if a_bits < FLOAT_BITS:
+        report: dict = {"calibration_ids": [], "search_ids": [], "activations": act.activations}
+        if a_bits < FLOAT_BITS and not per_token:
             with stage("calibrate"):
                 report |= self._calibrate(adapter, calibration, swapped, state)
         report |= {
             "layers": len(swapped),
             "dynamic_layers": sum(m.dynamic for m in swapped),
-            "shrink": {m.name: round(m.shrink, 3) for m in swapped if m.kind != "none"},
+            "shrink": {m.name: round(m.shrink, 3) for m in swapped if m.kind in ("channel", "row")},
             "gate": {"calls": state.gated, "widened": state.widened},
             "float_parts": (["vision"] if not (self.quantize_vision and "vision" in scope) else []) + ["projector"],
         }

@@ -3,9 +3,10 @@
 For each method in the registry and each bit-width of `BITS` it supports: quantize through the one entry point,
 save, load, and the loaded model gives bit-identical logits (a padded batch, with and without images), holds only
 module types the method declares (`Method.produces`) and is labelled as the result was; where the method says
-its output packs (`Method.packs`), the loaded model converts completely to packed kernels and stays within the
-packed-vs-fake tolerance of tests/test_kernels.py. The cases come from the registry, so a method registered
-later is covered without editing this file; `BUDGET` only shrinks searches so the suite stays fast.
+its output packs (`Method.packs`; per-input-channel activations never do), the loaded model converts completely
+to packed kernels and stays within the packed-vs-fake tolerance of tests/test_kernels.py. The cases come from the
+registry, so a method registered later is covered without editing this file; `BUDGET` only shrinks searches so the
+suite stays fast.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from qvlm_harness.models.llava import LlavaAdapter
 from qvlm_harness.quant.codec import codec_of
 from qvlm_harness.quantize import quantize
 
-BITS = ("w4a16", "w8a8", "w4a4", "w4a16g32")
+BITS = ("w4a16", "w8a8", "w4a4", "w4a16g32", "w4a4-channel")  # -channel: every method honours it or refuses it
 SLOW_BITS = ("w8a8-tensor-static",)  # calibrated static ranges: the MSE range search takes seconds per method
 # budgets only (each method's own tests cover it at full size; the contract does not depend on them). zeroquant-v2
 # rounds by RTN: GPTQ's rounding is gptq's own case, what zeroquant-v2 adds is the LoRC wrapper around it.
@@ -134,7 +135,7 @@ def test_quantize_save_load_round_trip(name, tag, tiny_model_dir, calibration, b
     stored = StoredQuantization(manifest, str(folder))
     assert stored.config == method.config and stored.spec == spec
 
-    if method.packs and spec.quantizes_weights:
+    if method.packs and spec.quantizes_weights and spec.a_granularity != "channel":  # channel scales never pack
         packed = copy.deepcopy(loaded.model)
         report = convert_to_packed(packed, backend="torch")
         assert report.complete, report.summary()

@@ -36,7 +36,7 @@ def test_latex_bolds_the_best_in_the_right_direction():
     int8 = next(line for line in tex.splitlines() if line.startswith("int8"))
     assert r"\textbf{44.00}" in int8 and r"\textbf{135.00}" in int8
     simulated = [line.split(" & ") for line in tex.splitlines() if " & simulated & " in line]
-    timings = [cell for cells in simulated for cell in cells[3:6] + [cells[7]]]  # prefill, decode, stored, RSS
+    timings = [cell for cells in simulated for cell in cells[4:7] + [cells[8]]]  # prefill, decode, stored, RSS
     assert len(simulated) == 2 and not any(r"\textbf" in cell for cell in timings)
     # packed size counts for simulated rows too: rtn W4A4 packs smallest
     w4 = next(line for line in tex.splitlines() if line.startswith("rtn & W4A4"))

@@ -140,7 +140,7 @@ def test_row_without_metadata_falls_back_to_its_name_and_stored_metrics():
     assert (meta.label, meta.metrics, meta.primary) == ("toy-asr", ("exact", "wer"), "wer")
     assert row_task_meta(rows[1]).primary == "exact"  # nothing recorded: the first stored metric
     table = task_table(rows, "toy-asr")
-    assert [c for c in table.columns if "±" not in c] == ["Method", "Bits", "Exec", "exact", "wer", "N"]
+    assert [c for c in table.columns if "±" not in c] == ["Method", "Bits", "Activations", "Exec", "exact", "wer", "N"]
     assert list(table["exact ±"].fillna(-1)) == [1.0, -1]
     main = main_table(rows)
     assert list(main["toy-asr"]) == [12.0, 15.5]  # the first row's recorded primary; the task's name as label
@@ -150,14 +150,14 @@ def test_row_without_metadata_falls_back_to_its_name_and_stored_metrics():
 def test_stored_metadata_wins_over_the_fallback_for_the_whole_task():
     rows = [toy_row("fp32", "fp", 12.0, 60.0, settings={}), toy_row("rtn", "w8a8", 15.5, 70.0)]
     table = task_table(rows, "toy-asr")
-    assert list(table.columns) == ["Method", "Bits", "Exec", "Shots", "WER", "Exact", "N"]
+    assert list(table.columns) == ["Method", "Bits", "Activations", "Exec", "Shots", "WER", "Exact", "N"]
 
 
 # -- a third-party task with its own metadata ----------------------------------------------------------------------
 def test_third_party_task_renders_its_label_order_and_lower_is_better(tmp_path):
     rows = toy_rows()
     table = task_table(rows, "toy-asr")
-    assert list(table.columns) == ["Method", "Bits", "Exec", "Shots", "WER", "Exact", "N"]
+    assert list(table.columns) == ["Method", "Bits", "Activations", "Exec", "Shots", "WER", "Exact", "N"]
     assert list(table["Shots"]) == [0, 2, 0, 2, 0, 2]  # varies by shots: a Shots column also for 0-shot rows
     bold = bold_cells(table)
     best_wer = table["WER"].min()
@@ -166,7 +166,7 @@ def test_third_party_task_renders_its_label_order_and_lower_is_better(tmp_path):
     assert best_cells(table, lower=["WER"]) == {(i, c) for i, c in bold if c == "WER"}
 
     datasets = multi_dataset_table(rows)
-    assert list(datasets.columns) == ["Method", "Bits", "Exec", "Toy ASR", "Toy ASR 2-shot"]
+    assert list(datasets.columns) == ["Method", "Bits", "Activations", "Exec", "Toy ASR", "Toy ASR 2-shot"]
     assert datasets.attrs["caption"] == "Primary metric per dataset: word error rate (%) for Toy ASR."
     fp = datasets.index[datasets["Method"] == "fp32"][0]
     assert (fp, "Toy ASR") in bold_cells(datasets) and (fp, "Toy ASR 2-shot") in bold_cells(datasets)
@@ -193,8 +193,8 @@ def test_third_party_task_gets_its_shots_figure_and_titles():
 def test_tasks_appear_in_the_order_of_the_rows():
     rows = synthetic_rows()
     hm_first = [r for r in rows if r.task == "hm"] + [r for r in rows if r.task != "hm"]
-    assert list(multi_dataset_table(hm_first).columns[3:]) == ["HM", "HM 4-shot", "ScienceQA", "VQAv2", "VizWiz"]
-    assert list(main_table(toy_rows() + rows).columns[3:5]) == ["Toy ASR", "Toy ASR 2-shot"]
+    assert list(multi_dataset_table(hm_first).columns[4:]) == ["HM", "HM 4-shot", "ScienceQA", "VQAv2", "VizWiz"]
+    assert list(main_table(toy_rows() + rows).columns[4:6]) == ["Toy ASR", "Toy ASR 2-shot"]
 
 
 def test_same_label_from_two_tasks_gets_told_apart():

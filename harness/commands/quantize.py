@@ -49,9 +49,9 @@ def execute(args: argparse.Namespace) -> int:
 
     # everything below up to the model load is cheap; the load, calibration and search are not
     method_name = plugins.methods.resolve_name(args.method)
-    spec = QuantSpec.parse(args.bits)
     options = method_options(args.method_option).get(method_name, {})
     method = plugins.methods.get(method_name)(**options)
+    spec = method.canonical_spec(QuantSpec.parse(args.bits))
     if method.fixed_precision:
         raise HarnessError(f"{method_name} is an unquantized baseline; nothing to save (evaluate it with harness run)")
     reason = method.supports(spec)

@@ -34,6 +34,8 @@ def execute(args: argparse.Namespace) -> int:
         method = plan.methods[job.method]
         options = method.config.changed()
         head = f"{job.method} {'fp' if job.spec.is_float else job.spec.tag}"
+        if job.spec.quantizes_activations and not method.fixed_precision:
+            head += f" (activations {method.computed_spec(job.spec).activations})"
         head += f" [{', '.join(f'{k}={v}' for k, v in options.items())}]" if options else ""
         head += f", calibrated on {plan.spec.calib_samples} {job.calib_task} train samples" if job.calib_task else ""
         print(head)

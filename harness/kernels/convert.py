@@ -5,7 +5,8 @@ The converter reads only the `QLinear` contract (integer `codes`, `w_qparams`, `
 wrappers that hold a `QLinear` as a child (the child is swapped where it sits; the wrapper's own float parts
 keep running as they are). A layer that cannot run on integer kernels stays simulated and is listed in the
 report with the reason: float weights (activation-only quantization), a `QLinear` subclass with its own forward
-(its extra arithmetic is unknown here), or a static activation range that was never calibrated.
+(its extra arithmetic is unknown here), per-input-channel activation ranges (no integer GEMM can apply a scale
+along its reduction dim), or a static activation range that was never calibrated.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qvlm_harness.config import FLOAT_BITS
+from qvlm_harness.config import CHANNEL_ACTIVATIONS_UNPACKABLE, FLOAT_BITS
 from qvlm_harness.kernels.linear import IntLinear, PackedLinear, WeightOnlyLinear
 from qvlm_harness.kernels.packing import code_centre, pack_codes
 from qvlm_harness.quant.qlinear import QLinear
@@ -70,6 +71,8 @@ def conversion_blocker(q: QLinear) -> str | None:
         return "float weights (activation-only quantization has no integer GEMM)"
     if q.calibrating:
         return "still calibrating"
+    if q.a_bits < FLOAT_BITS and q.a_granularity == "channel":
+        return CHANNEL_ACTIVATIONS_UNPACKABLE
     if q.a_bits < FLOAT_BITS and not q.a_dynamic and q.a_granularity != "token" and q.act_qparams is None:
         return "static activation range not calibrated"
     return None

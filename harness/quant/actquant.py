@@ -12,6 +12,7 @@ from torch import Tensor
 
 from qvlm_harness.config import FLOAT_BITS, QuantSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.quant.qlinear import static_act_shape
 from qvlm_harness.quant.quantizer import QParams, fake_quantize, fake_quantize_per_token, per_tensor_qparams
 
 
@@ -48,13 +49,12 @@ class ActQuantMixin:
             self.a_scale = None
             self.a_zero = None
             return
-        if qp.scale.numel() != 1 or qp.group_size is not None:
-            raise ValueError(f"static activation QParams must be per tensor, got {tuple(qp.scale.shape)}")
+        shape = static_act_shape(self.a_granularity, getattr(self, "in_features", None), qp)
         if qp.bits != self.a_bits or qp.symmetric != self.a_symmetric:
             raise ValueError(f"act_qparams (bits={qp.bits}, symmetric={qp.symmetric}) do not match {self.spec.tag}")
         device = next((t.device for t in self.buffers()), qp.scale.device)  # the layer's, not the observer's
-        self.a_scale = qp.scale.detach().float().reshape(()).to(device)
-        self.a_zero = qp.zero_point.detach().to(torch.int32).reshape(()).to(device)
+        self.a_scale = qp.scale.detach().float().reshape(shape).to(device)
+        self.a_zero = qp.zero_point.detach().to(torch.int32).reshape(shape).to(device)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         if self.a_bits >= FLOAT_BITS or self.calibrating:
@@ -66,6 +66,6 @@ class ActQuantMixin:
             return fake_quantize(x, per_tensor_qparams(x, self.a_bits, self.a_symmetric, what=what))
         qp = self.act_qparams
         if qp is None:
-            raise HarnessError(f"layer {self.name or '?'} uses static per-tensor activation quantization but has no "
-                               "calibrated range; run calibrate_static_activations() first")
+            raise HarnessError(f"layer {self.name or '?'} uses static per-{self.a_granularity} activation "
+                               "quantization but has no calibrated range; run calibrate_static_activations() first")
         return fake_quantize(x, qp.to(x.device))

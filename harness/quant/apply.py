@@ -119,13 +119,14 @@ def calibrate_static_activations(
     spec: QuantSpec | None = None,
     observer: str = "mse",
 ) -> dict[str, QParams]:
-    """Calibrate and set `act_qparams` of the static per-tensor `QLinear` layers among `names`.
+    """Calibrate and set `act_qparams` of the static (per-tensor or per-input-channel) layers among `names`.
 
-    `names` None means every `QLinear` in the model; layers whose spec is not static per-tensor are skipped.
+    `names` None means every `QLinear` in the model; layers whose activations are not static are skipped.
     During ``run()`` activation quantization of the calibrated layers is switched off (weights stay
     quantized), so each layer's range is observed on the inputs of the weight-quantized model; an observer
     per layer ('mse': MSE-optimal clipping on a bounded sample, 'minmax': full range) turns them into
-    QParams. `spec`, if given, must agree with the layers' activation bits/symmetry (a consistency check).
+    QParams (per-input-channel layers always take per-channel min/max, `ChannelMinMaxObserver`). `spec`, if
+    given, must agree with the layers' activation bits/symmetry (a consistency check).
     Returns FQN -> QParams.
     """
     qlinears = act_quant_modules(model)
@@ -145,7 +146,8 @@ def calibrate_static_activations(
         targets[name] = m
     if not targets:
         return {}
-    observers: dict[str, MinMaxObserver] = {name: make_observer(observer, name) for name in targets}
+    observers: dict[str, MinMaxObserver] = {name: make_observer(observer, name, m.a_granularity)
+                                            for name, m in targets.items()}
 
     def record(name: str, x: torch.Tensor) -> None:
         observers[name].update(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qvlm_harness.config import FLOAT_BITS, QuantSpec
+from qvlm_harness.config import CHANNEL_ACTIVATIONS_UNPACKABLE, FLOAT_BITS, QuantSpec
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.method import Method
 from qvlm_harness.quant.apply import act_quant_modules, calibrate_static_activations
@@ -43,10 +43,17 @@ def layer_spec(spec: QuantSpec, in_features: int, group_size: int | None, symmet
 
 
 def activation_text(spec: QuantSpec) -> str:
+    """The activation half of a method's `describe()`: which shared quantizer, and for per-input-channel ranges
+    why they never run on integer kernels."""
     if not spec.quantizes_activations:
         return "activations in float (A16)"
-    kind = "dynamic per-token" if spec.a_granularity == "token" else (
-        "dynamic per-tensor" if spec.a_dynamic else "static per-tensor (MSE-calibrated on the calibration set)")
+    if spec.a_granularity == "channel":
+        kind = ("static per-input-channel (min/max-calibrated on the calibration set; simulated only: "
+                f"{CHANNEL_ACTIVATIONS_UNPACKABLE})")
+    elif spec.a_granularity == "token":
+        kind = "dynamic per-token"
+    else:
+        kind = "dynamic per-tensor" if spec.a_dynamic else "static per-tensor (MSE-calibrated on the calibration set)"
     sym = "symmetric" if spec.a_symmetric else "asymmetric"
     return f"A{spec.a_bits} {sym} {kind} activations at every quantized layer's input (the harness's shared quantizer)"
 
@@ -56,7 +63,8 @@ def needs_static_calibration(spec: QuantSpec) -> bool:
 
 
 def calibrate_activations(adapter, calibration, spec: QuantSpec, names: Sequence[str], observer: str = "mse") -> None:
-    """Calibrate static per-tensor activation ranges of the quantized layers among `names` (no-op if dynamic)."""
+    """Calibrate static (per-tensor or per-input-channel) activation ranges of the quantized layers among `names`
+    (no-op if dynamic)."""
     if not needs_static_calibration(spec):
         return
     if calibration is None:

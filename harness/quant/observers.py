@@ -1,7 +1,8 @@
-"""Activation range observers for static (calibrated) per-tensor activation quantization.
+"""Activation range observers for static (calibrated) activation quantization.
 
 An observer is fed every calibration batch of a layer's input through `update` and turns what it saw into a
-per-tensor `QParams` (scalar scale) with `qparams(bits, symmetric)`. Both observers are streaming: memory is
+per-tensor `QParams` (scalar scale) with `qparams(bits, symmetric)`; `ChannelMinMaxObserver` gives one range per
+input channel (scale ``[in]``) instead. Both observers are streaming: memory is
 bounded whatever the number of calibration tokens, and they are deterministic, so the same calibration data
 always gives the same ranges.
 """
@@ -131,8 +132,32 @@ class MSEObserver(MinMaxObserver):
         return compute_qparams(best_lo, best_hi, bits, symmetric, what=self._what)
 
 
-def make_observer(kind: str, name: str | None = None) -> MinMaxObserver:
-    """'mse' -> `MSEObserver`, 'minmax' -> `MinMaxObserver`."""
+class ChannelMinMaxObserver(MinMaxObserver):
+    """Running min/max of every input channel (the last dim) over all tokens seen: per-input-channel QParams.
+
+    No clipping search: a per-channel range already keeps an outlier channel from stretching the others' step,
+    which is what per-tensor ranges need MSE clipping for, and it is what Q-VLM's released code does (a running
+    per-channel min/max). Memory is two vectors of the layer's input width whatever the number of tokens.
+    """
+
+    def update(self, x: Tensor) -> None:
+        if x.numel() == 0:
+            return
+        xf = x.detach().float().reshape(-1, x.shape[-1])
+        lo, hi = xf.amin(dim=0).cpu(), xf.amax(dim=0).cpu()
+        if self.min is not None and self.min.shape != lo.shape:
+            raise HarnessError(f"{self._what}: the input width changed from {self.min.numel()} to {lo.numel()} "
+                               "during calibration")
+        self.min = lo if self.min is None else torch.minimum(self.min, lo)
+        self.max = hi if self.max is None else torch.maximum(self.max, hi)
+        self.count += x.numel()
+
+
+def make_observer(kind: str, name: str | None = None, granularity: str = "tensor") -> MinMaxObserver:
+    """'mse' -> `MSEObserver`, 'minmax' -> `MinMaxObserver`; any kind for ``granularity="channel"`` ->
+    `ChannelMinMaxObserver` (per-channel ranges are min/max, see there)."""
+    if granularity == "channel":
+        return ChannelMinMaxObserver(name)
     key = kind.lower().replace("-", "").replace("_", "")
     if key == "mse":
         return MSEObserver(name)

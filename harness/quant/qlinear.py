@@ -4,13 +4,14 @@ The weight is quantized once, at construction: the integer codes and their QPara
 converter reads them) together with the dequantized float weight that the forward pass multiplies with, so
 the per-call cost is only the activation quantizer. The activation quantizer acts on the layer input and is
 one of: none (``a_bits == 16``), dynamic per token (one range per row of the flattened ``[..., in]`` input),
-dynamic per tensor, or static per tensor with a calibrated range (`act_qparams`,
-see `qvlm_harness.quant.apply.calibrate_static_activations`).
+dynamic per tensor, or static per tensor / per input channel with a calibrated range (`act_qparams`,
+see `qvlm_harness.quant.apply.calibrate_static_activations`). Per input channel is simulated only: its scale runs
+along the GEMM's reduction dim, so no integer kernel can apply it after the product.
 
 Buffers (all move with ``.to(device)``): ``codes`` (int8 for symmetric, uint8 for asymmetric weights, values
 in the integer range of ``w_bits``; ``None`` for float weights), ``w_scale`` (float32) / ``w_zero`` (int32) in
 the `weight_qparams` layout, ``weight`` (dequantized float weight, dtype of the original layer), ``bias``,
-and ``a_scale`` / ``a_zero`` (static activation range, scalars, or ``None``).
+and ``a_scale`` / ``a_zero`` (static activation range: scalars, ``[in]`` vectors per input channel, or ``None``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ from qvlm_harness.quant.quantizer import (
     per_tensor_qparams,
     quantize_weight,
 )
+
+
+def static_act_shape(granularity: str, in_features: int | None, qp: QParams) -> tuple[int, ...]:
+    """The buffer shape of a static activation range: ``()`` per tensor, ``(in,)`` per input channel; a `qp` of
+    another size raises ValueError (a per-tensor range on a per-channel layer would silently broadcast)."""
+    channel = granularity == "channel"
+    want = in_features if channel else 1
+    ok = qp.group_size is None and (qp.scale.numel() == want if want is not None else qp.scale.dim() == 1)
+    if not ok:
+        kind = f"per input channel ({in_features} values)" if channel else "per tensor"
+        raise ValueError(f"static activation QParams must be {kind}, got {tuple(qp.scale.shape)}")
+    return (qp.scale.numel(),) if channel else ()
 
 
 class QLinear(nn.Module):
@@ -235,19 +248,18 @@ class QLinear(nn.Module):
             self.a_scale = None
             self.a_zero = None
             return
-        if qp.scale.numel() != 1 or qp.group_size is not None:
-            raise ValueError(f"static activation QParams must be per tensor, got {tuple(qp.scale.shape)}")
+        shape = static_act_shape(self.a_granularity, self.in_features, qp)
         if self.a_bits != FLOAT_BITS and (qp.bits != self.a_bits or qp.symmetric != self.a_symmetric):
             raise ValueError(
                 f"act_qparams (bits={qp.bits}, symmetric={qp.symmetric}) do not match spec {self.spec.tag}"
             )
         device = self.weight.device
-        self.a_scale = qp.scale.detach().float().reshape(()).to(device)
-        self.a_zero = qp.zero_point.detach().to(torch.int32).reshape(()).to(device)
+        self.a_scale = qp.scale.detach().float().reshape(shape).to(device)
+        self.a_zero = qp.zero_point.detach().to(torch.int32).reshape(shape).to(device)
 
     @property
     def needs_calibration(self) -> bool:
-        """True for static per-tensor activation quantization, which needs `act_qparams` before use."""
+        """True for static (per-tensor or per-input-channel) activations, which need `act_qparams` before use."""
         return self.a_bits < FLOAT_BITS and not self.a_dynamic
 
     # -- forward ------------------------------------------------------------------------------------------
@@ -264,10 +276,10 @@ class QLinear(nn.Module):
         if qp is None:
             layer = f"layer {self.name}" if self.name else "a QLinear layer"
             raise HarnessError(
-                f"{layer} uses static per-tensor activation quantization but has no calibrated range; "
-                "run calibrate_static_activations() first or use a dynamic activation spec"
+                f"{layer} uses static per-{self.a_granularity} activation quantization but has no calibrated "
+                "range; run calibrate_static_activations() first or use a dynamic activation spec"
             )
-        return fake_quantize(x, qp)
+        return fake_quantize(x, qp)  # a per-input-channel scale [in] broadcasts along the last dim
 
     def forward(self, x: Tensor) -> Tensor:
         xq = self.quantize_input(x)
@@ -312,7 +324,8 @@ class QLinear(nn.Module):
         if self.a_bits < FLOAT_BITS:
             sym = "sym" if self.a_symmetric else "asym"
             kind = "dynamic" if self.a_dynamic else "static" if self.act_qparams is not None else "static-uncalibrated"
-            a = f"a{self.a_bits} {sym} per-{self.a_granularity} {kind}"
+            gran = "input-channel" if self.a_granularity == "channel" else self.a_granularity
+            a = f"a{self.a_bits} {sym} per-{gran} {kind}"
         else:
             a = "a16 float"
         return (

@@ -11,8 +11,9 @@ Stages (each timed, with its peak resident memory, in `SearchCost.stages` and th
    from the already-quantized prefix, targets from the FP model, the KL guidance on the LM's final block.
 
 The result is made of standard `QLinear` modules (integer codes, per-channel/group weight scales, static
-per-tensor activation QParams from the learned step sizes or per-token dynamic activations), plus the tuned
-encoder norms / projector as ordinary parameters, so it saves, reloads and packs like any other method's output.
+per-tensor or per-input-channel activation QParams from the learned step sizes, or per-token dynamic activations),
+plus the tuned encoder norms / projector as ordinary parameters, so it saves, reloads and packs like any other
+method's output (per-input-channel activations excepted: they never pack).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from qvlm_harness.config import ALL_SCOPES, QuantSpec, Scope
+from qvlm_harness.config import ALL_SCOPES, CHANNEL_ACTIVATIONS_UNPACKABLE, QuantSpec, Scope
 from qvlm_harness.cost import stage as cost_stage
 from qvlm_harness.errors import HarnessError
 from qvlm_harness.measure import PeakRSS
@@ -83,6 +84,9 @@ class QVLM(Method):
             a = "A16 (float)"
         elif spec.a_dynamic:
             a = f"A{spec.a_bits} per-{spec.a_granularity} dynamic (nothing learned)"
+        elif spec.a_granularity == "channel":
+            a = (f"A{spec.a_bits} static per-input-channel ranges with learned (LSQ) step sizes, MSE-initialised per "
+                 f"channel (simulated only: {CHANNEL_ACTIVATIONS_UNPACKABLE})")
         else:
             a = f"A{spec.a_bits} per-tensor static with learned (LSQ) step sizes, MSE-initialised"
         ve = (f"visual-encoder optimisation eta={o.eta} ({o.ve_steps} steps, anchor {o.ve_anchor})"

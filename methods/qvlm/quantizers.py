@@ -9,7 +9,8 @@ h(V) equals the fractional part of W/s (the soft weight starts at the float weig
 rounding is hard: up where V >= 0 (h >= 0.5), which is round-to-nearest for untouched variables.
 
 Activations: per-token dynamic (nothing to learn: each row's min/max, as `QLinear` does it at inference), or
-per-tensor static with a learnable step size (LSQ, Esser et al. 2020): the step s receives the straight-through
+static per tensor or per input channel (``-channel``: one step per column, simulated only) with learnable step
+sizes (LSQ, Esser et al. 2020): the step s receives the straight-through
 gradient of the quantizer (round(x/s) - x/s inside the range, the clip level outside), initialised by an MSE
 grid search (`qvlm_harness.quant.mse_search_range`); it is optimised in log space, so it stays positive, and is
 floored at `MIN_SCALE`. The zero point stays at its initial integer value.
@@ -244,35 +245,43 @@ class AdaRoundWeight(nn.Module):
 
 class ActQuantizer(nn.Module):
     """The activation quantizer of one linear input: none, dynamic per token / per tensor, or static per tensor
-    with a learnable (LSQ) step size."""
+    (mode "static") or per input channel (mode "channel") with learnable (LSQ) step sizes, one per range."""
 
-    def __init__(self, spec: QuantSpec):
+    def __init__(self, spec: QuantSpec, in_features: int | None = None):
         super().__init__()
         self.bits = spec.a_bits
         self.symmetric = spec.a_symmetric
         self.enabled = spec.quantizes_activations
         self.mode = ("none" if not self.enabled else "token" if spec.a_granularity == "token"
-                     else "tensor-dynamic" if spec.a_dynamic else "static")
-        self.log_scale = nn.Parameter(torch.zeros(()), requires_grad=self.mode == "static")
-        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
-        self.register_buffer("log_scale_init", torch.zeros(()))
-        self.initialised = self.mode != "static"
+                     else "tensor-dynamic" if spec.a_dynamic else "channel" if spec.a_granularity == "channel"
+                     else "static")
+        if self.mode == "channel" and not in_features:
+            raise ValueError("per-input-channel activation ranges need the layer's in_features")
+        shape = (in_features,) if self.mode == "channel" else ()
+        self.log_scale = nn.Parameter(torch.zeros(shape), requires_grad=self.learnable)
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("log_scale_init", torch.zeros(shape))
+        self.initialised = not self.learnable
         self.bypass = False  # while True the input passes unquantized (to observe inputs for initialisation)
 
     @property
     def learnable(self) -> bool:
-        return self.mode == "static"
+        return self.mode in ("static", "channel")
 
     def init_from(self, samples: Tensor, grid: int = 40) -> None:
-        """MSE-optimal static range of `samples` (valid input rows), as the initial step size and zero point."""
-        if self.mode != "static":
+        """MSE-optimal static range of `samples` (valid input rows ``[n, in]``), as the initial step size and zero
+        point: one range for the tensor, or one per input channel (the search runs per column)."""
+        if not self.learnable:
             return
-        lo, hi = mse_search_range(samples.float(), self.bits, self.symmetric, grid=grid, what="the calibration inputs")
+        dim = 0 if self.mode == "channel" else None
+        lo, hi = mse_search_range(samples.float(), self.bits, self.symmetric, dim=dim, grid=grid,
+                                  what="the calibration inputs")
         qp = compute_qparams(lo, hi, self.bits, self.symmetric)
+        shape = self.log_scale.shape
         with torch.no_grad():
-            self.log_scale.copy_(torch.log(qp.scale.reshape(())))
+            self.log_scale.copy_(torch.log(qp.scale.reshape(shape)))
             self.log_scale_init.copy_(self.log_scale)
-            self.zero_point.copy_(qp.zero_point.reshape(()))
+            self.zero_point.copy_(qp.zero_point.reshape(shape))
         self.initialised = True
 
     def reset(self) -> None:
@@ -283,17 +292,18 @@ class ActQuantizer(nn.Module):
         """Keep the step size finite and >= MIN_SCALE after an optimiser step."""
         with torch.no_grad():
             bad = ~torch.isfinite(self.log_scale)
-            if bool(bad):
-                self.log_scale.copy_(self.log_scale_init)
+            if bool(bad.any()):
+                self.log_scale.copy_(torch.where(bad, self.log_scale_init, self.log_scale))
             self.log_scale.clamp_(min=math.log(MIN_SCALE))
 
     def scale(self) -> Tensor:
         return torch.exp(self.log_scale).clamp(min=MIN_SCALE)
 
     def qparams(self) -> QParams | None:
-        if self.mode != "static":
+        if not self.learnable:
             return None
-        return QParams(self.scale().detach().float().reshape(()), self.zero_point.clone(), self.bits, self.symmetric)
+        return QParams(self.scale().detach().float().reshape(self.log_scale.shape), self.zero_point.clone(), self.bits,
+                       self.symmetric)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "none" or self.bypass:
@@ -304,8 +314,8 @@ class ActQuantizer(nn.Module):
             return fake_quantize(x, per_tensor_qparams(x, self.bits, self.symmetric), ste=True)
         if not self.initialised:
             raise RuntimeError("static activation quantizer used before init_from()")
-        qp = QParams(self.scale().reshape(()), self.zero_point, self.bits, self.symmetric)
-        return fake_quantize(x, qp, ste=True)
+        qp = QParams(self.scale().reshape(self.log_scale.shape), self.zero_point, self.bits, self.symmetric)
+        return fake_quantize(x, qp, ste=True)  # a per-channel step [in] broadcasts along the last dim
 
 
 class LearnableQLinear(nn.Module):
@@ -324,7 +334,7 @@ class LearnableQLinear(nn.Module):
         if spec.quantizes_weights:
             qp = init_weight_qparams(self.weight_fp, spec, mse=weight_mse, name=name)
             self.rounding = AdaRoundWeight(self.weight_fp, qp)
-        self.act = ActQuantizer(spec)
+        self.act = ActQuantizer(spec, linear.in_features)
         self.soft = False  # soft (continuous h) during the search, hard (integer codes) otherwise
         self.fused = False  # soft weight through `fused_soft_weight` (the search sets it) or the reference
         self.compiled = False  # ... and its compiled kernel

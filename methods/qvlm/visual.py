@@ -48,7 +48,7 @@ def tunable_parameters(model: nn.Module, which: str) -> list[tuple[str, nn.Param
 def provisional_spec(spec: QuantSpec) -> QuantSpec:
     """Static per-tensor activations need calibrated ranges; the provisional LM uses dynamic ones instead."""
     if spec.quantizes_activations and not spec.a_dynamic:
-        return spec.with_(a_granularity="token", a_dynamic=True)
+        return spec.with_activations("token", True)
     return spec
 
 
