@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from qvlm_harness.config import QuantSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.kernels.embedding import engine_codecs
 from qvlm_harness.manifest import (
     FIX,
     FORMAT,
@@ -168,7 +169,7 @@ def save_quantized(qm: QuantizedModel, folder: Path | str, *, describe: str, bas
 
     where = f"cannot save {qm.method} {qm.spec.tag}"
     method_cls = method_class(qm.method, where)
-    codecs = codecs_for(method_cls)
+    codecs = codecs_for(method_cls) | engine_codecs()
     model = qm.adapter.model
     modules, tensors, aliases = encode_model(model, codecs, qm.method)
     fix = "the method's result contradicts its own modules (a bug in the method)"
@@ -226,7 +227,7 @@ def read_manifest(path: str | Path) -> dict | None:
     _check_files(folder, manifest)
     where = f"checkpoint {folder}"
     method_cls = method_class(manifest["method"], where)
-    codecs = codecs_for(method_cls)
+    codecs = codecs_for(method_cls) | engine_codecs()
     spec = spec_from_dict(manifest["spec"], where)
     if spec.to_dict() != manifest["spec"]:
         raise HarnessError(f"{where}: spec {manifest['spec']!r} is not in canonical form; {FIX}")
@@ -331,7 +332,7 @@ def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None 
             raise HarnessError(f"checkpoint alias {alias} -> {target}: target tensor missing; {FIX}")
         tensors[alias] = tensors[target]
     method = manifest["method"]
-    codecs = codecs_for(method_class(method, f"checkpoint {folder}"))
+    codecs = codecs_for(method_class(method, f"checkpoint {folder}")) | engine_codecs()
     config = AutoConfig.from_pretrained(folder)
     model = LlavaForConditionalGeneration(config).to(DTYPES[manifest["dtype"]]).eval()
     consumed: set[str] = set()

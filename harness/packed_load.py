@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.kernels.embedding import engine_codecs
 from qvlm_harness.manifest import FIX, codecs_for, method_class
 from qvlm_harness.quant.codec import DTYPES
 from qvlm_harness.tensorfile import TensorFile
@@ -55,7 +56,7 @@ def load_packed_model(folder: Path, manifest: dict, path: Path, backend: str) ->
     from qvlm_harness.quant.apply import set_submodule
 
     method = manifest["method"]
-    codecs = codecs_for(method_class(method, f"checkpoint {folder}"))
+    codecs = codecs_for(method_class(method, f"checkpoint {folder}")) | engine_codecs()
     model = meta_skeleton(AutoConfig.from_pretrained(folder), DTYPES[manifest["dtype"]])
     file = TensorFile(path)
     aliases: dict[str, str] = manifest["aliases"]
@@ -67,6 +68,17 @@ def load_packed_model(folder: Path, manifest: dict, path: Path, backend: str) ->
     def source(key: str) -> str:  # the stored tensor a key reads (its alias target when it is not stored)
         return key if key in file else aliases[key]
 
+    targets = set(aliases.values())
+    by_source: dict[str, Tensor] = {}  # alias targets read once (a tied embedding and head share one tensor)
+
+    def read(key: str) -> Tensor:
+        src = source(key)
+        if src not in targets:
+            return file.read(src)
+        if src not in by_source:
+            by_source[src] = file.read(src)
+        return by_source[src]
+
     consumed: set[str] = set()
     built: dict[str, list[nn.Module]] = {}
     for fqn, entry in manifest["modules"].items():
@@ -75,7 +87,7 @@ def load_packed_model(folder: Path, manifest: dict, path: Path, backend: str) ->
         except AttributeError:
             raise HarnessError(f"checkpoint module {fqn} does not exist in the model built from config.json") from None
         mine = [k for k in keys if k.startswith(fqn + ".")]
-        full = {k: file.read(source(k)) for k in mine}
+        full = {k: read(k) for k in mine}
         check_finite(full, {fqn: entry}, folder)
         sub = {k[len(fqn) + 1:]: v for k, v in full.items()}
         del full
@@ -90,18 +102,15 @@ def load_packed_model(folder: Path, manifest: dict, path: Path, backend: str) ->
         raise HarnessError(f"checkpoint tensors do not match the model: missing {sorted(missing)[:5]}, unexpected "
                            f"{sorted(unexpected)[:5]}; {FIX}")
     rest: dict[str, Tensor] = {}
-    by_source: dict[str, Tensor] = {}
     for key in rest_keys:
-        t = by_source.get(source(key))
-        if t is None:
-            t = by_source[source(key)] = file.read(source(key))
+        t = read(key)
         want = expected[key]
         if tuple(t.shape) != tuple(want.shape):
             raise HarnessError(f"checkpoint tensor {key} has shape {tuple(t.shape)}, the model expects "
                                f"{tuple(want.shape)}; {FIX}")
         rest[key] = t if t.dtype == want.dtype else t.to(want.dtype)
     model.load_state_dict(rest, strict=False, assign=True)
-    del rest, by_source
+    del rest
     _retie(model, aliases)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:

@@ -1,0 +1,86 @@
+"""`harness bench`'s deployment memory: each variant loaded from its saved checkpoint in a fresh process.
+
+The in-process figure (`qvlm_harness.bench.peak_rss`) quantizes from the FP32 checkpoint in its child, so the
+float model passes through that process. A user deploying on a small device loads the quantized checkpoint
+instead: here each quantized variant is saved (`save_quantized`, before packing) into a temporary folder, and a
+child process loads it as `harness eval --model CKPT --execution packed` does (straight into packed modules,
+`load_quantized(packed=True)`), generates once and reports its lifetime peak RSS (``ru_maxrss``: loading
+included) and the resident weight bytes (the distinct tensor storages the loaded model holds,
+`qvlm_harness.measure.resident_bytes`). Float baselines load their float folder in their own dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+CHILD = "from qvlm_harness.bench_memory import checkpoint_child_main; checkpoint_child_main()"
+
+
+def float_source(model_path: str, dtype: str) -> dict[str, Any]:
+    """What the child loads for a float baseline: the model folder, in the baseline's dtype."""
+    return {"kind": "float", "path": model_path, "dtype": dtype}
+
+
+def checkpoint_source(folder: Path, execution: str, backend: str) -> dict[str, Any]:
+    """What the child loads for a quantized variant: its checkpoint, packed as `--execution packed` loads it."""
+    return {"kind": "quantized", "path": str(folder), "packed": execution == "packed", "backend": backend}
+
+
+def save_variant(qm, method, spec, folder: Path, model_id: str, fingerprint: str, scope) -> Path:
+    """Write the (still fake-quant) quantized model `qm` as a checkpoint folder the child can load."""
+    from qvlm_harness.checkpoint import save_quantized
+
+    return save_quantized(qm, folder, describe=method.describe(spec), base_model=model_id, fingerprint=fingerprint,
+                          scope=scope)
+
+
+def checkpoint_rss(source: dict[str, Any], cfg_json: dict, batch_size: int, timeout_s: float = 1800) -> dict:
+    """{"ckpt_rss_mb", "resident_bytes", ...} of `source` loaded and generating once in a fresh process, or
+    {"error": ...}."""
+    job = {"source": source, "cfg": cfg_json, "batch_size": batch_size}
+    try:
+        out = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps(job), capture_output=True, text=True,
+                             timeout=timeout_s, cwd=str(Path(__file__).resolve().parent.parent))
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    for line in out.stdout.splitlines():
+        if line.startswith("CKPT_RSS "):
+            return json.loads(line.split(" ", 1)[1])
+    tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {out.returncode}: {tail[:300]}"}
+
+
+def load_source(source: dict[str, Any]):
+    """The adapter the child measures (also what a deployment would load)."""
+    from qvlm_harness.checkpoint import load_float, load_quantized
+
+    if source["kind"] == "float":
+        return load_float(source["path"], dtype=source["dtype"])
+    return load_quantized(source["path"], packed=source["packed"], backend=source["backend"])[0]
+
+
+def checkpoint_child_main() -> None:
+    """Entry point of the child: load, generate once, print ``CKPT_RSS {json}``."""
+    import resource
+
+    from qvlm_harness.bench import BenchConfig, _Clock, generate_once, prompts
+    from qvlm_harness.config import QuantSpec
+    from qvlm_harness.measure import current_rss_mb, resident_bytes
+    from qvlm_harness.models.llava import set_threads
+
+    job = json.loads(sys.stdin.read())
+    raw = job["cfg"]
+    cfg = BenchConfig(**(raw | {"bits": [QuantSpec.parse(b) for b in raw["bits"]], "scope": tuple(raw["scope"])}))
+    set_threads(cfg.threads)
+    adapter = load_source(job["source"])
+    loaded_mb = current_rss_mb()
+    resident = resident_bytes(adapter.model)
+    batch = adapter.encode(prompts(cfg, job["batch_size"]))
+    generate_once(adapter, batch, cfg.new_tokens, _Clock())
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    print("CKPT_RSS " + json.dumps({"ckpt_rss_mb": peak_mb, "rss_after_load_mb": loaded_mb,
+                                    "resident_bytes": resident}))
