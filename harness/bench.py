@@ -422,12 +422,14 @@ def _measure(cfg: BenchConfig, variants: list[Variant], pairs, model_id: str, mo
                 r = bench_memory.checkpoint_rss(v.source, _config_json(cfg), bs)
                 row["ckpt_rss_mb"] = r.get("ckpt_rss_mb")
                 row["resident_mb"] = r["resident_bytes"] / 2**20 if "resident_bytes" in r else None
+                row["decode_read_mb"] = r["decode_bytes"] / 2**20 if "decode_bytes" in r else None
                 if "error" in r:
                     log(f"    failed: {r['error']}")
             rows.append(row)
     for row in rows:
         ref = next((r for r in rows if r["batch"] == row["batch"] and r["method"] == BASELINE), {})
-        for key, ratio in (("peak_rss_mb", "rss_x"), ("ckpt_rss_mb", "ckpt_rss_x"), ("resident_mb", "resident_x")):
+        for key, ratio in (("peak_rss_mb", "rss_x"), ("ckpt_rss_mb", "ckpt_rss_x"), ("resident_mb", "resident_x"),
+                           ("decode_read_mb", "decode_read_x")):
             row[ratio] = ref[key] / row[key] if ref.get(key) and row.get(key) else None
         row["resident_x_fp16"] = fp16_bytes / 2**20 / row["resident_mb"] if row.get("resident_mb") else None
     profiles = []

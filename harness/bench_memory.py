@@ -63,6 +63,27 @@ def load_source(source: dict[str, Any]):
     return load_quantized(source["path"], packed=source["packed"], backend=source["backend"])[0]
 
 
+def decode_weight_bytes(model) -> int:
+    """Weight bytes one decode step reads: the language model's layers and final norm, and the LM head, each
+    storage once; of the token embedding only the new token's row (a table the head does not also read is not
+    streamed: a decode step gathers one row of it). The vision tower and projector run in prefill only."""
+    from qvlm_harness.models.structure import STACK_ROOTS
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    head_storages = {t.untyped_storage().data_ptr() for t in list(head.parameters()) + list(head.buffers())}
+    seen: dict[int, int] = {}
+    lm = model.get_submodule(STACK_ROOTS["lm"])
+    emb_tensors = {id(t) for t in list(emb.parameters()) + list(emb.buffers())}
+    for t in list(lm.parameters()) + list(lm.buffers()) + list(head.parameters()) + list(head.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if id(t) in emb_tensors and ptr not in head_storages:
+            continue
+        seen[ptr] = t.untyped_storage().nbytes()
+    row = sum(t.numel() * t.element_size() for t in list(emb.parameters()) + list(emb.buffers())) \
+        // max(1, emb.num_embeddings)
+    return sum(seen.values()) + row
+
+
 def checkpoint_child_main() -> None:
     """Entry point of the child: load, generate once, print ``CKPT_RSS {json}``."""
     import resource
@@ -79,8 +100,9 @@ def checkpoint_child_main() -> None:
     adapter = load_source(job["source"])
     loaded_mb = current_rss_mb()
     resident = resident_bytes(adapter.model)
+    decode = decode_weight_bytes(adapter.model)
     batch = adapter.encode(prompts(cfg, job["batch_size"]))
     generate_once(adapter, batch, cfg.new_tokens, _Clock())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
     print("CKPT_RSS " + json.dumps({"ckpt_rss_mb": peak_mb, "rss_after_load_mb": loaded_mb,
-                                    "resident_bytes": resident}))
+                                    "resident_bytes": resident, "decode_bytes": decode}))

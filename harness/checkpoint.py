@@ -14,6 +14,11 @@ method does not declare, and any module that differs from the plain Llava model 
 codec to say how (it would otherwise load back as the plain module). Loading resolves the codecs through the
 method the manifest names.
 
+`load_quantized(folder, packed=True)` (what `harness eval --execution packed` uses) builds every quantized linear
+straight as its packed module from the stored codes on a meta-device skeleton (`qvlm_harness.packed_load`), for
+methods whose modules pack; the token embedding and LM head, when quantized (`--quantize-embeddings`), are saved
+and loaded through the engine's own codecs (`qvlm_harness.kernels.embedding.engine_codecs`), whatever the method.
+
 Loading is strict: an edited manifest or file, a label the modules contradict, an unknown module type, a missing
 or extra tensor or a shape mismatch raises `HarnessError`; a checkpoint never loads silently as a float model.
 Float model folders are loaded strictly too (`load_float`): transformers would initialise missing weights randomly.

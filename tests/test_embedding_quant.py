@@ -149,7 +149,8 @@ def test_checkpoint_round_trip_stores_a_tied_head_once(tied_model_dir, tmp_path)
     assert direct.model.lm_head.codes is direct.model.get_input_embeddings().codes
     from qvlm_harness.kernels.convert import convert_to_packed
 
-    convert_to_packed(fake.model, backend="torch")
+    report = convert_to_packed(fake.model, backend="torch")
+    assert report.complete, report.summary()  # the packed embedding and head are not "left simulated"
     assert torch.equal(_logits(direct, requests), _logits(fake, requests))
 
 

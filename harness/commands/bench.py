@@ -21,7 +21,7 @@ COLUMNS = {"method": "Method", "bits": "Bits", "exec": "Exec", "batch": "Batch",
            "weight_mb": "Weights MB", "weight_x_fp32": "W x fp32", "weight_x_fp16": "W x fp16",
            "linear_mb": "Linear MB", "linear_x_fp16": "Lin x fp16", "peak_rss_mb": "Peak RSS MB", "rss_x": "RSS x",
            "ckpt_rss_mb": "Ckpt RSS MB", "ckpt_rss_x": "Ckpt RSS x", "resident_mb": "Resident MB",
-           "resident_x_fp16": "Res x fp16"}
+           "resident_x_fp16": "Res x fp16", "decode_read_mb": "Decode read MB"}
 
 
 THROUGHPUT_COLUMNS = {
@@ -176,7 +176,8 @@ def render(result: dict) -> str:
              "generating). Ckpt RSS: a fresh process that loads the variant's saved checkpoint as `harness eval "
              "--execution packed` does (straight into packed modules) and generates once: its lifetime peak "
              "(ru_maxrss, loading included). Resident MB: the distinct tensor storages that loaded model holds; "
-             "Res x fp16: the fp16 model's bytes divided by it.")
+             "Res x fp16: the fp16 model's bytes divided by it. Decode read MB: the weight bytes one decode step "
+             "reads (language model, LM head, one embedding row).")
     out = [head, "", table(result["rows"]).to_markdown(index=False, floatfmt=".2f", missingval="-"), "", notes]
     for prof in result["profiles"]:
         out += ["", "```", prof.to_text(), "```"]

@@ -132,6 +132,8 @@ def convert_to_packed(model: nn.Module, *, backend: str = "auto") -> ConversionR
     for name, m in model.named_modules():
         if not _is_quantized(m) or isinstance(m, PackedLinear | QLinear) or name in report.wrappers:
             continue
+        if getattr(m, "runs_packed", False):  # a packed format of its own (quantized embeddings, LM head)
+            continue
         if not any(isinstance(c, PackedLinear | QLinear) for c in m.modules()):
             report.skipped[name] = f"{type(m).__name__} has no packed kernel here (runs as its method built it)"
     report.kernel = prepare_kernels(model, backend)

@@ -59,9 +59,11 @@ def _dequantize_rows(codes: Tensor, scale: Tensor, bits: int, width: int) -> Ten
 
 class _KeepScales(nn.Module):
     """Keeps the float32 `scale` buffer float32 through ``model.to(dtype)`` (only its device follows): the scales
-    are quantization metadata, as in `QLinear`."""
+    are quantization metadata, as in `QLinear`. `runs_packed`: already in its packed form, so `convert_to_packed`
+    neither converts it nor lists it as left simulated."""
 
     scale: Tensor
+    runs_packed = True
 
     def _apply(self, fn, recurse: bool = True):
         old = self.scale
