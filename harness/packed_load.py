@@ -32,7 +32,7 @@ from qvlm_harness.quant.codec import DTYPES
 from qvlm_harness.tensorfile import TensorFile
 
 
-def meta_skeleton(config, dtype: torch.dtype) -> nn.Module:
+def empty_model(config, dtype: torch.dtype) -> nn.Module:
     """The Llava model of `config` with every parameter (and persistent buffer) on the meta device and its
     non-persistent buffers computed on the CPU, in `dtype` as `load_quantized`'s ``.to(dtype)`` leaves it."""
     from transformers import LlavaForConditionalGeneration
@@ -57,7 +57,7 @@ def load_packed_model(folder: Path, manifest: dict, path: Path, backend: str) ->
 
     method = manifest["method"]
     codecs = codecs_for(method_class(method, f"checkpoint {folder}")) | engine_codecs()
-    model = meta_skeleton(AutoConfig.from_pretrained(folder), DTYPES[manifest["dtype"]])
+    model = empty_model(AutoConfig.from_pretrained(folder), DTYPES[manifest["dtype"]])
     file = TensorFile(path)
     aliases: dict[str, str] = manifest["aliases"]
     for alias, target in aliases.items():
