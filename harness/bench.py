@@ -370,7 +370,7 @@ def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], N
     lin_names = base.linear_names(cfg.scope)
     fp16_bytes = sum(t.numel() * 2 for t in list(base.model.parameters()) + list(base.model.buffers()))
     fp16_linear = sum(base.model.get_submodule(n).weight.numel() * 2 for n in lin_names)
-    save_root = Path(tempfile.mkdtemp(prefix="qvlm-bench-ckpt-")) if cfg.rss and cfg.ckpt_rss else None
+    save_root = Path(tempfile.mkdtemp(prefix="qvlm-bench-ckpt-")) if cfg.ckpt_rss else None
     try:
         variants = build_variants(base, pairs, cfg, log, save_root)
         del base
@@ -417,7 +417,7 @@ def _measure(cfg: BenchConfig, variants: list[Variant], pairs, model_id: str, mo
                 row["peak_rss_mb"] = r.get("peak_rss_mb")
                 if "error" in r:
                     log(f"    failed: {r['error']}")
-            if cfg.rss and v.source is not None:
+            if cfg.ckpt_rss and v.source is not None:
                 log(f"  peak RSS: {v.label} batch {bs} loaded from its checkpoint (child process)")
                 r = bench_memory.checkpoint_rss(v.source, _config_json(cfg), bs)
                 row["ckpt_rss_mb"] = r.get("ckpt_rss_mb")

@@ -4,9 +4,10 @@ The in-process figure (`qvlm_harness.bench.peak_rss`) quantizes from the FP32 ch
 float model passes through that process. A user deploying on a small device loads the quantized checkpoint
 instead: here each quantized variant is saved (`save_quantized`, before packing) into a temporary folder, and a
 child process loads it as `harness eval --model CKPT --execution packed` does (straight into packed modules,
-`load_quantized(packed=True)`), generates once and reports its lifetime peak RSS (``ru_maxrss``: loading
-included) and the resident weight bytes (the distinct tensor storages the loaded model holds,
-`qvlm_harness.measure.resident_bytes`). Float baselines load their float folder in their own dtype.
+`load_quantized(packed=True)`), generates once and reports its lifetime peak RSS (``VmHWM``, loading
+included; not ``ru_maxrss``, which Linux carries over from the parent across fork and exec) and the resident
+weight bytes (the distinct tensor storages the loaded model holds, `qvlm_harness.measure.resident_bytes`).
+Float baselines load their float folder in their own dtype.
 """
 
 from __future__ import annotations
@@ -84,10 +85,26 @@ def decode_weight_bytes(model) -> int:
     return sum(seen.values()) + row
 
 
-def checkpoint_child_main() -> None:
-    """Entry point of the child: load, generate once, print ``CKPT_RSS {json}``."""
+def peak_rss_of_this_process_mb() -> float:
+    """This process's lifetime peak RSS in MiB: ``VmHWM`` (the high-water mark of its own address space).
+
+    Not ``getrusage().ru_maxrss``: Linux keeps that across fork and exec, so a child started by a parent holding
+    3.5 GB of benchmark variants reports the parent's 3.5 GB whatever it loads itself. ru_maxrss is the fallback
+    where /proc is missing."""
     import resource
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def checkpoint_child_main() -> None:
+    """Entry point of the child: load, generate once, print ``CKPT_RSS {json}``."""
     from qvlm_harness.bench import BenchConfig, _Clock, generate_once, prompts
     from qvlm_harness.config import QuantSpec
     from qvlm_harness.measure import current_rss_mb, resident_bytes
@@ -103,6 +120,6 @@ def checkpoint_child_main() -> None:
     decode = decode_weight_bytes(adapter.model)
     batch = adapter.encode(prompts(cfg, job["batch_size"]))
     generate_once(adapter, batch, cfg.new_tokens, _Clock())
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    peak_mb = peak_rss_of_this_process_mb()
     print("CKPT_RSS " + json.dumps({"ckpt_rss_mb": peak_mb, "rss_after_load_mb": loaded_mb,
                                     "resident_bytes": resident, "decode_bytes": decode}))

@@ -39,7 +39,12 @@ def rtn_checkpoint(tiny_model_dir, tmp_path_factory):
 def test_child_loads_the_checkpoint_packed_and_reports_its_memory(rtn_checkpoint, tiny_model_dir):
     cfg = _config_json(BenchConfig(model=str(tiny_model_dir), new_tokens=2, threads=1))
     source = bench_memory.checkpoint_source(rtn_checkpoint, "packed", "torch")
+    ballast = torch.ones(2**28)  # 1 GiB held (and touched) by this process while the child runs
     got = bench_memory.checkpoint_rss(source, cfg, 1)
+    from qvlm_harness.measure import current_rss_mb
+
+    assert got["ckpt_rss_mb"] < current_rss_mb() - 512, "the child reported the parent's memory"
+    del ballast
     assert "error" not in got, got
     direct, _ = load_quantized(rtn_checkpoint, packed=True, backend="torch")
     # the child's storage count equals the per-module count of the same model loaded here (another method)

@@ -74,7 +74,8 @@ def add_parser(sub) -> None:
                    help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
                         "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
                         "(default none: they stay float)")
-    p.add_argument("--no-rss", action="store_true", help="skip the per-variant peak RSS child processes")
+    p.add_argument("--no-rss", action="store_true",
+                   help="skip the per-variant peak RSS child processes that quantize from the FP32 checkpoint")
     p.add_argument("--no-ckpt-rss", action="store_true",
                    help="skip saving each variant and measuring it loaded from that checkpoint in a fresh process")
     p.add_argument("--profile", action="store_true",
@@ -175,7 +176,7 @@ def render(result: dict) -> str:
              "Peak RSS: a fresh process that quantizes from the FP32 checkpoint, then generates (its RSS while "
              "generating). Ckpt RSS: a fresh process that loads the variant's saved checkpoint as `harness eval "
              "--execution packed` does (straight into packed modules) and generates once: its lifetime peak "
-             "(ru_maxrss, loading included). Resident MB: the distinct tensor storages that loaded model holds; "
+             "(VmHWM, loading included). Resident MB: the distinct tensor storages that loaded model holds; "
              "Res x fp16: the fp16 model's bytes divided by it. Decode read MB: the weight bytes one decode step "
              "reads (language model, LM head, one embedding row).")
     out = [head, "", table(result["rows"]).to_markdown(index=False, floatfmt=".2f", missingval="-"), "", notes]
