@@ -7,14 +7,18 @@ so the machine's slow phases hit all of them alike; the figures are medians over
 batch size: prefill latency (prompt forward up to the first new token), decode tokens/s (the remaining tokens,
 generation forced to full length), weight bytes as held (whole model, and the quantizable linear layers alone),
 and the peak RSS while generating, measured in a fresh child process per variant so variants do not share a
-heap. `profile_decode` shows where one decode step's time goes (torch.profiler, op self times).
+heap; beside it, each variant loaded from its saved checkpoint in a fresh process, as a deployment loads it
+(peak RSS including the load, and the resident weight bytes: `qvlm_harness.bench_memory`).
+`profile_decode` shows where one decode step's time goes (torch.profiler, op self times).
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +52,8 @@ class BenchConfig:
     scope: tuple[Scope, ...] = ALL_SCOPES
     backend: str = "auto"
     rss: bool = True
+    ckpt_rss: bool = True  # also each variant loaded from its saved checkpoint in a fresh process (bench_memory)
+    embeddings: str = "none"  # --quantize-embeddings for the quantized variants (the float baselines stay float)
     method_options: dict[str, dict] = field(default_factory=dict)
     execution: str = "packed"  # "simulated": keep quantized layers fake-quant (what `harness run` does by default)
     device: str = "cpu"  # cuda: timed with synchronisation, peak CUDA memory instead of the RSS child processes
@@ -63,6 +69,7 @@ class Variant:
     adapter: Any
     packing: dict = field(default_factory=dict)
     setup_s: float = 0.0  # quantization + conversion (+ compilation on first call, added when timed)
+    source: dict | None = None  # what a fresh process loads to deploy it (`qvlm_harness.bench_memory`)
 
     @property
     def label(self) -> str:
@@ -94,30 +101,47 @@ def variant_specs(cfg: BenchConfig) -> list[tuple[str, QuantSpec]]:
     return out
 
 
-def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, copy_model: bool = True) -> Variant:
+def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, copy_model: bool = True,
+                  save_to: Path | None = None) -> Variant:
     """Quantize a copy of `base` (a LlavaAdapter) with the registered method and pack it (unless
-    `cfg.execution` is "simulated")."""
+    `cfg.execution` is "simulated"); with `save_to`, the quantized model is first saved there as a checkpoint
+    (fake-quant, as `harness quantize` writes it) for the fresh-process memory measurement."""
+    from qvlm_harness import bench_memory
     from qvlm_harness.models.llava import LlavaAdapter
-    from qvlm_harness.quantize import calibration_for, quantize
+    from qvlm_harness.quantize import calibration_for, pack, quantize
 
     t0 = time.perf_counter()
     method = plugins.methods.get(method_name)(**cfg.method_options.get(method_name, {}))
     model = copy.deepcopy(base.model) if copy_model else base.model
     adapter = LlavaAdapter(model, base.processor, base.name, base.path)
     calibration = calibration_for(method, spec, plugins.tasks.get(cfg.task)(), cfg.calib_samples, cfg.seed)
-    quantized = quantize(adapter, method, spec, calibration, scope=cfg.scope, seed=cfg.seed, execution=cfg.execution,
-                         kernel_backend=cfg.backend, measure_fp_pass=False)
+    quantized = quantize(adapter, method, spec, calibration, scope=cfg.scope, seed=cfg.seed, execution="simulated",
+                         kernel_backend=cfg.backend, measure_fp_pass=False,
+                         embeddings="none" if method.fixed_precision else cfg.embeddings)
+    source = None
+    if save_to is not None and base.path:
+        if method.fixed_precision:
+            source = bench_memory.float_source(base.path, method.compute_dtype or "fp32")
+        else:
+            t_save = time.perf_counter()
+            folder = bench_memory.save_variant(quantized, method, spec, save_to, base.name, "bench", cfg.scope)
+            source = bench_memory.checkpoint_source(folder, cfg.execution, cfg.backend)
+            t0 += time.perf_counter() - t_save  # saving is not part of the variant's setup
+    if cfg.execution == "packed" and quantized.execution == "simulated":
+        pack(quantized, cfg.backend)
     bits = "fp" if spec.is_float else spec.tag
     return Variant(method_name, bits, quantized.execution, adapter, quantized.report.get("packing", {}),
-                   time.perf_counter() - t0)
+                   time.perf_counter() - t0, source)
 
 
-def build_variants(base, pairs: Sequence[tuple[str, QuantSpec]], cfg: BenchConfig, log) -> list[Variant]:
-    """Every (method, spec) of `pairs` built from copies of `base`, each logged with its packing summary."""
+def build_variants(base, pairs: Sequence[tuple[str, QuantSpec]], cfg: BenchConfig, log,
+                   save_root: Path | None = None) -> list[Variant]:
+    """Every (method, spec) of `pairs` built from copies of `base`, each logged with its packing summary (and
+    saved as a checkpoint under `save_root` when given)."""
     variants: list[Variant] = []
-    for method, spec in pairs:
+    for i, (method, spec) in enumerate(pairs):
         log(f"  building {method} {'fp' if spec.is_float else spec.tag}")
-        v = build_variant(base, method, spec, cfg)
+        v = build_variant(base, method, spec, cfg, save_to=None if save_root is None else save_root / f"v{i}")
         if v.packing:
             log(f"    {v.packing['summary']}")
         variants.append(v)
@@ -353,7 +377,6 @@ def profile_decode(variant: Variant, cfg: BenchConfig, batch_size: int = 1, top:
 
 def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], None] = print) -> dict:
     """Build every variant, time them, measure memory; returns {"rows": [...], "profiles": [...], "env": {...}}."""
-    from qvlm_harness.kernels import cpu as cpu_kernels
     from qvlm_harness.models.llava import LlavaAdapter, set_threads
     from qvlm_harness.plan import check_device, resolve_model
 
@@ -364,18 +387,35 @@ def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], N
     on_cuda = is_cuda(cfg.device)
     log(f"bench: model {model_id} on {cfg.device}; {threads} thread(s); {len(pairs)} variants; batch sizes "
         f"{list(cfg.batch_sizes)}; {cfg.new_tokens} new tokens; {cfg.rounds} interleaved rounds")
-    if on_cuda and cfg.rss:
+    if on_cuda and (cfg.rss or cfg.ckpt_rss):
         log("  peak RSS child processes skipped on CUDA (host RSS says nothing about GPU memory); peak CUDA "
             "memory is measured instead")
     base = LlavaAdapter.load(model_path, device=cfg.device)
     lin_names = base.linear_names(cfg.scope)
     fp16_bytes = sum(t.numel() * 2 for t in list(base.model.parameters()) + list(base.model.buffers()))
     fp16_linear = sum(base.model.get_submodule(n).weight.numel() * 2 for n in lin_names)
-    variants = build_variants(base, pairs, cfg, log)
-    del base
-    gc.collect()
-    if on_cuda:
-        torch.cuda.empty_cache()
+    save_root = Path(tempfile.mkdtemp(prefix="qvlm-bench-ckpt-")) if cfg.ckpt_rss and not on_cuda else None
+    try:
+        variants = build_variants(base, pairs, cfg, log, save_root)
+        del base
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+        return _measure(cfg, variants, pairs, model_id, model_path, lin_names, fp16_bytes, fp16_linear, threads,
+                        profile, log)
+    finally:
+        if save_root is not None:
+            shutil.rmtree(save_root, ignore_errors=True)
+
+
+def _measure(cfg: BenchConfig, variants: list[Variant], pairs, model_id: str, model_path: str, lin_names,
+             fp16_bytes: int, fp16_linear: int, threads: int, profile: bool, log) -> dict:
+    """Time every variant, measure its memory (in-process and loaded from its checkpoint, or peak CUDA memory on a
+    GPU), profile."""
+    from qvlm_harness import bench_memory
+    from qvlm_harness.kernels import cpu as cpu_kernels
+
+    on_cuda = is_cuda(cfg.device)
     if cfg.backend in ("auto", "cpp") and any(v.execution == "real" for v in variants) and not on_cuda:
         why = cpu_kernels.unavailable_reason()
         log(f"  fused CPU kernel: {'on (VNNI)' if cpu_kernels.has_vnni() else 'on' if not why else 'off: ' + why}")
@@ -406,14 +446,21 @@ def run_bench(cfg: BenchConfig, *, profile: bool = False, log: Callable[[str], N
                 row["peak_rss_mb"] = r.get("peak_rss_mb")
                 if "error" in r:
                     log(f"    failed: {r['error']}")
+            if cfg.ckpt_rss and not on_cuda and v.source is not None:
+                log(f"  peak RSS: {v.label} batch {bs} loaded from its checkpoint (child process)")
+                r = bench_memory.checkpoint_rss(v.source, _config_json(cfg), bs)
+                row["ckpt_rss_mb"] = r.get("ckpt_rss_mb")
+                row["resident_mb"] = r["resident_bytes"] / 2**20 if "resident_bytes" in r else None
+                row["decode_read_mb"] = r["decode_bytes"] / 2**20 if "decode_bytes" in r else None
+                if "error" in r:
+                    log(f"    failed: {r['error']}")
             rows.append(row)
     for row in rows:
-        ref_rss = next((r["peak_rss_mb"] for r in rows if r["batch"] == row["batch"] and r["method"] == BASELINE),
-                       None)
-        row["rss_x"] = ref_rss / row["peak_rss_mb"] if ref_rss and row["peak_rss_mb"] else None
-        ref_cuda = next((r["peak_cuda_mb"] for r in rows if r["batch"] == row["batch"] and r["method"] == BASELINE),
-                        None)
-        row["cuda_x"] = ref_cuda / row["peak_cuda_mb"] if ref_cuda and row["peak_cuda_mb"] else None
+        ref = next((r for r in rows if r["batch"] == row["batch"] and r["method"] == BASELINE), {})
+        for key, ratio in (("peak_rss_mb", "rss_x"), ("ckpt_rss_mb", "ckpt_rss_x"), ("resident_mb", "resident_x"),
+                           ("decode_read_mb", "decode_read_x"), ("peak_cuda_mb", "cuda_x")):
+            row[ratio] = ref[key] / row[key] if ref.get(key) and row.get(key) else None
+        row["resident_x_fp16"] = fp16_bytes / 2**20 / row["resident_mb"] if row.get("resident_mb") else None
     profiles = []
     if profile:
         for v in variants:

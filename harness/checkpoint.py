@@ -14,6 +14,11 @@ method does not declare, and any module that differs from the plain Llava model 
 codec to say how (it would otherwise load back as the plain module). Loading resolves the codecs through the
 method the manifest names.
 
+`load_quantized(folder, packed=True)` (what `harness eval --execution packed` uses) builds every quantized linear
+straight as its packed module from the stored codes on a meta-device skeleton (`qvlm_harness.packed_load`), for
+methods whose modules pack; the token embedding and LM head, when quantized (`--quantize-embeddings`), are saved
+and loaded through the engine's own codecs (`qvlm_harness.kernels.embedding.engine_codecs`), whatever the method.
+
 Loading is strict: an edited manifest or file, a label the modules contradict, an unknown module type, a missing
 or extra tensor or a shape mismatch raises `HarnessError`; a checkpoint never loads silently as a float model.
 Float model folders are loaded strictly too (`load_float`): transformers would initialise missing weights randomly.
@@ -33,6 +38,7 @@ from torch import Tensor, nn
 
 from qvlm_harness.config import QuantSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.kernels.embedding import engine_codecs
 from qvlm_harness.manifest import (
     FIX,
     FORMAT,
@@ -168,7 +174,7 @@ def save_quantized(qm: QuantizedModel, folder: Path | str, *, describe: str, bas
 
     where = f"cannot save {qm.method} {qm.spec.tag}"
     method_cls = method_class(qm.method, where)
-    codecs = codecs_for(method_cls)
+    codecs = codecs_for(method_cls) | engine_codecs()
     model = qm.adapter.model
     modules, tensors, aliases = encode_model(model, codecs, qm.method)
     fix = "the method's result contradicts its own modules (a bug in the method)"
@@ -226,7 +232,7 @@ def read_manifest(path: str | Path) -> dict | None:
     _check_files(folder, manifest)
     where = f"checkpoint {folder}"
     method_cls = method_class(manifest["method"], where)
-    codecs = codecs_for(method_cls)
+    codecs = codecs_for(method_cls) | engine_codecs()
     spec = spec_from_dict(manifest["spec"], where)
     if spec.to_dict() != manifest["spec"]:
         raise HarnessError(f"{where}: spec {manifest['spec']!r} is not in canonical form; {FIX}")
@@ -253,8 +259,9 @@ def _check_files(folder: Path, manifest: dict) -> None:
 
 # -- load --------------------------------------------------------------------------------------------------------------
 def _decode(fqn: str, entry: dict, tensors: dict[str, Tensor], codecs: dict[str, ModuleCodec], method: str,
-            built: dict[str, list[nn.Module]]) -> nn.Module:
-    """Rebuild one module (children first) from its entry and its tensors (keys relative to the module)."""
+            built: dict[str, list[nn.Module]], *, backend: str | None = None) -> nn.Module:
+    """Rebuild one module (children first) from its entry and its tensors (keys relative to the module); with a
+    kernel `backend`, as its packed module where its codec can build one (`ModuleCodec.build_packed`)."""
     codec = codec_named(codecs, entry["type"], fqn, method)
     unknown = set(entry["children"]) - set(codec.children)
     if unknown:
@@ -265,10 +272,16 @@ def _decode(fqn: str, entry: dict, tensors: dict[str, Tensor], codecs: dict[str,
             raise HarnessError(f"checkpoint module {fqn} ({codec.name}) lacks its child {child!r}; {FIX}")
         prefix = child + "."
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        children[child] = _decode(f"{fqn}.{child}", entry["children"][child], sub, codecs, method, built)
+        children[child] = _decode(f"{fqn}.{child}", entry["children"][child], sub, codecs, method, built,
+                                  backend=backend)
     prefixes = tuple(c + "." for c in codec.children)
     own = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}
-    module = codec.build(StoredModule(fqn, entry["meta"], own, children))
+    stored = StoredModule(fqn, entry["meta"], own, children)
+    if backend is not None and codec.build_packed is not None:
+        packed = codec.build_packed(stored, backend)
+        if packed is not None:
+            return packed
+    module = codec.build(stored)
     if type(module) is not codec.cls:
         raise HarnessError(f"the {codec.name} codec built a {type(module).__name__} for {fqn}")
     built.setdefault(codec.name, []).append(module)
@@ -287,8 +300,13 @@ def check_finite(tensors: dict[str, Tensor], modules: dict[str, dict], folder: P
                                f"not an input or calibration problem); {FIX}")
 
 
-def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None = None):
-    """(LlavaAdapter with the quantized model, manifest). Strict: see the module docstring."""
+def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None = None, packed: bool = False,
+                   backend: str = "auto"):
+    """(LlavaAdapter with the quantized model, manifest). Strict: see the module docstring.
+
+    `packed` (the checkpoint of a method whose modules pack, `Method.packs`): every quantized linear is built
+    straight as its packed module from the stored codes, on a meta-device skeleton (`qvlm_harness.packed_load`),
+    so no float weight of a quantized layer is ever made; other checkpoints load fake-quant as without it."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
@@ -307,6 +325,11 @@ def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None 
     if _sha256(path) != manifest["tensors_sha256"]:
         raise HarnessError(f"{path} does not match the hash in {MANIFEST} (corrupt or edited); {FIX}")
     processor = load_processor(folder)
+    if packed and method_class(manifest["method"], f"checkpoint {folder}").packs:
+        from qvlm_harness.packed_load import load_packed_model
+
+        model = load_packed_model(folder, manifest, path, backend).to(device)
+        return LlavaAdapter(model, processor, name or folder.name, path=str(folder)), manifest
     tensors = load_file(str(path))
     check_finite(tensors, manifest["modules"], folder)
     for alias, target in manifest["aliases"].items():
@@ -314,7 +337,7 @@ def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None 
             raise HarnessError(f"checkpoint alias {alias} -> {target}: target tensor missing; {FIX}")
         tensors[alias] = tensors[target]
     method = manifest["method"]
-    codecs = codecs_for(method_class(method, f"checkpoint {folder}"))
+    codecs = codecs_for(method_class(method, f"checkpoint {folder}")) | engine_codecs()
     config = AutoConfig.from_pretrained(folder)
     model = LlavaForConditionalGeneration(config).to(DTYPES[manifest["dtype"]]).eval()
     consumed: set[str] = set()
@@ -380,10 +403,12 @@ def load_float(path: str | Path, *, dtype: str = "fp32", device: str = "cpu", na
     return LlavaAdapter(model, processor, name or folder.name, path=str(folder))
 
 
-def load_adapter(path: str, *, dtype: str = "fp32", device: str = "cpu", name: str | None = None):
-    """A model for the runner: a quantized checkpoint folder as stored, anything else through `load_float`."""
+def load_adapter(path: str, *, dtype: str = "fp32", device: str = "cpu", name: str | None = None,
+                 packed: bool = False):
+    """A model for the runner: a quantized checkpoint folder as stored (straight into packed modules with
+    `packed`, see `load_quantized`), anything else through `load_float`."""
     if read_manifest(path) is not None:
-        return load_quantized(path, device=device, name=name)[0]
+        return load_quantized(path, device=device, name=name, packed=packed)[0]
     return load_float(path, dtype=dtype, device=device, name=name)
 
 

@@ -222,6 +222,8 @@ class RunSpec:
     task_options: dict[str, dict] = field(default_factory=dict)  # canonical task name -> constructor kwargs
     # "packed": convert quantized layers to real low-bit kernels (harness.kernels) after quantization
     execution: Literal["simulated", "packed"] = "simulated"
+    # "none", or a packed format for the token embedding and LM head (qvlm_harness.kernels.embedding)
+    embeddings: str = "none"
 
     @property
     def store_path(self) -> Path:

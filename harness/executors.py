@@ -65,7 +65,7 @@ def run_group(plan: Plan, job: QuantJob, adapter: LlavaAdapter, *, fingerprint: 
     log(f"quantizing: {method.name} {label}"
         + (f" (calibration: {len(calibration)} {job.calib_task} train samples)" if calibration else ""))
     quantized = quantize(adapter, method, job.spec, calibration, scope=s.scope, seed=s.seed, execution=s.execution,
-                         log=log)
+                         log=log, embeddings=s.embeddings)
     fid = fidelity.compare(quantized.adapter, probes, ref) if ref is not None else None
     if fid is not None:
         log(f"  fidelity to FP on {fid['prompts']} prompts: KL {fid['kl_mean']:.4f} nats/token, top-1 agreement "
@@ -107,7 +107,8 @@ def run_job(spec: RunSpec, job: QuantJob, *, model_id: str, model_path: str, run
     threads = set_threads(spec.threads)
     torch.manual_seed(spec.seed)
     env = environment(spec.device) | {"threads": threads, "executor": executor}
-    base = load_adapter(model_path, dtype=spec.dtype, device=spec.device, name=model_id)
+    base = load_adapter(model_path, dtype=spec.dtype, device=spec.device, name=model_id,
+                        packed=spec.execution == "packed")
     return list(run_group(plan, job, base, fingerprint=base.fingerprint(), run_id=run_id, env=env,
                           log=lambda m: print(m, file=sys.stderr)))
 
@@ -124,7 +125,8 @@ class LocalExecutor:
         env = environment(s.device) | {"threads": torch.get_num_threads(), "executor": "local"}
         for method in dict.fromkeys(j.method for j in jobs):
             mine = [j for j in jobs if j.method == method]
-            base = load_adapter(plan.model_path, dtype=s.dtype, device=s.device, name=plan.model_id)
+            base = load_adapter(plan.model_path, dtype=s.dtype, device=s.device, name=plan.model_id,
+                                packed=s.execution == "packed")
             fingerprint = base.fingerprint()
             for i, job in enumerate(mine):
                 adapter = base if i == len(mine) - 1 else LlavaAdapter(copy.deepcopy(base.model), base.processor,

@@ -78,6 +78,19 @@ def weight_bytes(model: nn.Module, *, packed: bool) -> int:
     return total
 
 
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct tensor storages the model's parameters and buffers live in: what the process really
+    holds for its weights (a tied embedding and head, or two views of one storage, count once; a view of a larger
+    storage counts the whole storage, which is what stays allocated)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_meta or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
 def git_hash() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent

@@ -220,6 +220,8 @@ class Plan:
         }
         if cell.shots:
             ident["demos"] = self.demo_content(cell.task)
+        if s.embeddings != "none":  # only when set: cells without it keep their ids
+            ident["embeddings"] = s.embeddings
         if not method.fixed_precision:
             calib = self.calib_source(cell)
             ident |= {"spec": cell.spec.to_dict(), "scope": sorted(s.scope), "execution": s.execution,

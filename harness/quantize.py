@@ -56,19 +56,27 @@ def time_fp_pass(adapter, calibration: CalibrationSet, batch_size: int = 8) -> f
 
 def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationSet | None = None, *,
              scope: Sequence[Scope] = ALL_SCOPES, seed: int = 0, execution: str = "simulated",
-             kernel_backend: str = "auto", measure_fp_pass: bool = True, log: Log | None = None) -> QuantizedModel:
+             kernel_backend: str = "auto", measure_fp_pass: bool = True, log: Log | None = None,
+             embeddings: str = "none") -> QuantizedModel:
     """Quantize `adapter.model` in place with `method` at `spec` and return the labelled result.
 
     `execution="packed"` converts the fake-quant layers to packed integer kernels afterwards (the result says
-    "real" when any layer converted; the conversion is not part of the search cost)."""
+    "real" when any layer converted; the conversion is not part of the search cost). `embeddings` (the
+    ``--quantize-embeddings`` format, `qvlm_harness.kernels.embedding`) also quantizes the token embedding and
+    the LM head, whatever the method, after it ran; the result's report says so under ``embeddings``."""
     from qvlm_harness.checkpoint import StoredQuantization
+    from qvlm_harness.kernels.embedding import check_embeddings, quantize_embeddings
 
     if isinstance(method, StoredQuantization):  # already quantized: label it from the manifest
+        if embeddings != "none":
+            raise HarnessError(f"the checkpoint {method.path} fixes its embeddings; drop --quantize-embeddings "
+                               "(quantize again with `harness quantize --quantize-embeddings` to change them)")
         qm = method.quantize(adapter, None, spec, scope)
         return pack(qm, kernel_backend, log) if execution == "packed" and qm.execution == "simulated" else qm
     reason = method.supports(spec)
     if reason is not None:
         raise HarnessError(f"method {method.name} does not support {spec.tag} ({reason}); see `harness ls methods`")
+    check_embeddings(adapter.model, embeddings)
     needed = method.needs_calibration(spec)
     calibration = require_calibration(method, spec, calibration) if needed else None
     fp_pass_s = None
@@ -84,6 +92,11 @@ def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationS
     qm.search_cost.fp_pass_s = fp_pass_s
     if not qm.config:
         qm.config = method.config.to_dict()
+    done = quantize_embeddings(adapter.model, embeddings)
+    if done is not None:
+        qm.report["embeddings"] = done
+        if log:
+            log(f"  embeddings: {done['format']} ({'tied head, one copy' if done['tied'] else 'embedding and head'})")
     if execution == "packed" and qm.execution == "simulated":
         pack(qm, kernel_backend, log)
     return qm

@@ -14,11 +14,14 @@ from qvlm_harness import plugins
 from qvlm_harness.commands.common import BITS_HELP, csv_list, int_list, method_options, scope_list
 from qvlm_harness.config import ALL_SCOPES, QuantSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.kernels.embedding import embedding_format_arg
 
 COLUMNS = {"method": "Method", "bits": "Bits", "exec": "Exec", "batch": "Batch", "prefill_ms": "Prefill ms",
            "prefill_x": "Prefill x", "decode_tok_s": "Decode tok/s", "decode_x": "Decode x", "e2e_x": "E2E x",
            "weight_mb": "Weights MB", "weight_x_fp32": "W x fp32", "weight_x_fp16": "W x fp16",
            "linear_mb": "Linear MB", "linear_x_fp16": "Lin x fp16", "peak_rss_mb": "Peak RSS MB", "rss_x": "RSS x",
+           "ckpt_rss_mb": "Ckpt RSS MB", "ckpt_rss_x": "Ckpt RSS x", "resident_mb": "Resident MB",
+           "resident_x_fp16": "Res x fp16", "decode_read_mb": "Decode read MB",
            "peak_cuda_mb": "Peak CUDA MB", "cuda_x": "CUDA x"}
 
 CUDA_COLUMNS = ("peak_cuda_mb", "cuda_x")
@@ -72,7 +75,14 @@ def add_parser(sub) -> None:
     p.add_argument("--kernel-backend", choices=["auto", "cpp", "torch", "compile"], default="auto",
                    help="integer linear layers: fused CPU kernel (auto/cpp), plain torch ops, or torch.compile")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
-    p.add_argument("--no-rss", action="store_true", help="skip the per-variant peak RSS child processes")
+    p.add_argument("--quantize-embeddings", type=embedding_format_arg, default="none", dest="embeddings",
+                   help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
+                        "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
+                        "(default none: they stay float)")
+    p.add_argument("--no-rss", action="store_true",
+                   help="skip the per-variant peak RSS child processes that quantize from the FP32 checkpoint")
+    p.add_argument("--no-ckpt-rss", action="store_true",
+                   help="skip saving each variant and measuring it loaded from that checkpoint in a fresh process")
     p.add_argument("--profile", action="store_true",
                    help="also profile the decode steps and write the top ops; with --throughput, where an "
                         "evaluation pass spends its time and how much of the executed work was needed")
@@ -125,6 +135,7 @@ def bench_config(args: argparse.Namespace):
                        batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, rounds=args.rounds,
                        threads=args.threads, task=args.task, calib_samples=args.calib_samples, seed=args.seed,
                        scope=tuple(args.scope), backend=args.kernel_backend, rss=not args.no_rss,
+                       ckpt_rss=not args.no_ckpt_rss, embeddings=args.embeddings,
                        method_options=method_options(args.method_option), execution=args.execution,
                        device=args.device)
 
@@ -173,7 +184,13 @@ def render(result: dict) -> str:
             f"(fused CPU kernel: {env['fused_kernel']})")
     notes = ("x = ratio to fp32 in this run (>1 is better: faster, smaller). E2E = prefill + all decode steps. "
              "W x fp16 / Lin x fp16: fp16 size of the whole model / of the quantizable linear layers divided by "
-             "the bytes held. Exec 'real' = packed integer kernels; 'simulated' layers would be fake-quant.")
+             "the bytes held. Exec 'real' = packed integer kernels; 'simulated' layers would be fake-quant. "
+             "Peak RSS: a fresh process that quantizes from the FP32 checkpoint, then generates (its RSS while "
+             "generating). Ckpt RSS: a fresh process that loads the variant's saved checkpoint as `harness eval "
+             "--execution packed` does (straight into packed modules) and generates once: its lifetime peak "
+             "(VmHWM, loading included). Resident MB: the distinct tensor storages that loaded model holds; "
+             "Res x fp16: the fp16 model's bytes divided by it. Decode read MB: the weight bytes one decode step "
+             "reads (language model, LM head, one embedding row).")
     out = [head, "", table(result["rows"]).to_markdown(index=False, floatfmt=".2f", missingval="-"), "", notes]
     for prof in result["profiles"]:
         out += ["", "```", prof.to_text(), "```"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from qvlm_harness import plugins
 from qvlm_harness.config import ALL_SCOPES, BITS_SYNTAX, QuantSpec, RunSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.kernels.embedding import embedding_format_arg
 
 DEFAULT_MODEL_CAVEAT = ("Model: the embedded default (DINOv2-S/14 + SmolLM2-135M-Instruct, trained projector/LoRA); "
                         "its LM weights come from a Q4_1 GGUF, so weight-only 4-bit results are optimistic; "
@@ -90,6 +91,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = Tr
                    help="control run: give each question another question's image (shuffle) or a grey image")
     p.add_argument("--execution", choices=["simulated", "packed"], default="simulated",
                    help="packed: run quantized layers on real low-bit integer kernels (harness.kernels)")
+    p.add_argument("--quantize-embeddings", type=embedding_format_arg, default="none", dest="embeddings",
+                   help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
+                        "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
+                        "(default none: they stay float)")
     p.add_argument("--no-log-samples", action="store_true", help="do not keep prompts in the per-sample logs")
     p.add_argument("--lmeval-include", action="append", default=[], metavar="DIR",
                    help="folder of lm-eval task YAML files for lmeval:<task> names (repeatable)")
@@ -125,7 +130,7 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
         max_new_tokens=args.max_new_tokens, shots=args.shots, trials=args.trials, device=args.device,
         dtype=args.dtype, threads=args.threads, log_samples=not args.no_log_samples, image_control=args.image_control,
         method_options=method_options(args.method_option), execution=args.execution,
-        task_options=lmeval_task_options(args),
+        task_options=lmeval_task_options(args), embeddings=args.embeddings,
     )
     return spec
 

@@ -2,7 +2,8 @@
 store like `run`'s, labelled with the manifest's method and bits.
 
 The checkpoint fixes how the model is quantized, so the flags that choose it (--bits, --quantize,
---calib-samples, --calib-task, --method-option, --dtype) are refused rather than silently ignored."""
+--calib-samples, --calib-task, --method-option, --dtype, --quantize-embeddings) are refused rather than silently
+ignored. With ``--execution packed`` the checkpoint loads straight into packed modules (`load_quantized`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from qvlm_harness.errors import HarnessError
 # flag -> (argparse dest, the value `run_spec_from_args` needs when the flag is not given)
 FIXED_BY_CHECKPOINT = {"--bits": ("bits", "w8a8,w4a4"), "--quantize": ("scope", ALL_SCOPES),
                        "--calib-samples": ("calib_samples", 64), "--calib-task": ("calib_task", None),
-                       "--method-option": ("method_option", []), "--dtype": ("dtype", "fp32")}
+                       "--method-option": ("method_option", []), "--dtype": ("dtype", "fp32"),
+                       "--quantize-embeddings": ("embeddings", "none")}
 
 
 def add_parser(sub) -> None:

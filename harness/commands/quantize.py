@@ -10,6 +10,7 @@ from qvlm_harness import plugins
 from qvlm_harness.commands.common import GROUP_RULE, method_options, scope_list
 from qvlm_harness.config import ALL_SCOPES, BITS_SYNTAX, QuantSpec
 from qvlm_harness.errors import HarnessError
+from qvlm_harness.kernels.embedding import embedding_format_arg
 
 
 def add_parser(sub) -> None:
@@ -27,6 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the model is loaded and searched")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
+    p.add_argument("--quantize-embeddings", type=embedding_format_arg, default="none", dest="embeddings",
+                   help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
+                        "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
+                        "(default none: they stay float)")
     p.add_argument("--output", type=Path, required=True, help="folder to write the quantized checkpoint to")
 
 
@@ -82,7 +87,8 @@ def execute(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     adapter = load_float(path, name=model_id, device=args.device)
     fingerprint = adapter.fingerprint()
-    qm = quantize(adapter, method, spec, calibration, scope=tuple(args.scope), seed=args.seed)
+    qm = quantize(adapter, method, spec, calibration, scope=tuple(args.scope), seed=args.seed,
+                  embeddings=args.embeddings)
     calib = None if calibration is None else {"task": task.name, "samples": len(calibration), "seed": args.seed}
     save_quantized(qm, args.output, describe=method.describe(spec), base_model=model_id, fingerprint=fingerprint,
                    scope=args.scope, calibration=calib)

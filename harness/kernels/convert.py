@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from qvlm_harness.config import CHANNEL_ACTIVATIONS_UNPACKABLE, FLOAT_BITS
 from qvlm_harness.kernels.linear import IntLinear, PackedLinear, WeightOnlyLinear
 from qvlm_harness.kernels.packing import code_centre, pack_codes
 from qvlm_harness.quant.qlinear import QLinear
+from qvlm_harness.quant.quantizer import QParams
 
 
 @dataclass
@@ -83,25 +84,42 @@ def pack_qlinear(q: QLinear, *, backend: str = "auto") -> PackedLinear:
     reason = conversion_blocker(q)
     if reason is not None:
         raise ValueError(f"cannot pack {q.name or 'layer'}: {reason}")
-    qp = q.w_qparams
-    assert q.codes is not None and qp is not None
-    packed = pack_codes(q.codes, q.w_bits, q.w_symmetric)
-    zero = None if q.w_symmetric else (qp.zero_point - code_centre(q.w_bits, False))
+    assert q.codes is not None and q.w_qparams is not None
+    return packed_module(q.codes, q.w_qparams, q.bias, q.a_bits, q.a_symmetric, q.a_granularity, q.a_dynamic,
+                         q.act_qparams, name=q.name, backend=backend)
+
+
+def packed_module(codes: Tensor, qp: QParams, bias: Tensor | None, a_bits: int, a_symmetric: bool,
+                  a_granularity: str, a_dynamic: bool, act_qparams: QParams | None, *, name: str = "",
+                  backend: str = "auto") -> PackedLinear:
+    """The packed module of `QLinear`-style integer codes ``[out, in]`` and their QParams: what `pack_qlinear`
+    builds from a live layer and what a checkpoint loads straight from its stored codes (no float weight)."""
+    packed = pack_codes(codes, qp.bits, qp.symmetric)
+    zero = None if qp.symmetric else (qp.zero_point - code_centre(qp.bits, False))
     group = qp.group_size
-    if q.a_bits >= FLOAT_BITS:
-        return WeightOnlyLinear(packed, qp.scale, zero, q.bias, group_size=group, name=q.name,
-                                device=q.codes.device)
-    static = q.act_qparams if q.a_granularity != "token" and not q.a_dynamic else None
-    return IntLinear(packed, qp.scale, zero, q.bias, group_size=group, a_bits=q.a_bits,
-                     a_symmetric=q.a_symmetric, a_per_token=q.a_granularity == "token",
-                     a_scale=None if static is None else static.scale,
-                     a_zero=None if static is None else static.zero_point, name=q.name, backend=backend)
+    if a_bits >= FLOAT_BITS:
+        return WeightOnlyLinear(packed, qp.scale, zero, bias, group_size=group, name=name, device=codes.device)
+    static = act_qparams if a_granularity != "token" and not a_dynamic else None
+    return IntLinear(packed, qp.scale, zero, bias, group_size=group, a_bits=a_bits, a_symmetric=a_symmetric,
+                     a_per_token=a_granularity == "token", a_scale=None if static is None else static.scale,
+                     a_zero=None if static is None else static.zero_point, name=name, backend=backend)
 
 
 def convert_to_packed(model: nn.Module, *, backend: str = "auto") -> ConversionReport:
     """Swap every convertible `QLinear` in `model` (in place) for its packed module; see the module docstring."""
     report = ConversionReport()
     built: dict[int, nn.Module] = {}
+    # layers already packed (a checkpoint loaded straight into packed modules) count as converted, so the report
+    # of such a model equals that of the same checkpoint loaded fake-quant and converted here
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, PackedLinear) and name:
+            if id(m) not in built:
+                built[id(m)] = m
+                report.kinds[type(m).__name__] = report.kinds.get(type(m).__name__, 0) + 1
+            report.converted.append(name)
+            parent_name = name.rpartition(".")[0]
+            if parent_name and _is_quantized(model.get_submodule(parent_name)):
+                report.wrappers[parent_name] = type(model.get_submodule(parent_name)).__name__
     targets = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, QLinear)]
     for name, q in targets:
         reason = "the model itself is a QLinear (wrap it in a container)" if name == "" else conversion_blocker(q)
@@ -124,6 +142,8 @@ def convert_to_packed(model: nn.Module, *, backend: str = "auto") -> ConversionR
     # other quantized module types (a `weight_storage_bytes` method marks them) that hold no QLinear
     for name, m in model.named_modules():
         if not _is_quantized(m) or isinstance(m, PackedLinear | QLinear) or name in report.wrappers:
+            continue
+        if getattr(m, "runs_packed", False):  # a packed format of its own (quantized embeddings, LM head)
             continue
         if not any(isinstance(c, PackedLinear | QLinear) for c in m.modules()):
             report.skipped[name] = f"{type(m).__name__} has no packed kernel here (runs as its method built it)"

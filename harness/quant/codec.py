@@ -105,6 +105,9 @@ class ModuleCodec:
     `facts(meta)`: the `ModuleFacts` of a stored module, or None for a wrapper whose facts are its children's.
     `children`: attribute names of child modules encoded with their own codecs. `on_load(model, modules)`: run
     once after loading, with every rebuilt module of this type (e.g. to re-install a hook they rely on).
+    `build_packed(stored, backend)`: for a type that converts to packed kernels, the packed module built straight
+    from the stored integer codes (no dequantized float weight is ever made), or None where this stored module
+    cannot pack (it is then built by `build`); the loader of ``--execution packed`` uses it.
     """
 
     name: str
@@ -115,6 +118,7 @@ class ModuleCodec:
     tensors: Callable[[nn.Module], dict[str, Tensor]] | None = None
     children: tuple[str, ...] = ()
     on_load: Callable[[nn.Module, list[nn.Module]], None] | None = None
+    build_packed: Callable[[StoredModule, str], nn.Module | None] | None = None
 
     def stored_tensors(self, module: nn.Module) -> dict[str, Tensor]:
         if self.tensors is not None:

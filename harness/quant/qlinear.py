@@ -380,8 +380,49 @@ def _codec_build(s: StoredModule) -> QLinear:
     return m
 
 
+def _codec_build_packed(s: StoredModule, backend: str) -> nn.Module | None:
+    """The packed module (`qvlm_harness.kernels.convert.packed_module`) straight from the stored codes and
+    scales: the dequantized float weight `_codec_build` recomputes is never made. None where the layer cannot pack
+    (float weights, a static activation range that was never calibrated): it then loads as a QLinear, and the
+    conversion report lists it as simulated, as converting the loaded QLinear would."""
+    from qvlm_harness.kernels.convert import packed_module
+
+    spec = spec_from_dict(s.meta_field("spec"), f"checkpoint module {s.name}")
+    static = spec.a_bits < FLOAT_BITS and not spec.a_dynamic and spec.a_granularity != "token"
+    if not spec.quantizes_weights or (static and "a_scale" not in s.tensors):
+        return None
+    s.need({"codes", "w_scale", "w_zero"}, {"bias", "a_scale", "a_zero"})
+    if ("a_scale" in s.tensors) != ("a_zero" in s.tensors):
+        s.fail("a_scale and a_zero must be stored together")
+    in_f, out_f = s.ints("in", "out")
+    codes = s.shaped("codes", (out_f, in_f))
+    group = s.meta_field("group")
+    if group is not None and (not isinstance(group, int) or group <= 0 or in_f % group):
+        s.fail(f"group {group!r} does not divide the {in_f} input channels")
+    groups = 1 if group is None else in_f // group
+    t = s.tensors
+    if codes.is_floating_point() or tuple(t["w_scale"].shape) not in ((out_f, groups), (1, groups)) \
+            or t["w_zero"].shape != t["w_scale"].shape:
+        s.fail(f"codes {codes.dtype} with scales {tuple(t['w_scale'].shape)} / zero points "
+               f"{tuple(t['w_zero'].shape)} do not fit [{out_f}, {in_f}] in {groups} group(s)")
+    qp = QParams(t["w_scale"].float(), t["w_zero"].to(torch.int32), spec.w_bits, spec.w_symmetric, group)
+    if codes.numel() and (int(codes.min()) < qp.qmin or int(codes.max()) > qp.qmax):
+        s.fail(f"codes span [{int(codes.min())}, {int(codes.max())}], outside [{qp.qmin}, {qp.qmax}]")
+    act = None
+    if "a_scale" in t and spec.a_bits < FLOAT_BITS:
+        act = QParams(t["a_scale"].float().reshape(()), t["a_zero"].to(torch.int32).reshape(()), spec.a_bits,
+                      spec.a_symmetric)
+    try:
+        return packed_module(codes.to(codes_dtype(spec.w_symmetric)), qp, t.get("bias"), spec.a_bits,
+                             spec.a_symmetric, spec.a_granularity, spec.a_dynamic, act,
+                             name=s.meta.get("name", ""), backend=backend)
+    except (ValueError, RuntimeError) as exc:
+        s.fail(str(exc))
+
+
 def _codec_facts(meta: dict) -> ModuleFacts:
     return ModuleFacts(spec_facts(meta.get("spec") or {}))
 
 
-attach_codec(ModuleCodec("QLinear", QLinear, _codec_meta, _codec_build, _codec_facts, tensors=_codec_tensors))
+attach_codec(ModuleCodec("QLinear", QLinear, _codec_meta, _codec_build, _codec_facts, tensors=_codec_tensors,
+                         build_packed=_codec_build_packed))
