@@ -19,6 +19,7 @@ from torch import nn
 from qvlm_harness.config import FLOAT_BITS
 from qvlm_harness.kernels.linear import IntLinear, PackedLinear, WeightOnlyLinear
 from qvlm_harness.kernels.packing import code_centre, pack_codes
+from qvlm_harness.quant.apply import set_submodule
 from qvlm_harness.quant.qlinear import QLinear
 
 
@@ -104,9 +105,9 @@ def convert_to_packed(model: nn.Module, *, backend: str = "auto") -> ConversionR
             built[id(q)] = pack_qlinear(q, backend=backend)
             kind = type(built[id(q)]).__name__
             report.kinds[kind] = report.kinds.get(kind, 0) + 1
-        parent_name, _, child = name.rpartition(".")
+        parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, built[id(q)])
+        set_submodule(model, name, built[id(q)])  # carries an online Hadamard over (run as the FWHT)
         report.converted.append(name)
         if parent_name and _is_quantized(parent):
             report.wrappers[parent_name] = type(parent).__name__

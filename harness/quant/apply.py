@@ -18,6 +18,7 @@ from qvlm_harness.errors import HarnessError
 from qvlm_harness.quant.actquant import ActQuantMixin
 from qvlm_harness.quant.calibration import input_hooks
 from qvlm_harness.quant.observers import MinMaxObserver, make_observer
+from qvlm_harness.quant.online import carry_online_transform
 from qvlm_harness.quant.qlinear import QLinear
 from qvlm_harness.quant.quantizer import QParams
 
@@ -61,9 +62,11 @@ def linear_names(model: nn.Module, prefixes: Include = None) -> list[str]:
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Install `new` at `name` (an FQN relative to `model`), replacing what was there: the one module swap every
-    method, checkpoint loader and transform uses."""
+    method, checkpoint loader and transform uses. An online input transform of the replaced module (a rotation's
+    Hadamard, `qvlm_harness.quant.online`) moves to `new`."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    carry_online_transform(getattr(parent, child, None), new)
     setattr(parent, child, new)
 
 
