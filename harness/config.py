@@ -177,6 +177,9 @@ class RunSpec:
     task_options: dict[str, dict] = field(default_factory=dict)  # canonical task name -> constructor kwargs
     # "packed": convert quantized layers to real low-bit kernels (harness.kernels) after quantization
     execution: Literal["simulated", "packed"] = "simulated"
+    # QuaRot rotation of the float model before every method (`qvlm_harness.models.rotation`); "none" leaves the
+    # cell identities of unrotated runs as they were
+    rotate: Literal["none", "hadamard", "random"] = "none"
 
     @property
     def store_path(self) -> Path:

@@ -56,14 +56,21 @@ def time_fp_pass(adapter, calibration: CalibrationSet, batch_size: int = 8) -> f
 
 def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationSet | None = None, *,
              scope: Sequence[Scope] = ALL_SCOPES, seed: int = 0, execution: str = "simulated",
-             kernel_backend: str = "auto", measure_fp_pass: bool = True, log: Log | None = None) -> QuantizedModel:
+             kernel_backend: str = "auto", measure_fp_pass: bool = True, log: Log | None = None,
+             rotate: str = "none") -> QuantizedModel:
     """Quantize `adapter.model` in place with `method` at `spec` and return the labelled result.
 
-    `execution="packed"` converts the fake-quant layers to packed integer kernels afterwards (the result says
-    "real" when any layer converted; the conversion is not part of the search cost)."""
+    `rotate` ("hadamard" | "random") rotates the float model first (QuaRot, `qvlm_harness.models.rotation`;
+    seeded by `seed`, timed as the search cost's "rotate" stage, reported under ``report["rotation"]``), so every
+    method quantizes the rotated model. `execution="packed"` converts the fake-quant layers to packed integer
+    kernels afterwards (the result says "real" when any layer converted; the conversion is not part of the search
+    cost)."""
     from qvlm_harness.checkpoint import StoredQuantization
 
     if isinstance(method, StoredQuantization):  # already quantized: label it from the manifest
+        if rotate != "none":
+            raise HarnessError(f"{method.path} is a stored quantized checkpoint; --rotate applies when quantizing a "
+                               "float model (a rotated checkpoint keeps its rotation)")
         qm = method.quantize(adapter, None, spec, scope)
         return pack(qm, kernel_backend, log) if execution == "packed" and qm.execution == "simulated" else qm
     reason = method.supports(spec)
@@ -71,6 +78,9 @@ def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationS
         raise HarnessError(f"method {method.name} does not support {spec.tag} ({reason}); see `harness ls methods`")
     needed = method.needs_calibration(spec)
     calibration = require_calibration(method, spec, calibration) if needed else None
+    with CostRecorder() as recorder:
+        rotation = _rotate(adapter, rotate, seed)
+    rotate_s = recorder.cost.seconds
     fp_pass_s = None
     if measure_fp_pass and calibration is not None:
         fp_pass_s = time_fp_pass(adapter, calibration)
@@ -78,12 +88,25 @@ def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationS
     with CostRecorder() as recorder:
         qm = method.quantize(adapter, calibration, spec, scope)
     qm.search_cost = recorder.cost
+    if rotation is not None:
+        qm.report["rotation"] = rotation
+        qm.search_cost.seconds += rotate_s
+        qm.search_cost.stages = {"rotate": rotate_s, **(qm.search_cost.stages or {})}
     qm.search_cost.fp_pass_s = fp_pass_s
     if not qm.config:
         qm.config = method.config.to_dict()
     if execution == "packed" and qm.execution == "simulated":
         pack(qm, kernel_backend, log)
     return qm
+
+
+def _rotate(adapter, rotate: str, seed: int) -> dict | None:
+    """Rotate the float model before the method (None for "none")."""
+    if rotate == "none":
+        return None
+    from qvlm_harness.models.rotation import rotate_model
+
+    return rotate_model(adapter, rotate, seed)
 
 
 def pack(qm: QuantizedModel, backend: str = "auto", log: Log | None = None) -> QuantizedModel:

@@ -134,7 +134,9 @@ def variant_labels(rows: Sequence[ResultRow]) -> dict[str, str]:
 
 def _method_label(row: ResultRow, variants: Mapping[str, str] | None = None) -> str:
     control = row.settings.get("image_control")
-    label = f"{row.method} [{control} images]" if control else row.method
+    rotate = row.settings.get("rotate") or "none"
+    method = row.method if rotate == "none" else f"{row.method}+{rotate}"  # e.g. rtn+hadamard
+    label = f"{method} [{control} images]" if control else method
     variant = (variants or {}).get(row.cell_id)
     return f"{label} ({variant})" if variant else label
 

@@ -67,6 +67,10 @@ def add_parser(sub) -> None:
     p.add_argument("--kernel-backend", choices=["auto", "cpp", "torch", "compile"], default="auto",
                    help="integer linear layers: fused CPU kernel (auto/cpp), plain torch ops, or torch.compile")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
+    p.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
+                   help="also time every quantized variant rotated first (QuaRot, online Hadamards as FWHTs), as "
+                        "<method>+<rotate> beside its unrotated twin; a variant name such as rtn+hadamard in "
+                        "--methods does the same for one method")
     p.add_argument("--no-rss", action="store_true", help="skip the per-variant peak RSS child processes")
     p.add_argument("--profile", action="store_true",
                    help="also profile the decode steps and write the top ops; with --throughput, where an "
@@ -118,7 +122,8 @@ def bench_config(args: argparse.Namespace):
                        batch_sizes=tuple(args.batch_sizes), new_tokens=args.new_tokens, rounds=args.rounds,
                        threads=args.threads, task=args.task, calib_samples=args.calib_samples, seed=args.seed,
                        scope=tuple(args.scope), backend=args.kernel_backend, rss=not args.no_rss,
-                       method_options=method_options(args.method_option), execution=args.execution)
+                       method_options=method_options(args.method_option), execution=args.execution,
+                       rotate=args.rotate)
 
 
 def execute(args: argparse.Namespace) -> int:

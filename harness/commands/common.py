@@ -90,6 +90,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = Tr
                    help="control run: give each question another question's image (shuffle) or a grey image")
     p.add_argument("--execution", choices=["simulated", "packed"], default="simulated",
                    help="packed: run quantized layers on real low-bit integer kernels (harness.kernels)")
+    p.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
+                   help="rotate the float model first (QuaRot: norms folded, residual stream, heads and down_proj "
+                        "inputs rotated, online Hadamards), then quantize it with each method; default none")
     p.add_argument("--no-log-samples", action="store_true", help="do not keep prompts in the per-sample logs")
     p.add_argument("--lmeval-include", action="append", default=[], metavar="DIR",
                    help="folder of lm-eval task YAML files for lmeval:<task> names (repeatable)")
@@ -125,6 +128,7 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
         max_new_tokens=args.max_new_tokens, shots=args.shots, trials=args.trials, device=args.device,
         dtype=args.dtype, threads=args.threads, log_samples=not args.no_log_samples, image_control=args.image_control,
         method_options=method_options(args.method_option), execution=args.execution,
+        rotate=getattr(args, "rotate", "none"),
         task_options=lmeval_task_options(args),
     )
     return spec
