@@ -184,7 +184,7 @@ def random_orthogonal(n: int, seed: int) -> Tensor:
     """A seeded Haar-random orthogonal matrix (QR of a Gaussian with the signs of R's diagonal fixed), float64."""
     g = torch.Generator().manual_seed(int(seed))
     q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))[None, :]
+    return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()
 
 
 def _fwht(x: Tensor) -> Tensor:
