@@ -39,7 +39,7 @@ from qvlm_harness.errors import HarnessError
 from qvlm_harness.models.architectures import describe_model, norm_kind
 from qvlm_harness.models.structure import NormKind, Stack, Unit
 from qvlm_harness.quant.hadamard import has_hadamard, random_hadamard, random_orthogonal
-from qvlm_harness.quant.online import OnlineHadamard, attach_online_transform, online_transforms
+from qvlm_harness.quant.online import OnlineHadamard, attach_online_transform
 
 if TYPE_CHECKING:
     from qvlm_harness.models.llava import LlavaAdapter
@@ -250,7 +250,3 @@ def describe_rotation(kind: str) -> str:
     what = "a randomised Hadamard" if kind == "hadamard" else "a random orthogonal matrix"
     return (f"Rotated first (QuaRot, {kind}): norms folded, {what} on {COVERS}; online Hadamards (fast "
             "Walsh-Hadamard transforms) before down_proj and o_proj, applied before each layer quantizes its input.")
-
-
-def has_online_transforms(model: nn.Module) -> bool:
-    return bool(online_transforms(model))
