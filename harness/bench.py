@@ -57,6 +57,9 @@ class BenchConfig:
     method_options: dict[str, dict] = field(default_factory=dict)
     execution: str = "packed"  # "simulated": keep quantized layers fake-quant (what `harness run` does by default)
     device: str = "cpu"  # cuda: timed with synchronisation, peak CUDA memory instead of the RSS child processes
+    # "hadamard" | "random": every quantized variant also built rotated first (`<method>+<rotate>`), timed beside
+    # its unrotated twin: the cost of the online Hadamards as a ratio in the same run
+    rotate: str = "none"
 
 
 @dataclass
@@ -79,14 +82,31 @@ class Variant:
 # -- building variants --------------------------------------------------------------------------------------------
 
 
+def split_rotation(variant: str) -> tuple[str, str]:
+    """A variant name "<method>[+<rotation>]" -> (method, rotation or "none"), e.g. "rtn+hadamard"."""
+    from qvlm_harness.models.rotation import KINDS
+
+    method, plus, rotate = variant.partition("+")
+    if plus and rotate not in KINDS:
+        raise HarnessError(f"variant {variant!r}: unknown rotation {rotate!r} after '+'; use {' or '.join(KINDS)}")
+    return method, rotate if plus else "none"
+
+
 def variant_specs(cfg: BenchConfig) -> list[tuple[str, QuantSpec]]:
-    """(method, spec) pairs: fixed-precision baselines once, the others once per bit width; fp32 first."""
-    names = [plugins.methods.resolve_name(m) for m in cfg.methods]
+    """(variant, spec) pairs: fixed-precision baselines once, the others once per bit width; fp32 first. A variant
+    is a method name, or "<method>+<rotation>" (rotated first); `cfg.rotate` adds the rotated twin of every
+    quantized variant right after it."""
+    names = [_resolve_variant(m) for m in cfg.methods]
     if BASELINE not in names:
         names.insert(0, BASELINE)  # every ratio needs the FP32 baseline measured in the same run
+    if cfg.rotate != "none":  # the rotated twin right after each quantized method (a rotated baseline: by name)
+        names = [n for name in names for n in
+                 ((name,) if "+" in name or plugins.methods.get(name).fixed_precision else
+                  (name, f"{name}+{cfg.rotate}"))]
     out: list[tuple[str, QuantSpec]] = []
     for name in dict.fromkeys(names):
-        method = plugins.methods.get(name)(**cfg.method_options.get(name, {}))
+        base_name = split_rotation(name)[0]
+        method = plugins.methods.get(base_name)(**cfg.method_options.get(base_name, {}))
         specs = [QuantSpec()] if method.fixed_precision else list(cfg.bits)
         for spec in specs:
             spec = method.canonical_spec(spec)
@@ -101,6 +121,12 @@ def variant_specs(cfg: BenchConfig) -> list[tuple[str, QuantSpec]]:
     return out
 
 
+def _resolve_variant(name: str) -> str:
+    method, rotate = split_rotation(name.strip())
+    canonical = plugins.methods.resolve_name(method)
+    return canonical if rotate == "none" else f"{canonical}+{rotate}"
+
+
 def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, copy_model: bool = True,
                   save_to: Path | None = None) -> Variant:
     """Quantize a copy of `base` (a LlavaAdapter) with the registered method and pack it (unless
@@ -111,18 +137,20 @@ def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, 
     from qvlm_harness.quantize import calibration_for, pack, quantize
 
     t0 = time.perf_counter()
+    variant_name = method_name
+    method_name, rotate = split_rotation(variant_name)
     method = plugins.methods.get(method_name)(**cfg.method_options.get(method_name, {}))
     model = copy.deepcopy(base.model) if copy_model else base.model
     adapter = LlavaAdapter(model, base.processor, base.name, base.path)
     calibration = calibration_for(method, spec, plugins.tasks.get(cfg.task)(), cfg.calib_samples, cfg.seed)
     quantized = quantize(adapter, method, spec, calibration, scope=cfg.scope, seed=cfg.seed, execution="simulated",
-                         kernel_backend=cfg.backend, measure_fp_pass=False,
+                         kernel_backend=cfg.backend, measure_fp_pass=False, rotate=rotate,
                          embeddings="none" if method.fixed_precision else cfg.embeddings)
     source = None
     if save_to is not None and base.path:
-        if method.fixed_precision:
+        if method.fixed_precision and rotate == "none":
             source = bench_memory.float_source(base.path, method.compute_dtype or "fp32")
-        else:
+        elif not method.fixed_precision:
             t_save = time.perf_counter()
             folder = bench_memory.save_variant(quantized, method, spec, save_to, base.name, "bench", cfg.scope)
             source = bench_memory.checkpoint_source(folder, cfg.execution, cfg.backend)
@@ -130,7 +158,7 @@ def build_variant(base, method_name: str, spec: QuantSpec, cfg: BenchConfig, *, 
     if cfg.execution == "packed" and quantized.execution == "simulated":
         pack(quantized, cfg.backend)
     bits = "fp" if spec.is_float else spec.tag
-    return Variant(method_name, bits, quantized.execution, adapter, quantized.report.get("packing", {}),
+    return Variant(variant_name, bits, quantized.execution, adapter, quantized.report.get("packing", {}),
                    time.perf_counter() - t0, source)
 
 

@@ -55,6 +55,7 @@ from qvlm_harness.manifest import (
 )
 from qvlm_harness.method import Method, QuantizedModel, SearchCost
 from qvlm_harness.quant.codec import DTYPES, ModuleCodec, StoredModule, codec_of, spec_from_dict
+from qvlm_harness.quant.online import OnlineHadamard, attach_online_transform, online_transforms
 
 TENSORS = "model.safetensors"
 
@@ -198,6 +199,7 @@ def save_quantized(qm: QuantizedModel, folder: Path | str, *, describe: str, bas
         "config": qm.config,
         "search_cost": qm.search_cost.to_dict(),
         "modules": modules, "aliases": aliases,
+        "online_transforms": {fqn: t.to_dict() for fqn, t in online_transforms(model).items()},
         "tensors_sha256": _sha256(path), "files_sha256": {p.name: _sha256(p) for p in _other_files(folder)},
         "versions": _versions(),
     })
@@ -364,8 +366,25 @@ def load_quantized(folder: str | Path, *, device: str = "cpu", name: str | None 
     for codec_name, modules in built.items():
         if codecs[codec_name].on_load is not None:
             codecs[codec_name].on_load(model, modules)
+    attach_stored_transforms(model, manifest.get("online_transforms") or {}, folder)
     model.to(device)
     return LlavaAdapter(model, processor, name or folder.name, path=str(folder)), manifest
+
+
+def attach_stored_transforms(model: nn.Module, stored: dict, folder: Path) -> None:
+    """Re-attach the online input transforms (a rotation's Hadamards) a checkpoint records by module name: its
+    weights have their matrices folded in, so without them it would load as a different function."""
+    for fqn, entry in stored.items():
+        where = f"checkpoint {folder}: online transform of {fqn}"
+        t = OnlineHadamard.from_dict(entry, where)
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:
+            raise HarnessError(f"{where}: the model has no such module; {FIX}") from None
+        width = getattr(module, "in_features", None)
+        if width is not None and int(width) != t.width:
+            raise HarnessError(f"{where}: width {t.width} does not fit the module's input width {width}; {FIX}")
+        attach_online_transform(module, t)
 
 
 def load_float(path: str | Path, *, dtype: str = "fp32", device: str = "cpu", name: str | None = None):

@@ -224,6 +224,9 @@ class RunSpec:
     execution: Literal["simulated", "packed"] = "simulated"
     # "none", or a packed format for the token embedding and LM head (qvlm_harness.kernels.embedding)
     embeddings: str = "none"
+    # QuaRot rotation of the float model before every method (`qvlm_harness.models.rotation`); "none" leaves the
+    # cell identities of unrotated runs as they were
+    rotate: Literal["none", "hadamard", "random"] = "none"
 
     @property
     def store_path(self) -> Path:

@@ -56,16 +56,26 @@ def evaluate_cell(plan: Plan, cell: Cell, quantized: QuantizedModel, *, run_id: 
         settings={"scope": list(s.scope), "scoring": scoring, "image_control": s.image_control,
                   "trials": trials, "calib_samples": s.calib_samples, "calib_task": plan.calib_source(cell),
                   "spec": cell.spec.to_dict(), "activations": method.computed_spec(cell.spec).activations,
-                  "options": _jsonable(method.config.changed()),
+                  "options": _jsonable(method.config.changed()), "rotate": s.rotate,
                   "config": quantized.config, "primary_metric": task.primary_metric,
                   "task_meta": task.metadata().to_dict(),
                   "task_options": s.task_options.get(cell.task, {}), "batch_size": s.batch_size,
                   "quantized_modules": len(quantized.quantized_modules), "report": quantized.report,
                   "samples_log": str(log.path.resolve())},
         environment=env, shots=cell.shots, sample_limit=s.limit, scoring=scoring,
-        describe=method.describe(cell.spec), model_fingerprint=fingerprint,
+        describe=_describe(method, cell, s.rotate), model_fingerprint=fingerprint,
         data_fingerprint=samples_fingerprint(samples), cell_key=plan.cell_key(cell), identity=plan.identity(cell),
     )
+
+
+def _describe(method, cell: Cell, rotate: str) -> str:
+    """The method's description, and the rotation's when the model was rotated first."""
+    text = method.describe(cell.spec)
+    if rotate == "none":
+        return text
+    from qvlm_harness.models.rotation import describe_rotation
+
+    return f"{describe_rotation(rotate)} {text}"
 
 
 def _answer(plan: Plan, cell: Cell, task, quantized: QuantizedModel, log: SampleLog, todo: list, trials: int,

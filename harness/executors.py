@@ -65,7 +65,7 @@ def run_group(plan: Plan, job: QuantJob, adapter: LlavaAdapter, *, fingerprint: 
     log(f"quantizing: {method.name} {label}"
         + (f" (calibration: {len(calibration)} {job.calib_task} train samples)" if calibration else ""))
     quantized = quantize(adapter, method, job.spec, calibration, scope=s.scope, seed=s.seed, execution=s.execution,
-                         log=log, embeddings=s.embeddings)
+                         log=log, embeddings=s.embeddings, rotate=s.rotate)
     fid = fidelity.compare(quantized.adapter, probes, ref) if ref is not None else None
     if fid is not None:
         log(f"  fidelity to FP on {fid['prompts']} prompts: KL {fid['kl_mean']:.4f} nats/token, top-1 agreement "

@@ -38,7 +38,8 @@ _REQUIRED: dict[str, type] = {
     HASH_FIELD: str,
 }
 _OPTIONAL: dict[str, type] = {"report": dict, "search_cost": dict, "calibration": dict, "scope": list,
-                              "versions": dict, "base_model": str, "base_fingerprint": str}
+                              "versions": dict, "base_model": str, "base_fingerprint": str,
+                              "online_transforms": dict}
 _JSON_NAMES = {str: "a string", dict: "an object", list: "a list", int: "a number", bool: "true/false"}
 
 

@@ -222,6 +222,8 @@ class Plan:
             ident["demos"] = self.demo_content(cell.task)
         if s.embeddings != "none":  # only when set: cells without it keep their ids
             ident["embeddings"] = s.embeddings
+        if s.rotate != "none":  # absent when unrotated: the ids of unrotated cells stay what they were
+            ident["rotate"] = s.rotate
         if not method.fixed_precision:
             calib = self.calib_source(cell)
             ident |= {"spec": cell.spec.to_dict(), "scope": sorted(s.scope), "execution": s.execution,
@@ -311,6 +313,7 @@ def make_plan(spec: RunSpec, *, collect: bool = False) -> Plan:
         plan.cells = _cells(plan, problems)
     _check_groups(plan, problems)
     _check_structure(plan, problems)
+    _check_rotation(plan, problems)
     _check_data(plan, problems)
     plan.problems = problems.items
     return plan
@@ -442,6 +445,30 @@ def _check_structure(plan: Plan, problems: _Problems) -> None:
         reason = plan.methods[name].check_structure(stacks, spec)
         if reason is not None:
             problems.add(f"method {name} cannot quantize this model: {reason}")
+
+
+def _check_rotation(plan: Plan, problems: _Problems) -> None:
+    """--rotate: a known kind, a float model (not a stored checkpoint), and a language model the rotation can fold
+    through (norm kinds, widths with a Hadamard), read from the config alone."""
+    kind = plan.spec.rotate
+    if kind == "none":
+        return
+    from qvlm_harness.models.architectures import describe_model
+    from qvlm_harness.models.rotation import ROTATE_CHOICES, rotation_problem
+
+    if kind not in ROTATE_CHOICES:
+        problems.add(f"unknown rotate {kind!r}; choose one of {', '.join(ROTATE_CHOICES)}")
+        return
+    if plan.checkpoint is not None:
+        problems.add(f"{plan.spec.model} is a stored quantized checkpoint: --rotate applies when quantizing a float "
+                     "model; drop --rotate")
+        return
+    if plan.skeleton is None:
+        return  # a hub id: checked when the model loads
+    with problems.check():
+        reason = rotation_problem(describe_model(plan.skeleton, ("projector", "lm")), kind)
+        if reason is not None:
+            raise HarnessError(f"--rotate {kind} cannot rotate this model: {reason}")
 
 
 def model_structure(plan: Plan):

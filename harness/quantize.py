@@ -57,13 +57,16 @@ def time_fp_pass(adapter, calibration: CalibrationSet, batch_size: int = 8) -> f
 def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationSet | None = None, *,
              scope: Sequence[Scope] = ALL_SCOPES, seed: int = 0, execution: str = "simulated",
              kernel_backend: str = "auto", measure_fp_pass: bool = True, log: Log | None = None,
-             embeddings: str = "none") -> QuantizedModel:
+             embeddings: str = "none", rotate: str = "none") -> QuantizedModel:
     """Quantize `adapter.model` in place with `method` at `spec` and return the labelled result.
 
-    `execution="packed"` converts the fake-quant layers to packed integer kernels afterwards (the result says
-    "real" when any layer converted; the conversion is not part of the search cost). `embeddings` (the
-    ``--quantize-embeddings`` format, `qvlm_harness.kernels.embedding`) also quantizes the token embedding and
-    the LM head, whatever the method, after it ran; the result's report says so under ``embeddings``."""
+    `rotate` ("hadamard" | "random") rotates the float model first (QuaRot, `qvlm_harness.models.rotation`;
+    seeded by `seed`, timed as the search cost's "rotate" stage, reported under ``report["rotation"]``), so every
+    method quantizes the rotated model. `execution="packed"` converts the fake-quant layers to packed integer
+    kernels afterwards (the result says "real" when any layer converted; the conversion is not part of the search
+    cost). `embeddings` (the ``--quantize-embeddings`` format, `qvlm_harness.kernels.embedding`) also quantizes the
+    token embedding and the LM head, whatever the method, after it ran; the result's report says so under
+    ``embeddings``."""
     from qvlm_harness.checkpoint import StoredQuantization
     from qvlm_harness.kernels.embedding import check_embeddings, quantize_embeddings
 
@@ -71,6 +74,9 @@ def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationS
         if embeddings != "none":
             raise HarnessError(f"the checkpoint {method.path} fixes its embeddings; drop --quantize-embeddings "
                                "(quantize again with `harness quantize --quantize-embeddings` to change them)")
+        if rotate != "none":
+            raise HarnessError(f"{method.path} is a stored quantized checkpoint; --rotate applies when quantizing a "
+                               "float model (a rotated checkpoint keeps its rotation)")
         qm = method.quantize(adapter, None, spec, scope)
         return pack(qm, kernel_backend, log) if execution == "packed" and qm.execution == "simulated" else qm
     reason = method.supports(spec)
@@ -79,6 +85,9 @@ def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationS
     check_embeddings(adapter.model, embeddings)
     needed = method.needs_calibration(spec)
     calibration = require_calibration(method, spec, calibration) if needed else None
+    with CostRecorder() as recorder:
+        rotation = _rotate(adapter, rotate, seed)
+    rotate_s = recorder.cost.seconds
     fp_pass_s = None
     if measure_fp_pass and calibration is not None:
         fp_pass_s = time_fp_pass(adapter, calibration)
@@ -89,6 +98,10 @@ def quantize(adapter, method: Method, spec: QuantSpec, calibration: CalibrationS
         sync(device)  # a GPU search's last kernels belong to its cost
     keep_on_device(qm, device, log)
     qm.search_cost = recorder.cost
+    if rotation is not None:
+        qm.report["rotation"] = rotation
+        qm.search_cost.seconds += rotate_s
+        qm.search_cost.stages = {"rotate": rotate_s, **(qm.search_cost.stages or {})}
     qm.search_cost.fp_pass_s = fp_pass_s
     if not qm.config:
         qm.config = method.config.to_dict()
@@ -116,6 +129,15 @@ def keep_on_device(qm: QuantizedModel, device: torch.device | None, log: Log | N
     qm.report["placement"] = note
     if log:
         log(f"  {note}")
+
+
+def _rotate(adapter, rotate: str, seed: int) -> dict | None:
+    """Rotate the float model before the method (None for "none")."""
+    if rotate == "none":
+        return None
+    from qvlm_harness.models.rotation import rotate_model
+
+    return rotate_model(adapter, rotate, seed)
 
 
 def pack(qm: QuantizedModel, backend: str = "auto", log: Log | None = None) -> QuantizedModel:

@@ -136,9 +136,16 @@ def variant_labels(rows: Sequence[ResultRow]) -> dict[str, str]:
     return out
 
 
+def method_name(row: ResultRow) -> str:
+    """The row's method, with the rotation it quantized after (e.g. rtn+hadamard; `harness run --rotate`)."""
+    rotate = (row.settings or {}).get("rotate") or "none"
+    return row.method if rotate == "none" else f"{row.method}+{rotate}"
+
+
 def _method_label(row: ResultRow, variants: Mapping[str, str] | None = None) -> str:
     control = row.settings.get("image_control")
-    label = f"{row.method} [{control} images]" if control else row.method
+    method = method_name(row)
+    label = f"{method} [{control} images]" if control else method
     variant = (variants or {}).get(row.cell_id)
     return f"{label} ({variant})" if variant else label
 
@@ -288,7 +295,7 @@ def multi_dataset_table(rows: Sequence[ResultRow]) -> pd.DataFrame:
     columns = task_shots_order(rows)
     groups: dict[tuple[str, str], list[ResultRow]] = {}
     for r in sorted(rows, key=_method_sort_key):
-        groups.setdefault((r.method, r.bits), []).append(r)
+        groups.setdefault((method_name(r), r.bits), []).append(r)
     records, intervals = [], {}
     for (method, bits), rs in groups.items():
         rec: dict = {"Method": method, "Bits": _bits_label(bits), ACTIVATIONS_COLUMN: row_activations(rs[0]),

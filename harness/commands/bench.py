@@ -79,6 +79,10 @@ def add_parser(sub) -> None:
                    help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
                         "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
                         "(default none: they stay float)")
+    p.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
+                   help="also time every quantized variant rotated first (QuaRot, online Hadamards as FWHTs), as "
+                        "<method>+<rotate> beside its unrotated twin; a variant name such as rtn+hadamard in "
+                        "--methods does the same for one method")
     p.add_argument("--no-rss", action="store_true",
                    help="skip the per-variant peak RSS child processes that quantize from the FP32 checkpoint")
     p.add_argument("--no-ckpt-rss", action="store_true",
@@ -137,7 +141,7 @@ def bench_config(args: argparse.Namespace):
                        scope=tuple(args.scope), backend=args.kernel_backend, rss=not args.no_rss,
                        ckpt_rss=not args.no_ckpt_rss, embeddings=args.embeddings,
                        method_options=method_options(args.method_option), execution=args.execution,
-                       device=args.device)
+                       device=args.device, rotate=args.rotate)
 
 
 def execute(args: argparse.Namespace) -> int:

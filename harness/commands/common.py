@@ -95,6 +95,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = Tr
                    help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
                         "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
                         "(default none: they stay float)")
+    p.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
+                   help="rotate the float model first (QuaRot: norms folded, residual stream, heads and down_proj "
+                        "inputs rotated, online Hadamards), then quantize it with each method; default none")
     p.add_argument("--no-log-samples", action="store_true", help="do not keep prompts in the per-sample logs")
     p.add_argument("--lmeval-include", action="append", default=[], metavar="DIR",
                    help="folder of lm-eval task YAML files for lmeval:<task> names (repeatable)")
@@ -130,6 +133,7 @@ def run_spec_from_args(args: argparse.Namespace) -> RunSpec:
         max_new_tokens=args.max_new_tokens, shots=args.shots, trials=args.trials, device=args.device,
         dtype=args.dtype, threads=args.threads, log_samples=not args.no_log_samples, image_control=args.image_control,
         method_options=method_options(args.method_option), execution=args.execution,
+        rotate=getattr(args, "rotate", "none"),
         task_options=lmeval_task_options(args), embeddings=args.embeddings,
     )
     return spec

@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
                    help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
                         "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
                         "(default none: they stay float)")
+    p.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
+                   help="rotate the float model first (QuaRot); the checkpoint keeps the rotation and its online "
+                        "Hadamards")
     p.add_argument("--output", type=Path, required=True, help="folder to write the quantized checkpoint to")
 
 
@@ -76,6 +79,13 @@ def execute(args: argparse.Namespace) -> int:
         raise HarnessError(f"{args.model} is already a quantized checkpoint; quantize the float model instead")
     model_id, path = resolve_model(args.model)
     config = local_model_config(path)
+    if args.rotate != "none" and config is not None:
+        from qvlm_harness.models.architectures import describe_model
+        from qvlm_harness.models.rotation import rotation_problem
+
+        reason = rotation_problem(describe_model(meta_skeleton(config, path), ("projector", "lm")), args.rotate)
+        if reason is not None:
+            raise HarnessError(f"--rotate {args.rotate} cannot rotate this model: {reason}")
     note = check_group(method, spec, lambda: {} if config is None else
                        linear_widths(meta_skeleton(config, path), args.scope))
     if note:
@@ -88,9 +98,14 @@ def execute(args: argparse.Namespace) -> int:
     adapter = load_float(path, name=model_id, device=args.device)
     fingerprint = adapter.fingerprint()
     qm = quantize(adapter, method, spec, calibration, scope=tuple(args.scope), seed=args.seed,
-                  embeddings=args.embeddings)
+                  embeddings=args.embeddings, rotate=args.rotate)
     calib = None if calibration is None else {"task": task.name, "samples": len(calibration), "seed": args.seed}
-    save_quantized(qm, args.output, describe=method.describe(spec), base_model=model_id, fingerprint=fingerprint,
+    describe = method.describe(spec)
+    if args.rotate != "none":
+        from qvlm_harness.models.rotation import describe_rotation
+
+        describe = f"{describe_rotation(args.rotate)} {describe}"
+    save_quantized(qm, args.output, describe=describe, base_model=model_id, fingerprint=fingerprint,
                    scope=args.scope, calibration=calib)
     passes = qm.search_cost.fp_passes
     print(f"{method_name} {spec.tag}: {len(qm.quantized_modules)} layers quantized ({qm.execution}) in "

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from qvlm_harness.config import CHANNEL_ACTIVATIONS_UNPACKABLE, FLOAT_BITS
 from qvlm_harness.kernels.linear import IntLinear, PackedLinear, WeightOnlyLinear
 from qvlm_harness.kernels.packing import code_centre, pack_codes
+from qvlm_harness.quant.apply import set_submodule
 from qvlm_harness.quant.qlinear import QLinear
 from qvlm_harness.quant.quantizer import QParams
 
@@ -133,9 +134,9 @@ def convert_to_packed(model: nn.Module, *, backend: str = "auto") -> ConversionR
             note = getattr(built[id(q)], "kernel_note", None)
             if note:
                 report.kernel_notes[note] = report.kernel_notes.get(note, 0) + 1
-        parent_name, _, child = name.rpartition(".")
+        parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, built[id(q)])
+        set_submodule(model, name, built[id(q)])  # carries an online Hadamard over (run as the FWHT)
         report.converted.append(name)
         if parent_name and _is_quantized(parent):
             report.wrappers[parent_name] = type(parent).__name__

@@ -28,6 +28,7 @@ from qvlm_harness.models.structure import (
     Stack,
     Unit,
 )
+from qvlm_harness.quant.online import online_transform
 
 _TF = "transformers.models."
 _TORCH_NORM = "torch.nn.modules.normalization:"
@@ -228,11 +229,14 @@ def describe_unit(layer: nn.Module, name: str, stack: str, index: int, used: boo
 
     attn_norm, mlp_norm = prefix + layout.attn_norm, prefix + layout.mlp_norm
     groups = [ScaleGroup(attn_norm, "norm", norms[attn_norm], (q, k, v), attention.module)]
-    # v -> o only when o reads v's channels one to one (with grouped-query attention it does not; llm-awq skips it)
-    if _width(v_mod, "out_features") == _width(o_mod, "in_features") and attention.kv_heads == attention.heads:
+    # v -> o only when o reads v's channels one to one (with grouped-query attention it does not; llm-awq skips it),
+    # and no linear -> linear pair whose consumer transforms its input online (a rotation's Hadamard): a scale on
+    # the producer's channels does not pass through it
+    if (_width(v_mod, "out_features") == _width(o_mod, "in_features") and attention.kv_heads == attention.heads
+            and online_transform(o_mod) is None):
         groups.append(ScaleGroup(v, "linear", None, (o,), o))
     groups.append(ScaleGroup(mlp_norm, "norm", norms[mlp_norm], mlp_in, prefix + layout.mlp))
-    if mlp.pair is not None:
+    if mlp.pair is not None and online_transform(modules[rel[m + mlp.pair[1]]]) is None:
         up, down = m + mlp.pair[0], m + mlp.pair[1]
         groups.append(ScaleGroup(up, "linear", None, (down,), down))
     return Unit(name, stack, index, layer, _short(class_key(layer)), linears, attention, groups, norms, used)

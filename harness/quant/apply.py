@@ -18,6 +18,7 @@ from qvlm_harness.errors import HarnessError
 from qvlm_harness.quant.actquant import ActQuantMixin
 from qvlm_harness.quant.calibration import input_hooks
 from qvlm_harness.quant.observers import MinMaxObserver, make_observer
+from qvlm_harness.quant.online import carry_online_transform
 from qvlm_harness.quant.qlinear import QLinear
 from qvlm_harness.quant.quantizer import QParams
 
@@ -63,12 +64,15 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Install `new` at `name` (an FQN relative to `model`), replacing what was there: the one module swap every
     method, checkpoint loader and transform uses. `new` is moved to the device of the module it replaces when it
     lives elsewhere (codes some searches compute on the CPU must not stay there on a CUDA model); on the CPU, or
-    when the old module is on the meta device, nothing moves."""
+    when the old module is on the meta device, nothing moves. An online input transform of the replaced module (a
+    rotation's Hadamard, `qvlm_harness.quant.online`) moves to `new`."""
     from qvlm_harness.device import place_like
 
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, place_like(new, getattr(parent, child, None)))
+    old = getattr(parent, child, None)
+    carry_online_transform(old, new)
+    setattr(parent, child, place_like(new, old))
 
 
 _set_submodule = set_submodule  # the former private name, still imported by aespa and the checkpoint loader
