@@ -44,3 +44,20 @@ def harness_weights(folder: Path, *, scale_dtype: torch.dtype = torch.float32) -
         elif isinstance(m, torch.nn.Linear):
             out[name] = m.weight.detach().float()
     return out
+
+
+LLAMA_CPP_HINT = ("llama-cpp-python builds llama.cpp from source (cmake and a C++ compiler): "
+                  "CMAKE_BUILD_PARALLEL_LEVEL=1 CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python")
+
+
+def llama_cpp_or_skip(module_level: bool = False):
+    """The llama_cpp module, or a skip naming why it cannot be used (not installed, or its library not built);
+    `module_level`: called at import time of a test module (skips the whole module)."""
+    import pytest
+
+    try:
+        import llama_cpp
+    except (ImportError, OSError, RuntimeError) as exc:
+        pytest.skip(f"llama.cpp is not usable here ({type(exc).__name__}: {str(exc)[:120]}); {LLAMA_CPP_HINT}",
+                    allow_module_level=module_level)
+    return llama_cpp

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.export_common import harness_weights
+from tests.export_common import harness_weights, llama_cpp_or_skip
 from tests.test_export_gguf import expected_lm, read_back
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def test_default_q4_0_reads_back_as_the_harness_weights(default_q4):
 
 
 def test_llama_cpp_reads_the_default_like_the_harness(default_q4):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    llama_cpp = llama_cpp_or_skip()
     folder, path, _ = default_q4
     from qvlm_harness.checkpoint import load_quantized
 
