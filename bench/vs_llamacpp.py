@@ -77,14 +77,20 @@ def llama_runner(label: str, path: Path, threads: int, n_ctx: int) -> Runner:
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
 
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:  # the last position's logits straight from the context (`scores` needs logits_all)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+        return int(np.argmax(logits))
+
     def prefill(ids: list[int]) -> int:
         llm.reset()
         llm.eval(ids)
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return greedy()
 
     def step(token: int) -> int:
         llm.eval([token])
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return greedy()
 
     return Runner(label, "llama.cpp", prefill, step)
 
