@@ -28,7 +28,7 @@ from qvlm_harness import __version__
 from qvlm_harness.errors import HarnessError
 
 # name -> module in harness.commands (imported when the parser is built; modules import heavy deps lazily)
-SUBCOMMANDS = ["run", "validate", "ls", "models", "report", "quantize", "eval", "compare", "bench", "ablate"]
+SUBCOMMANDS = ["run", "validate", "ls", "models", "report", "quantize", "eval", "compare", "bench", "ablate", "export"]
 COMMAND_GROUP = "qvlm_harness.commands"
 COMMAND_ATTR = "_harness_command"  # set on the parsed namespace: the command object that runs it
 
