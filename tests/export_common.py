@@ -46,8 +46,8 @@ def harness_weights(folder: Path, *, scale_dtype: torch.dtype = torch.float32) -
     return out
 
 
-LLAMA_CPP_HINT = ("llama-cpp-python builds llama.cpp from source (cmake and a C++ compiler): "
-                  "CMAKE_BUILD_PARALLEL_LEVEL=1 CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python")
+LLAMA_CPP_HINT = ("pip install 'qvlm-harness[llamacpp]' builds llama.cpp from source (cmake and a C++ compiler); "
+                  "see the README's 'Serving formats' section for the build flags (GGML_NATIVE=ON can die with SIGILL)")
 
 
 def llama_cpp_or_skip(module_level: bool = False):
