@@ -11,10 +11,17 @@ import time
 from pathlib import Path
 
 from qvlm_harness import plugins
-from qvlm_harness.commands.common import BITS_HELP, csv_list, int_list, method_options, scope_list
+from qvlm_harness.commands.common import (
+    BITS_HELP,
+    add_embeddings_argument,
+    add_rotate_argument,
+    csv_list,
+    int_list,
+    method_options,
+    scope_list,
+)
 from qvlm_harness.config import ALL_SCOPES, QuantSpec
 from qvlm_harness.errors import HarnessError
-from qvlm_harness.kernels.embedding import embedding_format_arg
 
 COLUMNS = {"method": "Method", "bits": "Bits", "exec": "Exec", "batch": "Batch", "prefill_ms": "Prefill ms",
            "prefill_x": "Prefill x", "decode_tok_s": "Decode tok/s", "decode_x": "Decode x", "e2e_x": "E2E x",
@@ -75,12 +82,8 @@ def add_parser(sub) -> None:
     p.add_argument("--kernel-backend", choices=["auto", "cpp", "torch", "compile"], default="auto",
                    help="integer linear layers: fused CPU kernel (auto/cpp), plain torch ops, or torch.compile")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
-    p.add_argument("--quantize-embeddings", type=embedding_format_arg, default="none", dest="embeddings",
-                   help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
-                        "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
-                        "(default none: they stay float)")
-    p.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
-                   help="also time every quantized variant rotated first (QuaRot, online Hadamards as FWHTs), as "
+    add_embeddings_argument(p)
+    add_rotate_argument(p, "also time every quantized variant rotated first (QuaRot, online Hadamards as FWHTs), as "
                         "<method>+<rotate> beside its unrotated twin; a variant name such as rtn+hadamard in "
                         "--methods does the same for one method")
     p.add_argument("--no-rss", action="store_true",

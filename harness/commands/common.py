@@ -91,13 +91,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, methods_required: bool = Tr
                    help="control run: give each question another question's image (shuffle) or a grey image")
     p.add_argument("--execution", choices=["simulated", "packed"], default="simulated",
                    help="packed: run quantized layers on real low-bit integer kernels (harness.kernels)")
-    p.add_argument("--quantize-embeddings", type=embedding_format_arg, default="none", dest="embeddings",
-                   help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
-                        "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
-                        "(default none: they stay float)")
-    p.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
-                   help="rotate the float model first (QuaRot: norms folded, residual stream, heads and down_proj "
-                        "inputs rotated, online Hadamards), then quantize it with each method; default none")
+    add_embeddings_argument(p)
+    add_rotate_argument(p, "rotate the float model first (QuaRot: norms folded, residual stream, heads and "
+                        "down_proj inputs rotated, online Hadamards), then quantize it with each method; default none")
     p.add_argument("--no-log-samples", action="store_true", help="do not keep prompts in the per-sample logs")
     p.add_argument("--lmeval-include", action="append", default=[], metavar="DIR",
                    help="folder of lm-eval task YAML files for lmeval:<task> names (repeatable)")
@@ -122,6 +118,19 @@ def lmeval_task_options(args: argparse.Namespace) -> dict[str, dict]:
     if fewshot is not None:
         options["num_fewshot"] = fewshot
     return {name: dict(options) for name in lmeval} if options else {}
+
+
+def add_embeddings_argument(p: argparse.ArgumentParser) -> None:
+    """`--quantize-embeddings` (run, quantize and bench take the same flag)."""
+    p.add_argument("--quantize-embeddings", type=embedding_format_arg, default="none", dest="embeddings",
+                   help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
+                        "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
+                        "(default none: they stay float)")
+
+
+def add_rotate_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """`--rotate` with the rotation kinds; `help` says what the command does with it."""
+    p.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none", help=help)
 
 
 def run_spec_from_args(args: argparse.Namespace) -> RunSpec:

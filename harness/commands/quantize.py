@@ -7,10 +7,15 @@ import sys
 from pathlib import Path
 
 from qvlm_harness import plugins
-from qvlm_harness.commands.common import GROUP_RULE, method_options, scope_list
+from qvlm_harness.commands.common import (
+    GROUP_RULE,
+    add_embeddings_argument,
+    add_rotate_argument,
+    method_options,
+    scope_list,
+)
 from qvlm_harness.config import ALL_SCOPES, BITS_SYNTAX, QuantSpec
 from qvlm_harness.errors import HarnessError
-from qvlm_harness.kernels.embedding import embedding_format_arg
 
 
 def add_parser(sub) -> None:
@@ -28,12 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the model is loaded and searched")
     p.add_argument("--method-option", action="append", default=[], metavar="METHOD.OPTION=VALUE")
-    p.add_argument("--quantize-embeddings", type=embedding_format_arg, default="none", dest="embeddings",
-                   help="also quantize the token embedding and the LM head (packed, whatever the method): int8 per "
-                        "row or int4 in groups of 32/64/128 hidden channels; a tied head shares the codes "
-                        "(default none: they stay float)")
-    p.add_argument("--rotate", choices=["none", "hadamard", "random"], default="none",
-                   help="rotate the float model first (QuaRot); the checkpoint keeps the rotation and its online "
+    add_embeddings_argument(p)
+    add_rotate_argument(p, "rotate the float model first (QuaRot); the checkpoint keeps the rotation and its online "
                         "Hadamards")
     p.add_argument("--output", type=Path, required=True, help="folder to write the quantized checkpoint to")
 
