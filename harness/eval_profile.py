@@ -8,9 +8,10 @@ evaluation code is not changed):
 - `processing`: tokenization, image loading and preprocessing (`adapter.encode`);
 - `image`: the vision tower and the projector;
 - `prefill`: model forwards over more than one position (the prompt; loglik scoring's forward);
-- `decode`: model forwards over one new position per sequence;
-- `answer`: the rest of `task.answer` (Hugging Face's generate loop: logits processing, stopping, cache
-  bookkeeping; detokenization);
+- `decode`: model forwards over one new position per sequence (a ragged step holds them in one row, and no
+  prompt's first position: `qvlm_harness.models.ragged`);
+- `answer`: the rest of `task.answer` (the generate loop: choosing tokens, stopping, feeding the next step;
+  detokenization);
 - what is left of the pass's wall time: building the task's requests and scoring.
 
 Inside each range the op self times are split into GEMMs, attention and other ops; the range's own self time
@@ -113,6 +114,9 @@ class _Ranges:
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         batch, positions = (int(ref.shape[0]), int(ref.shape[1])) if ref is not None else (0, 0)
+        pos = kwargs.get("position_ids")
+        if batch == 1 and positions > 1 and pos is not None and bool((pos != 0).all()):
+            batch, positions = positions, 1  # a ragged decode step: one new position per prompt, in one row
         if positions > 1:
             self.counters.prefill_positions += batch * positions
             self._enter("prefill")

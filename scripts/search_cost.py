@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--label", default="", help="free text copied into every line (e.g. before/after)")
+    p.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method option, as `harness run --method-option` takes it (repeatable)")
     args = p.parse_args(argv)
 
     import qvlm_harness
@@ -38,12 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     from qvlm_harness.plan import resolve_model
     from qvlm_harness.quantize import calibration_for, quantize
 
+    options: dict[str, dict[str, str]] = {}
+    for item in args.method_option:
+        name, _, value = item.partition("=")
+        method_name, _, key = name.partition(".")
+        if not (key and _):
+            p.error(f"--method-option {item!r}: write METHOD.KEY=VALUE, e.g. qvlm.iters=8")
+        options.setdefault(plugins.methods.resolve_name(method_name), {})[key] = value
     threads = set_threads(args.threads)
     task = plugins.tasks.get(plugins.tasks.resolve_name(args.calib_task))()
     model_id, path = resolve_model(args.model)
     for method_name in args.methods.split(","):
         for bits in args.bits.split(","):
-            method = plugins.methods.get(plugins.methods.resolve_name(method_name))()
+            canonical = plugins.methods.resolve_name(method_name)
+            method = plugins.methods.get(canonical)(**options.get(canonical, {}))
             spec = QuantSpec.parse(bits)
             calibration = calibration_for(method, spec, task, args.calib_samples, 0)
             adapter = load_float(path, name=model_id)
@@ -54,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             cost = qm.search_cost
             print(json.dumps({
                 "label": args.label, "code": os.path.dirname(qvlm_harness.__file__), "method": method_name,
-                "bits": bits, "threads": threads, "seconds": round(cost.seconds, 2),
+                "bits": bits, "options": options.get(canonical, {}), "threads": threads,
+                "seconds": round(cost.seconds, 2),
                 "fp_pass_s": round(cost.fp_pass_s or 0.0, 2), "fp_passes": round(cost.fp_passes or 0.0, 2),
                 "stages": cost.stages, "wall_with_fp_pass": round(wall, 2),
                 "load_before": load0, "load_after": os.getloadavg()[0]}), flush=True)

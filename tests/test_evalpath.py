@@ -65,6 +65,12 @@ def _largest_batch(adapter: LlavaAdapter, requests: list[Request]) -> int:
     return max(len(b) for b in same_length_batches(lengths, len(requests)))
 
 
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """The LM head's output as one row per sequence: [batch, 1, vocab] (a batch of prompts, one position each) and
+    [1, prompts, vocab] (a ragged batch: `models.ragged`) alike."""
+    return logits.reshape(-1, logits.shape[-1]).clone()
+
+
 def _rtn(tiny_model_dir, tag: str) -> LlavaAdapter:
     from qvlm_harness.methods.rtn import RTN
 
@@ -135,7 +141,7 @@ def test_decode_steps_of_a_batch_equal_the_step_alone(tiny_model_dir):
     adapter = _rtn(tiny_model_dir, "w4a4")
     req = Request("a", "What color is the shape?", _img((10, 100, 200)), max_new_tokens=6)
     captured: list[torch.Tensor] = []
-    hook = adapter.model.lm_head.register_forward_hook(lambda m, i, o: captured.append(o[:, -1].clone()))
+    hook = adapter.model.lm_head.register_forward_hook(lambda m, i, o: captured.append(_rows(o)))
     try:
         adapter.generate([req], batch_size=1)
         alone = list(captured)
@@ -237,7 +243,7 @@ def test_generation_stops_when_every_row_has_ended(tiny_model_dir):
         full = len(calls)
         # make each row's first generated token a stop token: the batch must end after the prefill
         captured = []
-        h2 = adapter.model.lm_head.register_forward_hook(lambda m, i, o: captured.append(o[:, -1].argmax(-1)))
+        h2 = adapter.model.lm_head.register_forward_hook(lambda m, i, o: captured.append(_rows(o).argmax(-1)))
         adapter.generate(reqs, batch_size=3)
         h2.remove()
         adapter._eos_ids = sorted(set(adapter._eos_ids) | {int(t) for t in captured[0]})

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,11 +25,12 @@ import torch
 from torch import nn
 
 from qvlm_harness.device import sync
-from qvlm_harness.errors import ModelError
+from qvlm_harness.errors import HarnessError, ModelError
 from qvlm_harness.images import load_image
 from qvlm_harness.models.architectures import describe_model
 from qvlm_harness.models.batching import ENCODING_WINDOW_BYTES, same_length_batches
 from qvlm_harness.models.invariance import batch_invariant_linear
+from qvlm_harness.models.ragged import RaggedLayout, concat_prompts, ragged_forward, ragged_supported
 from qvlm_harness.models.structure import STACK_NAMES, STACK_ROOTS, ScaleGroup, Stack
 from qvlm_harness.models.transforms import Transform, fold_group
 from qvlm_harness.task import Request, Response
@@ -230,22 +232,80 @@ class LlavaAdapter:
                 for k, v in batch.items()}
 
     # -- answering ---------------------------------------------------------------------------------------------------
-    # Batches hold only requests whose prompts have the same token length (no padding, see `models.batching`) and
-    # run with row-invariant linear kernels (`models.invariance`), so a request's answer is the one it gets alone,
-    # whatever the batch size, the thread count or the other requests: pass whole request lists, the longer the
-    # list the fuller the batches. Responses always come back in request order.
+    # A batch is computed so that each request's answer is the one it gets alone, whatever the batch size, the
+    # thread count or the other requests: ragged batches (`models.ragged`: prompts of any lengths in one forward,
+    # attention per prompt) where the model allows, padding-free same-length batches (`models.batching`)
+    # otherwise, both with row-invariant linear kernels (`models.invariance`). Pass whole request lists; responses
+    # always come back in request order.
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], batch_size: int = 8) -> list[Response]:
         """Greedy generation; each response carries its share of its batch's prefill and decode time."""
         out: list[Response | None] = [None] * len(requests)
+        ragged = self.ragged_unsupported() is None
+        run = self._generate_ragged if ragged else self._generate_batch
         with batch_invariant_linear():
-            for idx, batch in self._batches(requests, batch_size):
-                for i, resp in zip(idx, self._generate_batch([requests[i] for i in idx], batch), strict=True):
+            for idx, batch in (self._ragged_batches if ragged else self._batches)(requests, batch_size):
+                for i, resp in zip(idx, run([requests[i] for i in idx], batch), strict=True):
                     out[i] = resp
         return out  # type: ignore[return-value]
 
+    def ragged_unsupported(self) -> str | None:
+        """Why this model answers through same-length batches instead of ragged ones (None: it does not)."""
+        try:
+            units = self.stacks(["lm"])[0].units
+        except HarnessError as exc:
+            return f"the model seam does not describe its language model ({exc})"
+        attentions = [u.attention for u in units if u.attention is not None]
+        return ragged_supported(self._lm(), [self.model.get_submodule(a.module) for a in attentions],
+                                any(a.sliding_window for a in attentions),
+                                getattr(self.model, "generation_config", None))
+
+    def _lm(self) -> nn.Module:
+        return self.model.get_submodule(STACK_ROOTS["lm"])
+
+    def _generate_ragged(self, chunk: Sequence[Request], encodings: list[dict[str, torch.Tensor]]) -> list[Response]:
+        """Greedy generation of a ragged batch: one prefill over every prompt, then one decode step per token that
+        feeds only the unfinished prompts; a prompt stops at a stop token or its own `max_new_tokens`."""
+        batch, lengths = concat_prompts(encodings)
+        stop = set(self._eos_ids) | ({self.tokenizer.pad_token_id} - {None})
+        caps = [max(1, r.max_new_tokens) for r in chunk]
+        generated: list[list[int]] = [[] for _ in chunk]
+        layout = RaggedLayout([], [])
+        layout.feed(range(len(chunk)), lengths)
+        last = torch.tensor(list(accumulate(lengths)), device=self.device) - 1
+        sync(self.device)
+        t0 = time.perf_counter()
+        t_first = None
+        with ragged_forward(self._lm(), layout):
+            logits = self.model(**batch, use_cache=False, logits_to_keep=last).logits[0]
+            active = list(range(len(chunk)))
+            while active:
+                for i, token in zip(active, logits.float().argmax(-1).tolist(), strict=True):
+                    generated[i].append(token)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                active = [i for i in active if generated[i][-1] not in stop and len(generated[i]) < caps[i]]
+                if active:
+                    layout.feed(active, [1] * len(active))
+                    ids = torch.tensor([[generated[i][-1] for i in active]], device=self.device)
+                    positions = torch.tensor([[lengths[i] + len(generated[i]) - 1 for i in active]],
+                                             device=self.device)
+                    logits = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+        t_end = time.perf_counter()
+        prefill, decode = t_first - t0, t_end - t_first
+        return [self._response(req, ids, prefill / len(chunk), decode / len(chunk))
+                for req, ids in zip(chunk, generated, strict=True)]
+
+    def _response(self, request: Request, ids: Sequence[int], prefill_s: float, decode_s: float) -> Response:
+        """The answer text of generated `ids` (cut at the request's cap and before the first stop token)."""
+        ids = list(ids)[: request.max_new_tokens]
+        n_tokens = _tokens_before_stop(ids, self._eos_ids, self.tokenizer.pad_token_id)
+        text = self.tokenizer.decode(ids[:n_tokens], skip_special_tokens=True).strip()
+        return Response(text=text, prefill_s=prefill_s, decode_s=decode_s, new_tokens=n_tokens)
+
     def _generate_batch(self, chunk: Sequence[Request], batch: dict[str, torch.Tensor]) -> list[Response]:
-        """One padding-free batch through HF greedy generation, which stops once every row has ended."""
+        """One same-length batch through Hugging Face's greedy generation, which stops once every row has ended
+        (models the ragged path cannot take; and the reference `tests/test_ragged.py` checks that path against)."""
         length = batch["input_ids"].shape[1]
         streamer = _TimingStreamer()
         sync(self.device)  # on CUDA: nothing queued before is charged to prefill (HF's streamer syncs per token)
@@ -258,14 +318,8 @@ class LlavaAdapter:
         # times[0]: prompt put; times[1]: first new token (after prefill); times[-1]: end
         t_first = streamer.times[1] if len(streamer.times) > 2 else t_end
         prefill, decode = t_first - t0, t_end - t_first
-        out = []
-        for req, ids in zip(chunk, gen[:, length:], strict=True):
-            ids = ids[: req.max_new_tokens]
-            n_tokens = _tokens_before_stop(ids.tolist(), self._eos_ids, self.tokenizer.pad_token_id)
-            text = self.tokenizer.decode(ids[:n_tokens], skip_special_tokens=True).strip()
-            out.append(Response(text=text, prefill_s=prefill / len(chunk), decode_s=decode / len(chunk),
-                                new_tokens=n_tokens))
-        return out
+        return [self._response(req, ids.tolist(), prefill / len(chunk), decode / len(chunk))
+                for req, ids in zip(chunk, gen[:, length:], strict=True)]
 
     @torch.inference_mode()
     def loglik(self, requests: Sequence[Request], batch_size: int = 8) -> list[Response]:
@@ -278,9 +332,11 @@ class LlavaAdapter:
         """
         opt_ids = [self._option_ids(r) for r in requests]
         out: list[Response | None] = [None] * len(requests)
+        ragged = self.ragged_unsupported() is None
+        run = self._loglik_ragged if ragged else self._loglik_batch
         with batch_invariant_linear():
-            for idx, batch in self._batches(requests, batch_size):
-                for i, resp in zip(idx, self._loglik_batch(batch, [opt_ids[i] for i in idx]), strict=True):
+            for idx, batch in (self._ragged_batches if ragged else self._batches)(requests, batch_size):
+                for i, resp in zip(idx, run(batch, [opt_ids[i] for i in idx]), strict=True):
                     out[i] = resp
         return out  # type: ignore[return-value]
 
@@ -303,6 +359,29 @@ class LlavaAdapter:
         for row, (per, longer) in enumerate(zip(opt_ids, multi, strict=True)):
             t1 = time.perf_counter()
             rest = self._continuation_logprobs(outputs.cache, row, per) if longer else [0.0] * len(per)
+            scores = [(float(first[row, ids[0]]) + r, len(ids)) for ids, r in zip(per, rest, strict=True)]
+            responses.append(Response(option_logprobs=scores, prefill_s=share + time.perf_counter() - t1))
+        return responses
+
+    def _loglik_ragged(self, encodings: list[dict[str, torch.Tensor]],
+                       opt_ids: list[list[list[int]]]) -> list[Response]:
+        """`_loglik_batch` for a ragged batch: one forward over every prompt gives each option's first token; a
+        request with longer options continues from its own prompt's keys and values."""
+        t0 = time.perf_counter()
+        batch, lengths = concat_prompts(encodings)
+        layout = RaggedLayout([], [])
+        layout.feed(range(len(encodings)), lengths)
+        last = torch.tensor(list(accumulate(lengths)), device=self.device) - 1
+        with ragged_forward(self._lm(), layout):
+            logits = self.model(**batch, use_cache=False, logits_to_keep=last).logits[0]
+        first = torch.log_softmax(logits.float(), dim=-1)
+        sync(first.device)
+        share = (time.perf_counter() - t0) / len(opt_ids)
+        responses = []
+        for row, per in enumerate(opt_ids):
+            t1 = time.perf_counter()
+            longer = any(len(ids) > 1 for ids in per)
+            rest = self._continuation_logprobs(_prompt_cache(layout, row), 0, per) if longer else [0.0] * len(per)
             scores = [(float(first[row, ids[0]]) + r, len(ids)) for ids, r in zip(per, rest, strict=True)]
             responses.append(Response(option_logprobs=scores, prefill_s=share + time.perf_counter() - t1))
         return responses
@@ -412,11 +491,10 @@ class LlavaAdapter:
         n_prompt = [len(x) for x in self.tokenizer(prompts, add_special_tokens=special).input_ids]
         return [a - b for a, b in zip(n_full, n_prompt, strict=True)]
 
-    def _batches(self, requests: Sequence[Request],
-                 batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-        """(request indices, encoded batch) of padding-free batches. Each request is encoded once, alone; requests
-        are taken in windows whose encodings fit `ENCODING_WINDOW_BYTES`, and batched by prompt length within a
-        window (with the default model's 112-px images a window holds ~1700 requests)."""
+    def _encoded_windows(self, requests: Sequence[Request]) -> Iterator[tuple[int, list[dict[str, torch.Tensor]]]]:
+        """(first index, encodings) of consecutive windows of requests, each request encoded once and alone, a
+        window's encodings (ids, masks, pixel values) holding about `ENCODING_WINDOW_BYTES` (with the default
+        model's 112-px images ~1700 requests)."""
         start = 0
         while start < len(requests):
             encodings: list[dict[str, torch.Tensor]] = []
@@ -425,11 +503,27 @@ class LlavaAdapter:
                 enc = self.encode([requests[start + len(encodings)]])
                 encodings.append(enc)
                 size += sum(t.numel() * t.element_size() for t in enc.values())
+            yield start, encodings
+            start += len(encodings)
+
+    def _batches(self, requests: Sequence[Request],
+                 batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(request indices, encoded batch) of padding-free batches, batched by prompt length within a window."""
+        for start, encodings in self._encoded_windows(requests):
             lengths = [int(e["input_ids"].shape[1]) for e in encodings]
             for idx in same_length_batches(lengths, batch_size):
                 yield [start + i for i in idx], self._stack([encodings[i] for i in idx],
                                                             [requests[start + i] for i in idx])
-            start += len(encodings)
+
+    def _ragged_batches(self, requests: Sequence[Request],
+                        batch_size: int) -> Iterator[tuple[list[int], list[dict[str, torch.Tensor]]]]:
+        """(request indices, their single-request encodings) of ragged batches: `batch_size` requests in request
+        order, whatever their lengths."""
+        size = max(1, int(batch_size))
+        for start, encodings in self._encoded_windows(requests):
+            for first in range(0, len(encodings), size):
+                idx = list(range(first, min(first + size, len(encodings))))
+                yield [start + i for i in idx], [encodings[i] for i in idx]
 
     def _stack(self, encodings: list[dict[str, torch.Tensor]], requests: Sequence[Request]) -> dict[str, torch.Tensor]:
         """One batch from same-length single-request encodings: what `encode(requests)` returns without padding
@@ -471,6 +565,16 @@ def _dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ModelError(f"unknown dtype {name!r}; choose fp32, fp16 or bf16") from None
+
+
+def _prompt_cache(layout: RaggedLayout, prompt: int):
+    """A dynamic cache holding one prompt's keys and values from a ragged forward (as its own batch of one)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer in sorted(layout.kv):
+        cache.update(*layout.kv[layer][prompt], layer)
+    return cache
 
 
 def _cache_rows(cache, index: torch.Tensor):
