@@ -69,6 +69,42 @@ def test_head_gemm_equals_matmul_with_the_dequantized_weight(fmt):
     assert err < (1e-5 if bits == 8 else 1e-2), err  # int4pack computes in bfloat16
 
 
+@pytest.mark.parametrize("fmt", ("int8", "int4g32", "int4g64"))
+def test_head_rows_do_not_depend_on_the_row_count_or_threads(fmt):
+    """Why `invariance_key` does not name `--quantize-embeddings`: the head's kernels (int8pack, int4pack) give
+    every row the bits it gets alone, at one and two threads (the gather-dequant embedding is per row anyway)."""
+    torch.manual_seed(2)
+    lin = nn.Linear(576, 4096, bias=False)
+    bits, group = (8, None) if fmt == "int8" else (4, int(fmt[5:]))
+    head = PackedHead.quantize(lin, bits, group)
+    x = torch.randn(40, 576)
+    before = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                alone = torch.cat([head(x[i:i + 1]) for i in range(40)])
+                for m in (2, 3, 5, 16, 17, 33, 40):
+                    assert torch.equal(head(x[:m]), alone[:m]), (threads, m)
+            torch.set_num_threads(1)
+            one = head(x)
+            torch.set_num_threads(2)
+            assert torch.equal(head(x), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_answers_with_quantized_embeddings_equal_alone(tiny_model_dir):
+    from test_evalpath import _generate_requests, _loglik_requests
+
+    adapter = LlavaAdapter.load(tiny_model_dir)
+    quantize_embeddings(adapter.model, "int4g32")
+    reqs = _generate_requests() + _loglik_requests()
+    alone = [adapter.answer([r], batch_size=1)[0] for r in reqs]
+    together = adapter.answer(reqs, batch_size=8)
+    assert [(r.text, r.option_logprobs) for r in together] == [(r.text, r.option_logprobs) for r in alone]
+
+
 def test_chunked_int4pack_tiles_equal_the_weight_only_layout():
     torch.manual_seed(2)
     codes = torch.randint(-7, 8, (481, 128), dtype=torch.int8)

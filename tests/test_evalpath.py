@@ -195,10 +195,13 @@ def test_invariance_key_names_what_still_varies():
     assert invariance_key(w4a4, "simulated", "fp32", 16, 2) == {}
     assert invariance_key(w4a4, "packed", torch.float32, 1, 1) == {}
     assert invariance_key(QuantSpec.parse("w8a8-tensor-static"), "simulated", "fp32", 8, 2) == {}
-    assert invariance_key(QuantSpec(), "simulated", "bf16", 8, 2) == {"batch_size": 8, "threads": 2}
-    assert invariance_key(QuantSpec(), "simulated", torch.float16, 4, 1) == {"batch_size": 4, "threads": 1}
-    assert invariance_key(QuantSpec.parse("w8a8-tensor-dynamic"), "simulated", "fp32", 8, 2) == {"batch_size": 8}
-    assert invariance_key(w4a4, "simulated", "fp32", 8, 2, device="cuda:0") == {"batch_size": 8, "threads": 2}
+    layout = {"batch_layout": "ragged"}
+    assert invariance_key(QuantSpec(), "simulated", "bf16", 8, 2) == {"batch_size": 8, "threads": 2} | layout
+    assert invariance_key(QuantSpec(), "simulated", torch.float16, 4, 1) == {"batch_size": 4, "threads": 1} | layout
+    assert invariance_key(QuantSpec.parse("w8a8-tensor-dynamic"), "simulated", "fp32", 8, 2) == {"batch_size": 8} \
+        | layout
+    assert invariance_key(w4a4, "simulated", "fp32", 8, 2, device="cuda:0") == {"batch_size": 8, "threads": 2} \
+        | layout
 
 
 # -- speed paths: KV reuse, early stop, order ------------------------------------------------------------------------

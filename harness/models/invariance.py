@@ -19,6 +19,9 @@ repeats the model-level check), for ``y = x @ W.T + b`` at the default model's s
   so they inherit the invariance of the float parts around them.
 * per-tensor dynamic activation quantization takes one range over every row of the batch: batch-dependent by
   definition (per-token dynamic and static ranges are per row).
+* quantized embeddings and LM head (`--quantize-embeddings`): the gather-dequant embedding is per row, and the
+  head's int8pack / int4pack kernels give every row its bits alone for M = 1..40 at one and two threads
+  (`tests/test_embedding_quant.py`), so they add nothing to the key.
 
 Attention (SDPA), norms, RoPE and elementwise ops were found row- and thread-invariant at the default model's sizes
 once rows share one length (measured end to end: identical logits at batch 1, 2, 4, 8 and 1 or 2 threads).
@@ -38,6 +41,11 @@ from qvlm_harness.config import FLOAT_BITS, QuantSpec
 
 _DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+# How the adapter lays a batch out (`models.ragged`: ragged batches where they are exact, same-length batches
+# otherwise). Where outputs depend on the batch at all, they depend on this too, so it joins every non-empty key:
+# a row computed under another layout (same-length batches everywhere, before ragged batches) is never reused.
+BATCH_LAYOUT = "ragged"
 
 _lock = threading.Lock()
 _depth = 0
@@ -92,7 +100,8 @@ def invariance_key(spec: QuantSpec, execution: str, dtype: str | torch.dtype, ba
     """The execution settings that can still change a per-sample result of the adapter's answer path (empty when
     the path is batch- and thread-invariant), for a cell id: `{}` for fp32 on the CPU with per-token or static
     activations, simulated or packed; `batch_size` and `threads` for bf16/fp16 and non-CPU devices (their kernels
-    are not row-invariant, see the module docstring); `batch_size` for per-tensor dynamic activations.
+    are not row-invariant, see the module docstring); `batch_size` for per-tensor dynamic activations; and, with
+    any of those, `batch_layout` (`BATCH_LAYOUT`).
 
     `dtype` is the dtype the model computes in during evaluation (the bf16/fp16 baselines cast the model: pass
     theirs, not the load dtype). `execution` ("simulated" or "packed") does not change the answer today; it is
@@ -107,4 +116,6 @@ def invariance_key(spec: QuantSpec, execution: str, dtype: str | torch.dtype, ba
     per_batch_range = spec.a_bits < FLOAT_BITS and spec.a_granularity == "tensor" and spec.a_dynamic
     if per_batch_range:
         key["batch_size"] = batch_size
+    if key:
+        key["batch_layout"] = BATCH_LAYOUT
     return key

@@ -99,20 +99,22 @@ void row_range(const float* x, int64_t n, float& lo, float& hi, bool& nan) {
 #endif
 }
 
-// Quantize one row of K floats into xu (zero-padded to kp); returns true if the row held a NaN.
-bool quantize_row(const float* x, int64_t k, int64_t kp, const RowQ& q, int64_t bits, bool sym, uint8_t* xu) {
+// Quantize one row of K floats into xu (zero-padded to kp); returns true if the row held a NaN. Each byte is the
+// code plus 128 (symmetric) or the code (asymmetric), plus `offset`: -128 writes the same codes centred as int8.
+bool quantize_row(const float* x, int64_t k, int64_t kp, const RowQ& q, int64_t bits, bool sym, uint8_t* xu,
+                  int32_t offset = 0) {
   float qmin, qmax, zero;
   int32_t shift;
   if (sym) {
     qmax = static_cast<float>((1 << (bits - 1)) - 1);
     qmin = -qmax;
     zero = 0.0f;
-    shift = 128;
+    shift = 128 + offset;
   } else {
     qmax = static_cast<float>((1 << bits) - 1);
     qmin = 0.0f;
     zero = static_cast<float>(q.zu);
-    shift = 0;
+    shift = offset;
   }
   const float s = q.scale;
   bool nan = false;
@@ -354,7 +356,11 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t fm
   TORCH_CHECK(qweight.is_contiguous() && w_scale.is_contiguous() && w_rowsum.is_contiguous(), "contiguous buffers");
 
   TORCH_CHECK(k <= 16384, "K above 16384 could overflow the int32 epilogue");
-  // 1. quantize the activations
+  // 1. quantize the activations: per-token ranges are found row by row inside the parallel loop that quantizes
+  // the row (one pass over x in each thread's cache); with one weight group and M above small_m the codes go
+  // straight into the centred int8 buffer the oneDNN GEMM reads (2a), otherwise into the padded unsigned rows the
+  // dot-product loops read (2b)
+  const bool onednn = m > small_m && groups == 1;
   std::vector<RowQ> rq(static_cast<size_t>(m));
   const float* xp = x.data_ptr<float>();
   bool nan = false;
@@ -363,30 +369,38 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t fm
     r.scale = static_cast<float>(a_scale);
     r.zu = a_symmetric ? 128 : static_cast<int32_t>(a_zero);
     std::fill(rq.begin(), rq.end(), r);
-  } else if (per_token) {
-    for (int64_t i = 0; i < m; ++i) {
-      float lo, hi;
-      bool bad;
-      row_range(xp + i * k, k, lo, hi, bad);
-      nan |= bad;
-      rq[i] = qparams(lo, hi, a_bits, a_symmetric);
-    }
-  } else {
+  } else if (!per_token) {
     float lo, hi;
     row_range(xp, m * k, lo, hi, nan);
     std::fill(rq.begin(), rq.end(), qparams(lo, hi, a_bits, a_symmetric));
   }
-  for (const RowQ& r : rq) nan |= !std::isfinite(r.scale);
   TORCH_CHECK(!nan, "harness_kernels: NaN or inf in the input activations");
-  at::Tensor xu_t = at::empty({m, kp}, x.options().dtype(at::kByte));
-  uint8_t* xu = xu_t.data_ptr<uint8_t>();
+  const int64_t width = onednn ? k : kp;
+  at::Tensor xu_t = at::empty({m, width}, x.options().dtype(onednn ? at::kChar : at::kByte));
+  uint8_t* xu = static_cast<uint8_t*>(xu_t.data_ptr());
   const bool need_xsum = w_zero.has_value();
   std::vector<int32_t> xsum(static_cast<size_t>(need_xsum ? m * groups : 0));
   std::vector<char> row_nan(static_cast<size_t>(m), 0);
+  const bool dynamic_rows = !a_static && per_token;
   at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      row_nan[i] = quantize_row(xp + i * k, k, kp, rq[i], a_bits, a_symmetric, xu + i * kp);
-      if (need_xsum) row_group_sums(xu + i * kp, groups, group, xsum.data() + i * groups);
+      bool bad = false;
+      if (dynamic_rows) {
+        float lo, hi;
+        row_range(xp + i * k, k, lo, hi, bad);
+        rq[i] = qparams(lo, hi, a_bits, a_symmetric);
+      }
+      bad |= !std::isfinite(rq[i].scale);
+      bad |= quantize_row(xp + i * k, k, width, rq[i], a_bits, a_symmetric, xu + i * width, onednn ? -128 : 0);
+      // the code sums of the unsigned codes (asymmetric weights): from the centred int8 codes, add 128 per element
+      if (need_xsum && !onednn) row_group_sums(xu + i * width, groups, group, xsum.data() + i * groups);
+      if (need_xsum && onednn) {
+        const int8_t* c = reinterpret_cast<const int8_t*>(xu + i * width);
+        int32_t acc = 0;
+        for (int64_t j = 0; j < k; ++j) acc += c[j];
+        xsum[i] = acc + 128 * static_cast<int32_t>(k);
+      }
+      row_nan[i] = bad;
     }
   });
   for (char c : row_nan) TORCH_CHECK(!c, "harness_kernels: NaN or inf in the input activations");
@@ -408,16 +422,8 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, int64_t fm
   const uint8_t* w4 = fmt_bits == 4 ? qweight.data_ptr<uint8_t>() : nullptr;
 
   // 2a. large M, one group: oneDNN int8 GEMM on (xu - 128) as int8, so acc(xu) = acc(xu - 128) + 128 * R
-  if (m > small_m && groups == 1) {
-    at::Tensor xs = at::empty({m, k}, x.options().dtype(at::kChar));
-    int8_t* xsp = xs.data_ptr<int8_t>();
-    at::parallel_for(0, m, 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const uint8_t* src = xu + i * kp;
-        int8_t* dst = xsp + i * k;
-        for (int64_t j = 0; j < k; ++j) dst[j] = static_cast<int8_t>(src[j] ^ 0x80);
-      }
-    });
+  if (onednn) {
+    const at::Tensor& xs = xu_t;
     at::Tensor w = qweight;
     if (fmt_bits == 4) {
       w = at::empty({n, k}, x.options().dtype(at::kChar));
