@@ -77,10 +77,13 @@ class MethodComparison:
 
 
 def _method_name(name: str) -> str:
+    """A method as rows are told apart (`ResultRow.method_label`): its canonical name, with ``+rotation`` kept."""
+    base, plus, rotation = name.strip().partition("+")
     try:
-        return plugins.methods.resolve_name(name)
+        base = plugins.methods.resolve_name(base)
     except UnknownNameError:
-        return name.strip()  # a method whose plugin is not installed here can still be read from the store
+        base = base.strip()  # a method whose plugin is not installed here can still be read from the store
+    return f"{base}+{rotation.strip()}" if plus else base
 
 
 def pair_rows(rows: Sequence[ResultRow], a: str, b: str) -> list[tuple[ResultRow, ResultRow]]:
@@ -90,13 +93,13 @@ def pair_rows(rows: Sequence[ResultRow], a: str, b: str) -> list[tuple[ResultRow
     Rows pair on what they computed (`computed_bits`: weights and the activation quantizer), not on their labels:
     qvlm's ``w4a4`` (per-token) pairs with qvlm-official's ``w4a4-token``, and qvlm-official's bare ``w4a4`` (its
     released per-input-channel ranges) with qvlm's ``w4a4-channel-static``, never with qvlm's ``w4a4``."""
-    present = sorted({r.method for r in rows})
+    present = sorted({r.method_label for r in rows})
     for name in (a, b):
         if name not in present:
             raise HarnessError(f"method {name!r} has no results in the selected rows (methods there: "
                                f"{', '.join(present)}); run it first or pick another --run/--store")
-    by_a = {(r.task, r.shots, computed_bits(r)): r for r in rows if r.method == a}
-    by_b = {(r.task, r.shots, computed_bits(r)): r for r in rows if r.method == b}
+    by_a = {(r.task, r.shots, computed_bits(r)): r for r in rows if r.method_label == a}
+    by_b = {(r.task, r.shots, computed_bits(r)): r for r in rows if r.method_label == b}
     pairs = []
     for key in sorted(by_a.keys() & by_b.keys()):
         pairs.append((by_a[key], by_b[key]))
@@ -116,7 +119,7 @@ def pair_rows(rows: Sequence[ResultRow], a: str, b: str) -> list[tuple[ResultRow
 
 def _label(ra: ResultRow, rb: ResultRow) -> str:
     bits = ra.bits if ra.bits == rb.bits else f"{ra.bits}/{rb.bits}"
-    return f"{ra.method} vs {rb.method} {bits} {ra.task}{f' {ra.shots}-shot' if ra.shots else ''}"
+    return f"{ra.method_label} vs {rb.method_label} {bits} {ra.task}{f' {ra.shots}-shot' if ra.shots else ''}"
 
 
 def check_same_samples(ra: ResultRow, rb: ResultRow) -> None:

@@ -85,15 +85,17 @@ def accuracy_vs_bits(rows: Sequence[ResultRow]) -> Figure | None:
     panels = task_shots_order(rows)
     titles = _panel_titles(rows)
     value_of = _primary_values(rows)
-    colors = _colors({r.method for r in rows})
+    colors = _colors({r.method_label for r in rows})
     order = sorted({r.bits for r in quantized}, key=_bits_order)
     fig, axes = _figure(len(panels))
     for ax, (task, shots) in zip(axes, panels, strict=True):
         cell = [r for r in rows if r.task == task and r.shots == shots]
         for r in (r for r in cell if r.bits == "fp"):
-            ax.axhline(value_of(r), color=colors[r.method], linestyle="--", linewidth=1.2, label=f"{r.method} (FP)")
-        for method in sorted({r.method for r in cell if r.bits != "fp"}):
-            pts = sorted((r for r in cell if r.method == method and r.bits != "fp"), key=lambda r: _bits_order(r.bits))
+            ax.axhline(value_of(r), color=colors[r.method_label], linestyle="--", linewidth=1.2,
+                       label=f"{r.method_label} (FP)")
+        for method in sorted({r.method_label for r in cell if r.bits != "fp"}):
+            pts = sorted((r for r in cell if r.method_label == method and r.bits != "fp"),
+                         key=lambda r: _bits_order(r.bits))
             ax.plot([order.index(r.bits) for r in pts], [value_of(r) for r in pts], marker="o", color=colors[method],
                     label=method)
         ax.set_xticks(range(len(order)), [b.upper() for b in order])
@@ -131,7 +133,7 @@ def accuracy_vs_cost(rows: Sequence[ResultRow], cost: str) -> Figure | None:
     panels = task_shots_order(usable)
     titles = _panel_titles(rows)
     value_of = _primary_values(rows)
-    colors = _colors({r.method for r in rows})
+    colors = _colors({r.method_label for r in rows})
     fig, axes = _figure(len(panels))
     for ax, (task, shots) in zip(axes, panels, strict=True):
         cell = [r for r in usable if r.task == task and r.shots == shots and math.isfinite(value_of(r))]
@@ -139,8 +141,9 @@ def accuracy_vs_cost(rows: Sequence[ResultRow], cost: str) -> Figure | None:
         for r in cell:
             hollow = r.execution == "simulated"
             ax.scatter(r.measurements[key], value_of(r), s=42, marker=MARKERS[bits_all.index(r.bits) % len(MARKERS)],
-                       facecolors="none" if hollow else colors[r.method], edgecolors=colors[r.method], linewidths=1.5)
-            ax.annotate(f"{r.method} {r.bits.upper() if r.bits != 'fp' else 'FP'}",
+                       facecolors="none" if hollow else colors[r.method_label], edgecolors=colors[r.method_label],
+                       linewidths=1.5)
+            ax.annotate(f"{r.method_label} {r.bits.upper() if r.bits != 'fp' else 'FP'}",
                         (r.measurements[key], value_of(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = pareto_front([(r.measurements[key], value_of(r)) for r in cell])
         if front:
@@ -170,13 +173,13 @@ def metric_vs_shots(rows: Sequence[ResultRow], task: str) -> Figure | None:
     metrics = [m for m in meta.metrics if meta.is_ranked(m)]
     if len({r.shots for r in own}) < 2 or not metrics:
         return None
-    colors = _colors({r.method for r in rows})
+    colors = _colors({r.method_label for r in rows})
     fig, axes = _figure(len(metrics))
-    settings = sorted({(r.method, r.bits) for r in own}, key=lambda k: (_bits_order(k[1]), k[0]))
+    settings = sorted({(r.method_label, r.bits) for r in own}, key=lambda k: (_bits_order(k[1]), k[0]))
     bits_all = sorted({r.bits for r in own}, key=_bits_order)
     for ax, metric in zip(axes, metrics, strict=True):
         for method, bits in settings:
-            pts = sorted((r for r in own if (r.method, r.bits) == (method, bits)), key=lambda r: r.shots)
+            pts = sorted((r for r in own if (r.method_label, r.bits) == (method, bits)), key=lambda r: r.shots)
             ys = [r.metrics.get(metric, math.nan) for r in pts]
             errs = [r.metrics.get(f"{metric}_std", 0.0) or 0.0 for r in pts]
             ax.errorbar([r.shots for r in pts], ys, yerr=errs, marker=MARKERS[bits_all.index(bits) % len(MARKERS)],

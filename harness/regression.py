@@ -106,7 +106,7 @@ def cell_from_row(row: ResultRow, store_path: Path) -> CellScores:
         if e.get("trial", 0) < trials:
             entries[e["key"]] = {"trial": e["trial"], "id": e["id"], "record": e["record"]}
     return CellScores(
-        method=row.method, bits=row.bits, task=row.task, shots=row.shots, metrics=dict(row.metrics),
+        method=row.method_label, bits=row.bits, task=row.task, shots=row.shots, metrics=dict(row.metrics),
         entries=list(entries.values()), trials=trials, model=row.model,
         info={"cell_id": row.cell_id, "run_id": row.run_id, "model_fingerprint": row.model_fingerprint,
               "data_fingerprint": row.data_fingerprint, "n_samples": row.n_samples, "sample_limit": row.sample_limit,
@@ -118,7 +118,8 @@ def cell_from_row(row: ResultRow, store_path: Path) -> CellScores:
 
 
 def select_rows(store: Store, *, run_id: str | None = None, model: str | None = None) -> list[ResultRow]:
-    """Rows of one run (or of the whole store), one per (method, bits, task, shots, scoring): the newest wins."""
+    """Rows of one run (or of the whole store), one per (method with its rotation, bits, task, shots, scoring):
+    the newest wins."""
     rows = list(store.rows(run_id=run_id)) if run_id else list(store.rows())
     if model is not None:
         rows = [r for r in rows if r.model == model]
@@ -132,7 +133,7 @@ def select_rows(store: Store, *, run_id: str | None = None, model: str | None = 
                            "--model or a run with --run")
     newest: dict[CellKey, ResultRow] = {}
     for r in rows:  # ordered by creation time
-        newest[(r.method, r.bits, r.task, r.shots, r.scoring or "")] = r
+        newest[(r.method_label, r.bits, r.task, r.shots, r.scoring or "")] = r
     return list(newest.values())
 
 
@@ -349,7 +350,8 @@ def compare(current: Sequence[CellScores], baseline: Sequence[CellScores], *, ga
             check = MetricCheck(cell=c.label, key=key, metric=metric, baseline=None, current=c.metrics[metric],
                                 delta=None, n_paired=0, gated=metric in gated,
                                 lower_is_better=metric in lower_is_better,
-                                activations=activations_of(c.method, c.bits, c.info.get("activations")))
+                                activations=activations_of(c.method.partition("+")[0], c.bits,
+                                                           c.info.get("activations")))
             if paired is not None and paired.ids and metric in b.metrics:
                 check.baseline = b.metrics[metric]
                 check.n_paired = len(paired.ids)

@@ -138,8 +138,7 @@ def variant_labels(rows: Sequence[ResultRow]) -> dict[str, str]:
 
 def method_name(row: ResultRow) -> str:
     """The row's method, with the rotation it quantized after (e.g. rtn+hadamard; `harness run --rotate`)."""
-    rotate = (row.settings or {}).get("rotate") or "none"
-    return row.method if rotate == "none" else f"{row.method}+{rotate}"
+    return row.method_label
 
 
 def _method_label(row: ResultRow, variants: Mapping[str, str] | None = None) -> str:

@@ -98,6 +98,13 @@ class ResultRow:
     identity: dict[str, Any] = field(default_factory=dict)  # what the cell id hashes
     superseded_by: str | None = None
 
+    @property
+    def method_label(self) -> str:
+        """The method with the rotation it quantized after (``rtn+hadamard``; `harness run --rotate`): what tables,
+        `harness compare` and the regression suite tell rows apart by."""
+        rotate = (self.settings or {}).get("rotate") or "none"
+        return self.method if rotate == "none" else f"{self.method}+{rotate}"
+
 
 ROW_FIELDS = frozenset(f.name for f in fields(ResultRow))
 

@@ -15,6 +15,7 @@ from torch import nn
 from qvlm_harness.activations import computed_bits, row_activations
 from qvlm_harness.calibration import CalibrationSet
 from qvlm_harness.config import QuantSpec, RunSpec
+from qvlm_harness.errors import HarnessError
 from qvlm_harness.kernels.convert import conversion_blocker
 from qvlm_harness.methods.qvlm_official import OfficialQLinear, QVLMOfficial
 from qvlm_harness.models.llava import LlavaAdapter
@@ -256,3 +257,33 @@ def test_run_report_and_compare_show_the_activations(tiny_model_dir, tmp_path, c
     code, comparison, err = run_cli(capsys, "compare", "--output", str(out), "--methods", "rtn,qvlm-official")
     assert code == 0, err
     assert "Activations" in comparison and "token-dyn" in comparison and "w4a4 / w4a4-token" in comparison
+
+
+def test_rotated_and_plain_rows_of_one_method_are_told_apart_by_compare_and_the_regression_selection():
+    """`harness run --rotate` rows carry their rotation: `compare --methods qvlm+hadamard,qvlm` pairs the rotated
+    row with the plain one, and the newest-row selection keeps both instead of letting one replace the other."""
+    cost = dict(prefill=1.0, decode=None, stored=1.0, packed=1.0)
+    plain = _row("qvlm", "w4a4", "sqa", "simulated", {"acc": 41.0}, **cost)
+    rotated = _row("qvlm", "w4a4", "sqa", "simulated", {"acc": 55.0}, **cost)
+    rotated.settings = dict(rotated.settings, rotate="hadamard")
+    rotated.cell_id += "-rot"
+    assert (plain.method_label, rotated.method_label) == ("qvlm", "qvlm+hadamard")
+    (a, b), = pair_rows([plain, rotated], "qvlm+hadamard", "qvlm")
+    assert (a.metrics["acc"], b.metrics["acc"]) == (55.0, 41.0)
+    with pytest.raises(HarnessError, match="qvlm\\+random"):
+        pair_rows([plain, rotated], "qvlm+random", "qvlm")
+
+
+def test_store_selection_keeps_a_rotated_row_beside_the_plain_one(tmp_path):
+    from qvlm_harness.regression import select_rows
+    from qvlm_harness.store import Store
+
+    cost = dict(prefill=1.0, decode=None, stored=1.0, packed=1.0)
+    plain = _row("rtn", "w4a4", "sqa", "simulated", {"acc": 3.0}, **cost)
+    rotated = _row("rtn", "w4a4", "sqa", "simulated", {"acc": 7.0}, **cost)
+    rotated.settings = dict(rotated.settings, rotate="hadamard")
+    rotated.cell_id += "-rot"
+    store = Store(tmp_path / "h.db")
+    store.put(plain)
+    store.put(rotated)
+    assert sorted(r.method_label for r in select_rows(store)) == ["rtn", "rtn+hadamard"]
