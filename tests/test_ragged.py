@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_evalpath import _generate_requests, _img, _loglik_requests, _rows, _single_token_requests
+from test_evalpath import _generate_requests, _img, _loglik_requests, _rows, _rtn, _single_token_requests
 
-from qvlm_harness.config import QuantSpec
 from qvlm_harness.models.invariance import batch_invariant_linear
 from qvlm_harness.models.llava import LlavaAdapter
 from qvlm_harness.models.ragged import RaggedLayout, concat_prompts, ragged_forward
 from qvlm_harness.task import Request
-
-
-def _rtn(tiny_model_dir, tag: str) -> LlavaAdapter:
-    from qvlm_harness.methods.rtn import RTN
-
-    adapter = LlavaAdapter.load(tiny_model_dir)
-    RTN().quantize(adapter, None, QuantSpec.parse(tag))
-    return adapter
 
 
 @pytest.fixture(scope="module", params=["fp32", "rtn-w8a8", "rtn-w4a4", "rtn-w4a4-packed"])

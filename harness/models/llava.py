@@ -17,7 +17,6 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +29,7 @@ from qvlm_harness.images import load_image
 from qvlm_harness.models.architectures import describe_model
 from qvlm_harness.models.batching import ENCODING_WINDOW_BYTES, same_length_batches
 from qvlm_harness.models.invariance import batch_invariant_linear
-from qvlm_harness.models.ragged import RaggedLayout, concat_prompts, ragged_forward, ragged_supported
+from qvlm_harness.models.ragged import RaggedLayout, ragged_prefill, ragged_step, ragged_supported
 from qvlm_harness.models.structure import STACK_NAMES, STACK_ROOTS, ScaleGroup, Stack
 from qvlm_harness.models.transforms import Transform, fold_group
 from qvlm_harness.task import Request, Response
@@ -266,31 +265,24 @@ class LlavaAdapter:
     def _generate_ragged(self, chunk: Sequence[Request], encodings: list[dict[str, torch.Tensor]]) -> list[Response]:
         """Greedy generation of a ragged batch: one prefill over every prompt, then one decode step per token that
         feeds only the unfinished prompts; a prompt stops at a stop token or its own `max_new_tokens`."""
-        batch, lengths = concat_prompts(encodings)
         stop = set(self._eos_ids) | ({self.tokenizer.pad_token_id} - {None})
         caps = [max(1, r.max_new_tokens) for r in chunk]
         generated: list[list[int]] = [[] for _ in chunk]
-        layout = RaggedLayout([], [])
-        layout.feed(range(len(chunk)), lengths)
-        last = torch.tensor(list(accumulate(lengths)), device=self.device) - 1
         sync(self.device)
         t0 = time.perf_counter()
+        lm = self._lm()
+        layout, lengths, logits = ragged_prefill(self.model, lm, encodings)
         t_first = None
-        with ragged_forward(self._lm(), layout):
-            logits = self.model(**batch, use_cache=False, logits_to_keep=last).logits[0]
-            active = list(range(len(chunk)))
-            while active:
-                for i, token in zip(active, logits.float().argmax(-1).tolist(), strict=True):
-                    generated[i].append(token)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                active = [i for i in active if generated[i][-1] not in stop and len(generated[i]) < caps[i]]
-                if active:
-                    layout.feed(active, [1] * len(active))
-                    ids = torch.tensor([[generated[i][-1] for i in active]], device=self.device)
-                    positions = torch.tensor([[lengths[i] + len(generated[i]) - 1 for i in active]],
-                                             device=self.device)
-                    logits = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+        active = list(range(len(chunk)))
+        while active:
+            for i, token in zip(active, logits.float().argmax(-1).tolist(), strict=True):
+                generated[i].append(token)
+            if t_first is None:
+                t_first = time.perf_counter()
+            active = [i for i in active if generated[i][-1] not in stop and len(generated[i]) < caps[i]]
+            if active:
+                logits = ragged_step(self.model, lm, layout, active, [generated[i][-1] for i in active],
+                                     [lengths[i] + len(generated[i]) - 1 for i in active])
         t_end = time.perf_counter()
         prefill, decode = t_first - t0, t_end - t_first
         return [self._response(req, ids, prefill / len(chunk), decode / len(chunk))
@@ -353,35 +345,30 @@ class LlavaAdapter:
         multi = [any(len(ids) > 1 for ids in per) for per in opt_ids]
         outputs = self.model(**batch, use_cache=any(multi), logits_to_keep=1)
         first = torch.log_softmax(outputs.logits[:, -1, :].float(), dim=-1)
-        sync(first.device)  # CUDA runs asynchronously: the clock must see the forward finished
-        share = (time.perf_counter() - t0) / len(opt_ids)
-        responses = []
-        for row, (per, longer) in enumerate(zip(opt_ids, multi, strict=True)):
-            t1 = time.perf_counter()
-            rest = self._continuation_logprobs(outputs.cache, row, per) if longer else [0.0] * len(per)
-            scores = [(float(first[row, ids[0]]) + r, len(ids)) for ids, r in zip(per, rest, strict=True)]
-            responses.append(Response(option_logprobs=scores, prefill_s=share + time.perf_counter() - t1))
-        return responses
+        return self._option_scores(first, opt_ids, t0, lambda row, per: self._continuation_logprobs(outputs.cache,
+                                                                                                      row, per))
 
     def _loglik_ragged(self, encodings: list[dict[str, torch.Tensor]],
                        opt_ids: list[list[list[int]]]) -> list[Response]:
         """`_loglik_batch` for a ragged batch: one forward over every prompt gives each option's first token; a
         request with longer options continues from its own prompt's keys and values."""
         t0 = time.perf_counter()
-        batch, lengths = concat_prompts(encodings)
-        layout = RaggedLayout([], [])
-        layout.feed(range(len(encodings)), lengths)
-        last = torch.tensor(list(accumulate(lengths)), device=self.device) - 1
-        with ragged_forward(self._lm(), layout):
-            logits = self.model(**batch, use_cache=False, logits_to_keep=last).logits[0]
+        layout, _, logits = ragged_prefill(self.model, self._lm(), encodings)
         first = torch.log_softmax(logits.float(), dim=-1)
-        sync(first.device)
+        return self._option_scores(first, opt_ids, t0, lambda row, per: self._continuation_logprobs(
+            _prompt_cache(layout, row), 0, per))
+
+    def _option_scores(self, first: torch.Tensor, opt_ids: list[list[list[int]]], t0: float,
+                       continuation) -> list[Response]:
+        """Each request's option scores: the first token's log-probability from `first` (row per request, the
+        prompt forward that started at `t0`), plus `continuation(row, options)` for a request with an option
+        longer than one token; each response carries its share of the prompt forward and its own continuation."""
+        sync(first.device)  # CUDA runs asynchronously: the clock must see the forward finished
         share = (time.perf_counter() - t0) / len(opt_ids)
         responses = []
         for row, per in enumerate(opt_ids):
             t1 = time.perf_counter()
-            longer = any(len(ids) > 1 for ids in per)
-            rest = self._continuation_logprobs(_prompt_cache(layout, row), 0, per) if longer else [0.0] * len(per)
+            rest = continuation(row, per) if any(len(ids) > 1 for ids in per) else [0.0] * len(per)
             scores = [(float(first[row, ids[0]]) + r, len(ids)) for ids, r in zip(per, rest, strict=True)]
             responses.append(Response(option_logprobs=scores, prefill_s=share + time.perf_counter() - t1))
         return responses

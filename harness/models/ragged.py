@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +90,9 @@ def _no_mask(*args, **kwargs) -> None:
     return None
 
 
+@functools.cache
 def _register() -> None:
+    """Make the implementation known to transformers (once per process)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -142,3 +146,29 @@ def concat_prompts(encodings: Sequence[dict[str, Tensor]]) -> tuple[dict[str, Te
         if key not in ("input_ids", "attention_mask"):
             batch[key] = torch.cat([e[key] for e in encodings if key in e])
     return batch, lengths
+
+
+def ragged_prefill(model: nn.Module, lm: nn.Module,
+                   encodings: Sequence[dict[str, Tensor]]) -> tuple[RaggedLayout, list[int], Tensor]:
+    """One forward of `model` over every prompt of a ragged batch (`lm` its language model): the layout, now
+    holding each prompt's keys and values, each prompt's length, and the logits at each prompt's last position
+    ([prompts, vocab])."""
+    batch, lengths = concat_prompts(encodings)
+    layout = RaggedLayout([], [])
+    layout.feed(range(len(encodings)), lengths)
+    last = torch.tensor(list(accumulate(lengths)), device=batch["input_ids"].device) - 1
+    with ragged_forward(lm, layout):
+        logits = model(**batch, use_cache=False, logits_to_keep=last).logits[0]
+    return layout, lengths, logits
+
+
+def ragged_step(model: nn.Module, lm: nn.Module, layout: RaggedLayout, prompts: Sequence[int],
+                tokens: Sequence[int], positions: Sequence[int]) -> Tensor:
+    """One decode step: token `tokens[j]` at position `positions[j]` for prompt `prompts[j]`, against (and into)
+    each prompt's own cache; the next-token logits per prompt ([prompts, vocab])."""
+    layout.feed(prompts, [1] * len(prompts))
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(tokens)], device=device)
+    pos = torch.tensor([list(positions)], device=device)
+    with ragged_forward(lm, layout):
+        return model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
